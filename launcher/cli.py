@@ -1,0 +1,143 @@
+"""`launcher` command line. Heavy libraries are imported only by the commands that need them, so
+`launcher --help` answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from launcher.errors import USAGE_EXIT_CODE, ConfigError
+
+EPILOG = """examples:
+  launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 train.max_steps=50
+  launcher run recipes/lora_cls.py --nproc 2 --dry-run strategy=zero3
+  python recipes/lora_cls.py --help        (every setting of a recipe, with its default)
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="launcher",
+        description="Fine-tune transformer models from plain Python recipes, on one or many processes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser("run", help="run a recipe on local processes", epilog=EPILOG,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("recipe", help="path of the recipe module, e.g. recipes/lora_cls.py")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. strategy=zero2 train.lr=1e-4")
+    run.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; "
+                          "start nothing")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return USAGE_EXIT_CODE
+    # Settings may come before or after the flags: `run R a=1 --nproc 2 b=2`.
+    flags = [a for a in extra if a.startswith("-") or "=" not in a]
+    if flags:
+        parser.error(f"unrecognized arguments: {' '.join(flags)} (settings are key=value)")
+    args.overrides = list(args.overrides) + extra
+    try:
+        return cmd_run(args)
+    except ConfigError as e:
+        print(e.render(), file=sys.stderr)
+        return USAGE_EXIT_CODE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from launcher.worker.main import quiet_libraries
+
+    quiet_libraries()
+    if args.nproc < 1:
+        raise ConfigError(f"--nproc {args.nproc}: give at least 1 process")
+    from launcher.overrides import apply_overrides, to_dict
+    from launcher.plan import check, make_plan, resolve
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    cfg = apply_overrides(recipe.Config(), args.overrides)
+    env = detect_env(args.nproc)
+    if env.cuda:
+        import torch
+
+        if args.nproc > torch.cuda.device_count():
+            raise ConfigError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} GPU(s); "
+                              f"use --nproc {torch.cuda.device_count()} or fewer")
+    cfg = resolve(cfg, env)
+    check(cfg)
+    recipe.check(cfg)
+
+    from launcher.launch.commands import local_commands, render
+    from launcher.launch.execute import free_port
+
+    plan = make_plan(args.recipe, cfg, args.nproc)
+    plan_path = os.path.join(os.path.abspath(cfg.output_dir), "plan.json")
+    commands = local_commands(plan.recipe, plan_path, args.nproc, free_port())
+    if args.dry_run:
+        print_dry_run(to_dict(cfg), plan_path, [render(c) for c in commands], cfg, args.nproc)
+        return 0
+    from launcher.launch.execute import run_local
+    from launcher.plan import write_json_atomic
+
+    write_json_atomic(plan_path, plan.to_json())
+    return run_local(commands)
+
+
+def detect_env(nproc: int):
+    import torch
+
+    from launcher.plan import LaunchEnv
+
+    cuda = torch.cuda.is_available()
+    return LaunchEnv(world_size=nproc, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
+
+
+def print_dry_run(config: dict, plan_path: str, lines: list[str], cfg, nproc: int) -> None:
+    from rich.console import Console
+    from rich.syntax import Syntax
+
+    from launcher.config import Zero
+
+    console = Console(highlight=False)
+    console.print("[bold]resolved configuration[/]")
+    console.print(Syntax(json.dumps(config, indent=2), "json", theme="ansi_dark", background_color="default"))
+    console.print(f"[bold]commands[/] ({nproc} process(es); each reads the plan written to {plan_path})")
+    for line in lines:
+        console.print(line, soft_wrap=True)
+    if isinstance(cfg.strategy, Zero):
+        from launcher.worker.strategies.zero_config import deepspeed_config
+
+        console.print("[bold]DeepSpeed config[/]")
+        ds = json.dumps(deepspeed_config(cfg, nproc), indent=2)
+        console.print(Syntax(ds, "json", theme="ansi_dark", background_color="default"))
+    console.print("[dim]dry run: nothing was started or written[/]")
+
+
+def print_settings(cfg) -> None:
+    """Every setting of a recipe's config with its default and docstring (a recipe's --help)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.overrides import describe
+
+    table = Table(title=f"settings of {type(cfg).recipe} (override as key=value)", title_justify="left")
+    table.add_column("setting", style="bold cyan", no_wrap=True)
+    table.add_column("default")
+    table.add_column("meaning")
+    for path, value, doc in describe(cfg):
+        table.add_row(path, value, doc)
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

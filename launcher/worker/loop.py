@@ -1,0 +1,106 @@
+"""The one training loop: batches -> engine -> metrics. It never asks which strategy is running."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from launcher.config import RunConfig
+from launcher.data import EvalShard
+from launcher.task import Task
+from launcher.worker import dist
+from launcher.worker.runlog import RunLog
+from launcher.worker.strategies.base import Engine
+
+
+def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
+    sampler = DistributedSampler(task.train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=cfg.seed)
+    return DataLoader(task.train, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=task.collate)
+
+
+def total_steps(loader: DataLoader, cfg: RunConfig) -> int:
+    per_epoch = max(1, len(loader) // cfg.train.grad_accum)
+    return cfg.train.max_steps or cfg.train.epochs * per_epoch
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def groups(loader: Iterable, size: int) -> Iterator[list]:
+    """Consecutive groups of `size` micro-batches; an incomplete last group is dropped so every
+    optimizer step sees the same number of micro-batches on every rank."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+
+
+def train(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks, log: RunLog, loader: DataLoader) -> dict:
+    total = total_steps(loader, cfg)
+    step, epoch = 0, 0
+    metrics: dict[str, float] = {}
+    engine.train(True)
+    log.begin()
+    while step < total:
+        loader.sampler.set_epoch(epoch)
+        for micro in groups(loader, cfg.train.grad_accum):
+            t0 = time.perf_counter()
+            micro = [to_device(b, engine.device) for b in micro]
+            samples = sum(len(b["labels"]) for b in micro)
+            result = engine.train_step(micro)
+            # One small all-reduce: the logged loss and throughput are the whole job's, on every rank.
+            stats = torch.tensor([result.loss, samples], dtype=torch.float64, device=engine.device)
+            torch.distributed.all_reduce(stats)
+            step += 1
+            log.step(step, loss=stats[0].item() / ranks.world_size, lr=result.lr, grad_norm=result.grad_norm,
+                     samples_per_s=stats[1].item() / (time.perf_counter() - t0), epoch=epoch)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and task.eval is not None:
+                metrics = evaluate(engine, task, recipe, cfg, ranks)[0]
+                log.eval(step, metrics)
+            if step >= total:
+                break
+        epoch += 1
+    log.end_progress()
+    return {"steps": step, "epochs_started": epoch}
+
+
+def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks) -> tuple[dict, dict]:
+    """Metrics over the whole eval set, gathered from every rank; also returns the per-example outputs."""
+    shard = EvalShard(len(task.eval), ranks.rank, ranks.world_size)
+
+    def collate(indices: list[int]):
+        rows = [task.eval[max(i, 0)] for i in indices]
+        return torch.tensor(indices), task.collate(rows)
+
+    loader = DataLoader(list(shard), batch_size=cfg.train.micro_batch_size, collate_fn=collate)
+    parts: list[dict[str, torch.Tensor]] = []
+    engine.train(False)
+    with torch.no_grad():
+        for index, batch in loader:
+            batch = to_device(batch, engine.device)
+            out = recipe.eval_outputs(engine.forward(batch), batch)
+            keep = index >= 0
+            parts.append({"index": index[keep], **{k: _cpu(v)[keep] for k, v in out.items()}})
+    engine.train(True)
+    local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    merged: dict[str, list] = {}
+    for piece in dist.gather_objects(local):
+        for k, v in piece.items():
+            merged.setdefault(k, []).append(v)
+    gathered = {k: torch.cat(v) for k, v in merged.items()}
+    order = torch.argsort(gathered["index"])
+    gathered = {k: v[order] for k, v in gathered.items()}
+    assert len(gathered["index"]) == len(task.eval), "every eval example is scored exactly once"
+    return recipe.compute_metrics(gathered, task), gathered
+
+
+def _cpu(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu()
+    return t.float() if t.is_floating_point() else t  # bf16 logits are stored as fp32

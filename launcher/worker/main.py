@@ -1,0 +1,184 @@
+"""A rank's life: read the plan (or build it from overrides), join the group, train, evaluate, save."""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from types import ModuleType
+
+from launcher.config import Lora, RunConfig, choice_name
+from launcher.errors import USAGE_EXIT_CODE, ConfigError
+from launcher.models import resolve_model
+from launcher.overrides import apply_overrides, from_dict, to_dict
+from launcher.plan import LaunchEnv, Plan, check, resolve, write_json_atomic
+from launcher.recipe import parse_worker_argv
+
+
+def quiet_libraries() -> None:
+    """No hub lookups for local files, one copy of each warning, no per-library progress bars."""
+    # Local files need no hub, and a hub lookup on a closed network waits for a timeout. HF_HUB_OFFLINE=0
+    # lets workers download models by hub id.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("once", category=UserWarning)
+    # bitsandbytes' CPU backend probes for an optional hub kernel package on import and warns when absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
+def _has_nvidia() -> bool:
+    return os.path.exists("/dev/nvidiactl")
+
+
+def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
+    """The resolved, validated config for this rank (raises ConfigError)."""
+    from launcher.worker.dist import ranks_from_environ
+
+    args = parse_worker_argv(argv)
+    if args.help:
+        from launcher.cli import print_settings
+
+        print_settings(recipe.Config())
+        sys.exit(0)
+    if args.plan_path:  # `launcher run` already validated; every rank reads the same file
+        with open(args.plan_path) as f:
+            return Plan.from_json(f.read()).build_config(recipe.Config)
+    import torch
+
+    _, _, world = ranks_from_environ()
+    env = LaunchEnv(world_size=world, deepspeed_runner=args.deepspeed_runner, cuda=torch.cuda.is_available(),
+                    bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    cfg = resolve(apply_overrides(recipe.Config(), args.overrides), env)
+    check(cfg)
+    recipe.check(cfg)
+    return cfg
+
+
+def run_recipe(recipe: ModuleType, argv: list[str] | None = None) -> None:
+    """Entry point of every recipe's `main()`, under any launcher."""
+    quiet_libraries()
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank is
+    argv = sys.argv[1:] if argv is None else argv
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        cfg = configure(recipe, argv)
+    except ConfigError as e:
+        if rank == 0:
+            print(e.render(), file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
+    _set_threads()
+    from launcher.worker import dist
+
+    ranks = dist.init()
+    try:
+        # One plan for every rank: rank 0's resolution (its timestamped run directory, say) wins.
+        cfg = from_dict(recipe.Config, dist.broadcast_object(to_dict(cfg)))
+        run(recipe, cfg, ranks)
+    finally:
+        dist.shutdown()
+
+
+def _set_threads() -> None:
+    import torch
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from launcher.worker import loop
+    from launcher.worker.adapters import apply_adapter, count_parameters
+    from launcher.worker.export import save_model
+    from launcher.worker.optim import build_optimizer, build_scheduler
+    from launcher.worker.runlog import RunLog
+    from launcher.worker.strategies import EngineInputs, build_engine
+
+    transformers.utils.logging.disable_progress_bar()
+    t_start = time.time()
+    model_path = resolve_model(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    task = recipe.build_task(cfg, tokenizer)
+    loader = loop.train_loader(task, cfg, ranks)
+    total = loop.total_steps(loader, cfg)
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and under every strategy
+    base = recipe.build_model(cfg, task)
+    block_names = set(getattr(base, "_no_split_modules", None) or [])
+    block_types = tuple({type(m) for m in base.modules() if type(m).__name__ in block_names})
+    model = apply_adapter(base, cfg.adapter, task_type=task.peft_task_type, heads=task.heads)
+    trainable, params = count_parameters(model)
+
+    def make_optimizer(module):
+        opt = build_optimizer(module, cfg.train)
+        return opt, build_scheduler(opt, cfg.train, total)
+
+    engine = build_engine(EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer,
+                                       block_types=block_types))
+    log = RunLog(cfg.output_dir, active=ranks.is_main, total_steps=total, log_every=cfg.train.log_every)
+    if ranks.is_main:
+        write_json_atomic(os.path.join(cfg.output_dir, "config.json"),
+                          json.dumps({"recipe": type(cfg).recipe, "world_size": ranks.world_size,
+                                      "config": to_dict(cfg)}, indent=2))
+    effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
+    log.table(f"{type(cfg).recipe}: starting", [
+        ("model", f"{cfg.model} ({params / 1e6:.1f}M parameters)"),
+        ("adapter", f"{choice_name(cfg.adapter)}: {trainable:,} trainable ({100 * trainable / params:.2f}%)"),
+        ("strategy", f"{choice_name(cfg.strategy)} on {ranks.world_size} process(es), {ranks.device.type}, "
+                     f"{cfg.precision}"),
+        ("batch", f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {ranks.world_size} ranks "
+                  f"= {effective} per step"),
+        ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
+        ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
+        ("output", cfg.output_dir),
+    ])
+
+    progress = loop.train(engine, task, recipe, cfg, ranks, log, loader)
+    metrics: dict[str, float] = {}
+    if task.eval is not None:
+        metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
+        log.eval(progress["steps"], metrics)
+        if ranks.is_main:
+            _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
+    log.close()
+    saved = save_model(engine, cfg, task, tokenizer, ranks)
+    elapsed = time.time() - t_start
+    summary = {"metrics": metrics, "steps": progress["steps"], "seconds": round(elapsed, 1),
+               "world_size": ranks.world_size, "strategy": choice_name(cfg.strategy),
+               "adapter": choice_name(cfg.adapter), "trainable_parameters": trainable,
+               "saved": os.path.abspath(saved)}
+    if ranks.is_main:
+        write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
+        log.table(f"{type(cfg).recipe}: done in {elapsed:.0f}s", [
+            *[(k, f"{v:.4f}") for k, v in metrics.items()],
+            ("steps", progress["steps"]),
+            ("adapter" if isinstance(cfg.adapter, Lora) else "model", saved),
+            ("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")),
+            ("tensorboard", os.path.join(cfg.output_dir, "tensorboard")),
+        ])
+    return summary
+
+
+def _write_predictions(path: str, outputs: dict) -> None:
+    rows = zip(*[[(k, v.tolist()) for v in values] for k, values in outputs.items()])
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for row in rows:
+            record = dict(row)
+            record["index"] = int(record["index"])
+            f.write(json.dumps(record) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,102 @@
+"""Rank 0's view of a run: rich progress, metrics.jsonl, TensorBoard and the start/end summaries.
+
+Other ranks get an inactive RunLog that does nothing, so the loop never asks "am I rank 0?".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class RunLog:
+    def __init__(self, out_dir: str, *, active: bool, total_steps: int, log_every: int):
+        self.active = active
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.console = Console(stderr=False, highlight=False)
+        self._progress: Progress | None = None
+        self._jsonl = None
+        self._tb = None
+        self.t0 = time.time()
+        if not active:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "w", buffering=1)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+    # ------------------------------------------------------------------ summaries
+    def table(self, title: str, rows: list[tuple[str, Any]]) -> None:
+        if not self.active:
+            return
+        t = Table(title=title, show_header=False, title_justify="left", box=None, padding=(0, 2))
+        t.add_column(style="bold cyan")
+        t.add_column()
+        for key, value in rows:
+            t.add_row(key, str(value))
+        self.console.print(t)
+
+    # ------------------------------------------------------------------ progress
+    def begin(self) -> None:
+        if not self.active or not self.console.is_terminal:
+            return
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[sps]:.1f} samples/s"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self._progress.start()
+        self._task = self._progress.add_task("train", total=self.total_steps, loss=math.nan, lr=0.0, sps=0.0)
+
+    def step(self, step: int, *, loss: float, lr: float, samples_per_s: float, grad_norm: float, epoch: int) -> None:
+        if not self.active:
+            return
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, loss=loss, lr=lr, sps=samples_per_s)
+        if step % self.log_every and step != self.total_steps:
+            return
+        record = {"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr,
+                  "samples_per_s": samples_per_s, "grad_norm": grad_norm, "time": round(time.time() - self.t0, 3)}
+        self._write(record)
+        if self._progress is None:
+            self.console.print(
+                f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s"
+            )
+
+    def eval(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        self._write({"step": step, "split": "eval", **metrics, "time": round(time.time() - self.t0, 3)})
+        shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        self.console.print(f"[bold green]eval[/] step {step}  {shown}")
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        split = record["split"]
+        for key, value in record.items():
+            if key not in ("step", "split", "epoch", "time") and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{split}/{key}", value, record["step"])
+
+    def end_progress(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def close(self) -> None:
+        self.end_progress()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._tb.close()
+            self._jsonl = self._tb = None

@@ -1,0 +1,89 @@
+"""The one interface every strategy returns. The training loop only ever talks to an Engine."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from launcher.config import RunConfig
+
+# Builds (optimizer, scheduler) for the parameters the strategy hands it (sharded or not).
+OptimizerFactory = Callable[[torch.nn.Module], tuple[torch.optim.Optimizer, Any]]
+
+
+@dataclass
+class EngineInputs:
+    """What a strategy needs to wrap a model."""
+
+    model: torch.nn.Module
+    """The model with its adapter applied, on CPU, in fp32."""
+    cfg: RunConfig
+    """The resolved run configuration."""
+    device: torch.device
+    """This rank's device."""
+    make_optimizer: OptimizerFactory
+    """Called once with the module whose parameters the optimizer should own."""
+    block_types: tuple[type, ...]
+    """Transformer block classes (FSDP shards each one separately)."""
+
+
+@dataclass
+class StepResult:
+    loss: float
+    """Mean loss over this rank's micro-batches of the step."""
+    grad_norm: float
+    """Global gradient norm before clipping (nan where the strategy does not report it)."""
+    lr: float
+    """Learning rate used for this step."""
+
+
+class Engine(ABC):
+    """A wrapped model and its optimizer: forward, one optimizer step, and gathered weights."""
+
+    device: torch.device
+    module: torch.nn.Module
+    """The unwrapped model (adapter applied) whose parameter names the saved files use."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> Any:
+        """Model outputs for a batch already on `device` (no gradient tracking under `torch.no_grad`)."""
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
+        """Forward and backward on each micro-batch (gradients accumulated), then one optimizer step."""
+
+    @abstractmethod
+    def train(self, mode: bool = True) -> None:
+        """Switch dropout and the like on (training) or off (evaluation)."""
+
+    @abstractmethod
+    def gathered_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """Full (unsharded) CPU tensors keyed by `module`'s parameter names. Collective: call on every rank."""
+
+
+def clip_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip to `max_norm` (0 disables clipping) and return the total norm before clipping."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"])
+
+
+def local_state_dict(module: torch.nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
+    """CPU copies of a module whose tensors are whole on this rank: trainable parameters, or everything."""
+    if trainable_only:
+        items = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    else:
+        items = list(module.state_dict().items())
+    return {n: t.detach().to("cpu", copy=True) for n, t in items}

