@@ -25,14 +25,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="run a recipe on local processes", epilog=EPILOG,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    run = sub.add_parser(
+        "run",
+        help="run a recipe on local processes",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("recipe", help="path of the recipe module, e.g. recipes/lora_cls.py")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. strategy=zero2 train.lr=1e-4")
     run.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; "
-                          "start nothing")
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; start nothing",
+    )
     return parser
 
 
@@ -70,9 +76,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if env.cuda:
         import torch
 
-        if args.nproc > torch.cuda.device_count():
-            raise ConfigError(f"--nproc {args.nproc}: this machine has {torch.cuda.device_count()} GPU(s); "
-                              f"use --nproc {torch.cuda.device_count()} or fewer")
+        check_nproc(args.nproc, torch.cuda.device_count())
     cfg = resolve(cfg, env)
     check(cfg)
     recipe.check(cfg)
@@ -91,6 +95,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     write_json_atomic(plan_path, plan.to_json())
     return run_local(commands)
+
+
+def check_nproc(nproc: int, gpus: int) -> None:
+    """One process per GPU: more processes than GPUs would share devices (CPU machines take any number)."""
+    if gpus and nproc > gpus:
+        raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPU(s); use --nproc {gpus} or fewer")
 
 
 def detect_env(nproc: int):

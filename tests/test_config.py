@@ -20,25 +20,45 @@ def recipe():
 
 
 def test_overrides_set_typed_values_at_dotted_paths(recipe):
-    cfg = apply_overrides(recipe.Config(), ["train.lr=3e-4", "train.max_steps=7", "seed=1",
-                                            "data.text_field=review", "output_dir=/tmp/x", "precision=bf16"])
+    cfg = apply_overrides(
+        recipe.Config(),
+        [
+            "train.lr=3e-4",
+            "train.max_steps=7",
+            "seed=1",
+            "data.text_field=review",
+            "output_dir=/tmp/x",
+            "precision=bf16",
+        ],
+    )
     assert cfg.train.lr == 3e-4 and isinstance(cfg.train.lr, float)
     assert cfg.train.max_steps == 7 and cfg.seed == 1
     assert cfg.data.text_field == "review" and cfg.output_dir == "/tmp/x" and cfg.precision == "bf16"
     assert recipe.Config().train.lr == 1e-3, "overrides must not touch the defaults"
 
 
-@pytest.mark.parametrize("name,expected", [("ddp", Ddp()), ("zero0", Zero(stage=0)), ("zero1", Zero(stage=1)),
-                                           ("zero2", Zero(stage=2)), ("zero3", Zero(stage=3)),
-                                           ("fsdp", Fsdp()), ("auto", Auto())])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("ddp", Ddp()),
+        ("zero0", Zero(stage=0)),
+        ("zero1", Zero(stage=1)),
+        ("zero2", Zero(stage=2)),
+        ("zero3", Zero(stage=3)),
+        ("fsdp", Fsdp()),
+        ("auto", Auto()),
+    ],
+)
 def test_strategy_is_one_typed_field(recipe, name, expected):
     cfg = apply_overrides(recipe.Config(), [f"strategy={name}"])
     assert cfg.strategy == expected
 
 
 def test_choice_refinements_apply_after_the_choice_whatever_the_order(recipe):
-    cfg = apply_overrides(recipe.Config(), ["strategy.reshard_after_forward=false", "strategy=fsdp",
-                                            "adapter.r=4", "adapter.target_modules=query,value"])
+    cfg = apply_overrides(
+        recipe.Config(),
+        ["strategy.reshard_after_forward=false", "strategy=fsdp", "adapter.r=4", "adapter.target_modules=query,value"],
+    )
     assert cfg.strategy == Fsdp(reshard_after_forward=False)
     assert cfg.adapter.r == 4 and cfg.adapter.target_modules == ["query", "value"]
     assert isinstance(apply_overrides(recipe.Config(), ["adapter=full"]).adapter, Full)
@@ -60,9 +80,17 @@ def test_unknown_keys_suggest_close_names_and_all_problems_come_together(recipe)
     assert "train.epochs=two: expected a whole number" in text
 
 
-@pytest.mark.parametrize("raw,hint,value", [("true", bool, True), ("OFF", bool, False), ("12", int, 12),
-                                            ("1e-4", float, 1e-4), ("none", int | None, None), ("a,b", list[str],
-                                                                                                 ["a", "b"])])
+@pytest.mark.parametrize(
+    "raw,hint,value",
+    [
+        ("true", bool, True),
+        ("OFF", bool, False),
+        ("12", int, 12),
+        ("1e-4", float, 1e-4),
+        ("none", int | None, None),
+        ("a,b", list[str], ["a", "b"]),
+    ],
+)
 def test_parse_value(raw, hint, value):
     assert parse_value(raw, hint, "k") == value
 
@@ -117,8 +145,17 @@ def test_resolve_picks_auto_from_the_launch_environment(recipe):
 
 
 def test_validate_collects_every_problem(recipe):
-    cfg = apply_overrides(recipe.Config(), ["train.lr=0", "train.micro_batch_size=0", "train.warmup_ratio=1.5",
-                                            "adapter.r=0", "strategy=zero2", "strategy.stage=5"])
+    cfg = apply_overrides(
+        recipe.Config(),
+        [
+            "train.lr=0",
+            "train.micro_batch_size=0",
+            "train.warmup_ratio=1.5",
+            "adapter.r=0",
+            "strategy=zero2",
+            "strategy.stage=5",
+        ],
+    )
     problems = validate(cfg)
     assert any(p.startswith("train.lr=0.0") for p in problems)
     assert any(p.startswith("train.micro_batch_size=0") for p in problems)
@@ -128,12 +165,15 @@ def test_validate_collects_every_problem(recipe):
     assert validate(recipe.Config()) == []
 
 
-@pytest.mark.parametrize("argv,overrides,plan,ds", [
-    (["a=1", "--local_rank=1"], ["a=1"], None, True),
-    (["--local_rank", "0", "a=1"], ["a=1"], None, True),
-    (["--plan", "p.json"], [], "p.json", False),
-    (["x=2"], ["x=2"], None, False),
-])
+@pytest.mark.parametrize(
+    "argv,overrides,plan,ds",
+    [
+        (["a=1", "--local_rank=1"], ["a=1"], None, True),
+        (["--local_rank", "0", "a=1"], ["a=1"], None, True),
+        (["--plan", "p.json"], [], "p.json", False),
+        (["x=2"], ["x=2"], None, False),
+    ],
+)
 def test_worker_argv_accepts_deepspeed_local_rank(argv, overrides, plan, ds):
     args = parse_worker_argv(argv)
     assert (args.overrides, args.plan_path, args.deepspeed_runner) == (overrides, plan, ds)

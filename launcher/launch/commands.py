@@ -21,8 +21,16 @@ class RankCommand:
     """Variables set on top of the launcher's own environment."""
 
 
-def local_commands(recipe: str, plan_path: str, nproc: int, master_port: int, *, python: str = sys.executable,
-                   cpu_count: int | None = None, environ: dict[str, str] | None = None) -> list[RankCommand]:
+def local_commands(
+    recipe: str,
+    plan_path: str,
+    nproc: int,
+    master_port: int,
+    *,
+    python: str = sys.executable,
+    cpu_count: int | None = None,
+    environ: dict[str, str] | None = None,
+) -> list[RankCommand]:
     """`nproc` ranks on this machine, rendezvous on 127.0.0.1:`master_port`, all reading `plan_path`."""
     environ = os.environ if environ is None else environ
     cores = cpu_count or os.cpu_count() or 1

@@ -18,7 +18,9 @@ from launcher.worker.strategies.base import Engine
 
 
 def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
-    sampler = DistributedSampler(task.train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=cfg.seed)
+    sampler = DistributedSampler(
+        task.train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=cfg.seed
+    )
     return DataLoader(task.train, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=task.collate)
 
 
@@ -42,10 +44,11 @@ def groups(loader: Iterable, size: int) -> Iterator[list]:
             group = []
 
 
-def train(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks, log: RunLog, loader: DataLoader) -> dict:
+def train(
+    engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks, log: RunLog, loader: DataLoader
+) -> dict:
     total = total_steps(loader, cfg)
-    step, epoch = 0, 0
-    metrics: dict[str, float] = {}
+    step, epoch, seen, busy = 0, 0, 0.0, 0.0
     engine.train(True)
     log.begin()
     while step < total:
@@ -59,16 +62,28 @@ def train(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks,
             stats = torch.tensor([result.loss, samples], dtype=torch.float64, device=engine.device)
             torch.distributed.all_reduce(stats)
             step += 1
-            log.step(step, loss=stats[0].item() / ranks.world_size, lr=result.lr, grad_norm=result.grad_norm,
-                     samples_per_s=stats[1].item() / (time.perf_counter() - t0), epoch=epoch)
+            elapsed = time.perf_counter() - t0
+            seen, busy = seen + stats[1].item(), busy + elapsed
+            log.step(
+                step,
+                loss=stats[0].item() / ranks.world_size,
+                lr=result.lr,
+                grad_norm=result.grad_norm,
+                samples_per_s=stats[1].item() / elapsed,
+                epoch=epoch,
+            )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and task.eval is not None:
-                metrics = evaluate(engine, task, recipe, cfg, ranks)[0]
-                log.eval(step, metrics)
+                log.eval(step, evaluate(engine, task, recipe, cfg, ranks)[0])
             if step >= total:
                 break
         epoch += 1
     log.end_progress()
-    return {"steps": step, "epochs_started": epoch}
+    return {
+        "steps": step,
+        "train_samples": int(seen),
+        "train_seconds": round(busy, 2),
+        "train_samples_per_s": round(seen / busy, 2) if busy else 0.0,
+    }
 
 
 def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks) -> tuple[dict, dict]:

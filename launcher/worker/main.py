@@ -56,8 +56,12 @@ def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
     import torch
 
     _, _, world = ranks_from_environ()
-    env = LaunchEnv(world_size=world, deepspeed_runner=args.deepspeed_runner, cuda=torch.cuda.is_available(),
-                    bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    env = LaunchEnv(
+        world_size=world,
+        deepspeed_runner=args.deepspeed_runner,
+        cuda=torch.cuda.is_available(),
+        bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    )
     cfg = resolve(apply_overrides(recipe.Config(), args.overrides), env)
     check(cfg)
     recipe.check(cfg)
@@ -127,25 +131,35 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
         opt = build_optimizer(module, cfg.train)
         return opt, build_scheduler(opt, cfg.train, total)
 
-    engine = build_engine(EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer,
-                                       block_types=block_types))
+    engine = build_engine(
+        EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=block_types)
+    )
     log = RunLog(cfg.output_dir, active=ranks.is_main, total_steps=total, log_every=cfg.train.log_every)
     if ranks.is_main:
-        write_json_atomic(os.path.join(cfg.output_dir, "config.json"),
-                          json.dumps({"recipe": type(cfg).recipe, "world_size": ranks.world_size,
-                                      "config": to_dict(cfg)}, indent=2))
+        write_json_atomic(
+            os.path.join(cfg.output_dir, "config.json"),
+            json.dumps({"recipe": type(cfg).recipe, "world_size": ranks.world_size, "config": to_dict(cfg)}, indent=2),
+        )
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
-    log.table(f"{type(cfg).recipe}: starting", [
-        ("model", f"{cfg.model} ({params / 1e6:.1f}M parameters)"),
-        ("adapter", f"{choice_name(cfg.adapter)}: {trainable:,} trainable ({100 * trainable / params:.2f}%)"),
-        ("strategy", f"{choice_name(cfg.strategy)} on {ranks.world_size} process(es), {ranks.device.type}, "
-                     f"{cfg.precision}"),
-        ("batch", f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {ranks.world_size} ranks "
-                  f"= {effective} per step"),
-        ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
-        ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
-        ("output", cfg.output_dir),
-    ])
+    log.table(
+        f"{type(cfg).recipe}: starting",
+        [
+            ("model", f"{cfg.model} ({params / 1e6:.1f}M parameters)"),
+            ("adapter", f"{choice_name(cfg.adapter)}: {trainable:,} trainable ({100 * trainable / params:.2f}%)"),
+            (
+                "strategy",
+                f"{choice_name(cfg.strategy)} on {ranks.world_size} process(es), {ranks.device.type}, {cfg.precision}",
+            ),
+            (
+                "batch",
+                f"{cfg.train.micro_batch_size} x {cfg.train.grad_accum} accum x {ranks.world_size} ranks "
+                f"= {effective} per step",
+            ),
+            ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
+            ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
+            ("output", cfg.output_dir),
+        ],
+    )
 
     progress = loop.train(engine, task, recipe, cfg, ranks, log, loader)
     metrics: dict[str, float] = {}
@@ -157,19 +171,28 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
     log.close()
     saved = save_model(engine, cfg, task, tokenizer, ranks)
     elapsed = time.time() - t_start
-    summary = {"metrics": metrics, "steps": progress["steps"], "seconds": round(elapsed, 1),
-               "world_size": ranks.world_size, "strategy": choice_name(cfg.strategy),
-               "adapter": choice_name(cfg.adapter), "trainable_parameters": trainable,
-               "saved": os.path.abspath(saved)}
+    summary = {
+        "metrics": metrics,
+        **progress,
+        "seconds": round(elapsed, 1),
+        "world_size": ranks.world_size,
+        "strategy": choice_name(cfg.strategy),
+        "adapter": choice_name(cfg.adapter),
+        "trainable_parameters": trainable,
+        "saved": os.path.abspath(saved),
+    }
     if ranks.is_main:
         write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
-        log.table(f"{type(cfg).recipe}: done in {elapsed:.0f}s", [
-            *[(k, f"{v:.4f}") for k, v in metrics.items()],
-            ("steps", progress["steps"]),
-            ("adapter" if isinstance(cfg.adapter, Lora) else "model", saved),
-            ("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")),
-            ("tensorboard", os.path.join(cfg.output_dir, "tensorboard")),
-        ])
+        log.table(
+            f"{type(cfg).recipe}: done in {elapsed:.0f}s",
+            [
+                *[(k, f"{v:.4f}") for k, v in metrics.items()],
+                ("steps", f"{progress['steps']} ({progress['train_samples_per_s']:.1f} samples/s)"),
+                ("adapter" if isinstance(cfg.adapter, Lora) else "model", saved),
+                ("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")),
+                ("tensorboard", os.path.join(cfg.output_dir, "tensorboard")),
+            ],
+        )
     return summary
 
 

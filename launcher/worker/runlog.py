@@ -67,8 +67,16 @@ class RunLog:
             self._progress.update(self._task, completed=step, loss=loss, lr=lr, sps=samples_per_s)
         if step % self.log_every and step != self.total_steps:
             return
-        record = {"step": step, "split": "train", "epoch": epoch, "loss": loss, "lr": lr,
-                  "samples_per_s": samples_per_s, "grad_norm": grad_norm, "time": round(time.time() - self.t0, 3)}
+        record = {
+            "step": step,
+            "split": "train",
+            "epoch": epoch,
+            "loss": loss,
+            "lr": lr,
+            "samples_per_s": samples_per_s,
+            "grad_norm": grad_norm,
+            "time": round(time.time() - self.t0, 3),
+        }
         self._write(record)
         if self._progress is None:
             self.console.print(

@@ -23,16 +23,30 @@ from launcher.worker.strategies import EngineInputs, build_engine
 STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
 
 
-def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks) -> dict:
+def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks, accum: int = 1) -> dict:
     from transformers import AutoTokenizer
 
-    cfg = apply_overrides(recipe.Config(), [f"strategy={strategy}", f"model={model_dir}", f"data.train={train}",
-                                            "data.eval=", "precision=fp32", "train.micro_batch_size=8",
-                                            "train.lr=1e-2", "train.warmup_ratio=0", "train.schedule=constant",
-                                            "adapter.dropout=0", "output_dir=unused"])
+    cfg = apply_overrides(
+        recipe.Config(),
+        [
+            f"strategy={strategy}",
+            f"model={model_dir}",
+            f"data.train={train}",
+            "data.eval=",
+            "precision=fp32",
+            f"train.micro_batch_size={8 // accum}",
+            f"train.grad_accum={accum}",
+            "train.lr=1e-2",
+            "train.warmup_ratio=0",
+            "train.schedule=constant",
+            "adapter.dropout=0",
+            "output_dir=unused",
+        ],
+    )
     task = recipe.build_task(cfg, AutoTokenizer.from_pretrained(model_dir))
     rows = [task.train[i] for i in range(ranks.rank * 8, ranks.rank * 8 + 8)]  # each rank its own fixed batch
-    batch = task.collate(rows)
+    size = 8 // accum
+    micro = [task.collate(rows[i : i + size]) for i in range(0, 8, size)]  # the same 8 rows, in `accum` parts
     torch.manual_seed(cfg.seed)
     base = recipe.build_model(cfg, task)
     blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
@@ -45,17 +59,23 @@ def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks) ->
         opt = build_optimizer(module, cfg.train)
         return opt, build_scheduler(opt, cfg.train, 100)
 
-    engine = build_engine(EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer,
-                                       block_types=blocks))
+    engine = build_engine(
+        EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
+    )
     engine.train(False)
     losses = []
     for _ in range(5):
-        result = engine.train_step([{k: v.to(ranks.device) for k, v in batch.items()}])
+        result = engine.train_step([{k: v.to(ranks.device) for k, v in b.items()} for b in micro])
         losses.append(dist.mean_across_ranks(result.loss, ranks.device))
     after = engine.gathered_state_dict(trainable_only=False)
     changed = sorted(n for n in before if n in after and not torch.equal(before[n], after[n].to(before[n].dtype)))
-    return {"losses": losses, "changed": changed, "unchanged": sorted(set(before) - set(changed)),
-            "trainable": trainable, "gathered": len(after)}
+    return {
+        "losses": losses,
+        "changed": changed,
+        "unchanged": sorted(set(before) - set(changed)),
+        "trainable": trainable,
+        "gathered": len(after),
+    }
 
 
 def main() -> None:
@@ -67,6 +87,7 @@ def main() -> None:
     for strategy in STRATEGIES:
         try:
             results[strategy] = one(recipe, strategy, model_dir, train, ranks)
+            results[strategy]["accum2_losses"] = one(recipe, strategy, model_dir, train, ranks, accum=2)["losses"]
         except Exception as e:  # report per strategy; the test shows which one broke and why
             results[strategy] = {"error": f"{type(e).__name__}: {e}"}
             raise

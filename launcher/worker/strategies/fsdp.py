@@ -18,7 +18,11 @@ class FsdpEngine(Engine):
         self.device = inputs.device
         self.module = inputs.model.to(self.device)
         mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.precision == "bf16" else MixedPrecisionPolicy()
+        mp = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if cfg.precision == "bf16"
+            else MixedPrecisionPolicy()
+        )
         blocks = [m for m in self.module.modules() if isinstance(m, inputs.block_types)]
         for block in blocks:
             fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.strategy.reshard_after_forward)

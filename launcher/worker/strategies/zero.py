@@ -40,7 +40,9 @@ class ZeroEngine(Engine):
             self.ds.step()  # a no-op until the accumulation boundary
             losses.append(loss.item())
         norm = self.ds.get_global_grad_norm()
-        return StepResult(loss=sum(losses) / len(losses), grad_norm=float("nan") if norm is None else float(norm), lr=lr)
+        return StepResult(
+            loss=sum(losses) / len(losses), grad_norm=float("nan") if norm is None else float(norm), lr=lr
+        )
 
     def train(self, mode=True):
         self.ds.train(mode)

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create .venv with torch pinned first (the CPU wheel on a CPU machine, the CUDA build where pip serves it),
+# then install the project with its test extra. Safe to re-run: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+# torch before anything else: an unpinned torch pulled in by another package would fetch GBs of CUDA wheels.
+if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$TORCH_VERSION')" 2>/dev/null; then
+  echo "setup: installing torch==$TORCH_VERSION"
+  "${PIP[@]}" install "torch==$TORCH_VERSION"
+fi
+if ! .venv/bin/python -c "import launcher, deepspeed, peft, bitsandbytes, datasets, rich, pytest" 2>/dev/null \
+   || [ pyproject.toml -nt .venv/.launcher-installed ]; then
+  echo "setup: installing launcher and its dependencies"
+  "${PIP[@]}" install -e ".[test]"
+  touch .venv/.launcher-installed
+fi
+echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

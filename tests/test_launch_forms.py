@@ -1,0 +1,80 @@
+"""The same recipe file runs unchanged under all four launch forms, with the same key=value overrides."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import RECIPE, run, tiny_args
+
+
+def _check_run(out, world: int, strategy: str) -> None:
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == world and summary["strategy"] == strategy and summary["steps"] == 3
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train if r["split"] == "train"] == [1, 2, 3]
+    assert any(r["split"] == "eval" and "f1" in r for r in train)
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("lora_B" in k for k in adapter) and any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+    assert json.loads((out / "adapter" / "labels.json").read_text())["labels"] == ["negative", "positive"]
+    assert json.loads((out / "config.json").read_text())["config"]["strategy"]["name"] == strategy
+    assert list((out / "tensorboard").iterdir()), "TensorBoard event files are written"
+
+
+FORMS = {
+    "python": (lambda args: [sys.executable, RECIPE, *args], 1, "ddp"),
+    "torchrun": (lambda args: ["torchrun", "--standalone", "--nproc_per_node", "2", RECIPE, *args], 2, "fsdp"),
+    "deepspeed": (lambda args: ["deepspeed", "--num_gpus", "2", "--master_port", "29611", RECIPE, *args], 2, "zero2"),
+    "launcher": (lambda args: ["launcher", "run", RECIPE, "--nproc", "2", *args], 2, "zero3"),
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_launch_form_runs_lora_cls(form, tiny_model, tiny_data, tmp_path):
+    make, world, strategy = FORMS[form]
+    out = tmp_path / "run"
+    extra = ["train.max_steps=3"]
+    if form != "deepspeed":  # under DeepSpeed's runner, strategy=auto must resolve to zero2 by itself
+        extra.append(f"strategy={strategy if form != 'python' else 'auto'}")
+    proc = run(make(tiny_args(tiny_model, tiny_data, out, *extra)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_run(out, world, strategy)
+    assert "done in" in proc.stdout
+
+
+def test_dry_run_prints_config_commands_and_deepspeed_json_and_writes_nothing(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    proc = run(
+        [
+            "launcher",
+            "run",
+            RECIPE,
+            "--nproc",
+            "2",
+            "--dry-run",
+            *tiny_args(tiny_model, tiny_data, out),
+            "strategy=zero3",
+        ],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert '"name": "zero3"' in text and "resolved configuration" in text
+    assert text.count("--plan") == 2 and "RANK=1" in text and "MASTER_PORT=" in text
+    assert '"stage": 3' in text and '"train_micro_batch_size_per_gpu": 8' in text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_eval_every_evaluates_during_training(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = run(
+        [sys.executable, RECIPE, *tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", "train.eval_every=2")],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]

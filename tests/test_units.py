@@ -1,0 +1,132 @@
+"""Pure pieces: schedule, metrics, eval sharding, command building and the executor."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from launcher.data import EvalShard
+from launcher.launch.commands import RankCommand, local_commands, render
+from launcher.launch.execute import run_local
+from launcher.worker.metrics import accuracy, macro_f1
+from launcher.worker.optim import lr_factor, param_groups
+from tests.conftest import ROOT
+
+
+def test_lr_schedule_warms_up_then_decays():
+    f = lr_factor(total_steps=10, warmup_steps=2, schedule="cosine")
+    assert [f(0), f(1)] == [0.5, 1.0]
+    assert f(2) == 1.0 and f(10) == pytest.approx(0.0) and f(6) == pytest.approx(0.5)
+    lin = lr_factor(total_steps=10, warmup_steps=0, schedule="linear")
+    assert lin(0) == 1.0 and lin(5) == pytest.approx(0.5)
+    assert lr_factor(10, 0, "constant")(9) == 1.0
+
+
+def test_weight_decay_skips_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = param_groups(model, 0.1)
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_accuracy_and_macro_f1_on_hand_made_cases():
+    pred, label = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
+    assert accuracy(pred, label) == 0.75
+    # class 0: tp1 fp1 fn0 -> 2/3; class 1: tp2 fp0 fn1 -> 4/5
+    assert macro_f1(pred, label, 2) == pytest.approx((2 / 3 + 4 / 5) / 2)
+    assert macro_f1(torch.tensor([1, 1]), torch.tensor([1, 1]), 3) == 1.0
+
+
+@pytest.mark.parametrize("size,world", [(10, 3), (7, 2), (2, 4), (8, 2)])
+def test_eval_shards_cover_every_example_once_with_equal_lengths(size, world):
+    shards = [list(EvalShard(size, r, world)) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1, "every rank runs the same number of forwards"
+    real = sorted(i for s in shards for i in s if i >= 0)
+    assert real == list(range(size))
+
+
+def test_local_commands_share_one_plan_and_quote_values():
+    cmds = local_commands("/r/my recipe.py", "/o/plan.json", 2, 29500, python="py", cpu_count=8, environ={})
+    assert [c.env["RANK"] for c in cmds] == ["0", "1"] and cmds[1].env["OMP_NUM_THREADS"] == "4"
+    assert all(c.argv == ["py", "/r/my recipe.py", "--plan", "/o/plan.json"] for c in cmds)
+    line = render(cmds[0])
+    assert "'/r/my recipe.py'" in line and "MASTER_PORT=29500" in line
+    secret = render(RankCommand(rank=0, argv=["x"], env={"HF_TOKEN": "hf_abc", "WANDB_API_KEY": "k"}))
+    assert "hf_abc" not in secret and "HF_TOKEN='****'" in secret and "WANDB_API_KEY='****'" in secret
+
+
+def test_executor_propagates_the_failing_exit_code_and_stops_the_others():
+    sleeper = RankCommand(rank=0, argv=[sys.executable, "-c", "import time; time.sleep(60)"])
+    failing = RankCommand(rank=1, argv=[sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"])
+    t0 = time.time()
+    assert run_local([sleeper, failing]) == 3
+    assert time.time() - t0 < 30, "the surviving rank is stopped, not waited for"
+
+
+def test_executor_returns_zero_when_every_rank_succeeds(capfd):
+    ok = [RankCommand(rank=r, argv=[sys.executable, "-c", f"print('hello from {r}')"]) for r in range(2)]
+    assert run_local(ok) == 0
+    out = capfd.readouterr().out
+    assert "hello from 0" in out and "[rank1] hello from 1" in out
+
+
+def test_help_imports_no_heavy_library():
+    code = (
+        "import sys, launcher.cli as c; c.build_parser(); print(sorted(m for m in ('torch', 'deepspeed', "
+        "'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_kernels_folder_does_not_shadow_hf_kernels():
+    code = "from transformers.utils.import_utils import is_kernels_available as k; print(k())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("False")
+
+
+def test_warmup_factor_is_never_zero_on_the_first_step():
+    assert lr_factor(100, 10, "cosine")(0) > 0 and not math.isnan(lr_factor(1, 0, "cosine")(0))
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".parquet", ".json"])
+def test_every_file_format_loads_the_same_rows(ext, tmp_path):
+    import pandas as pd
+
+    from launcher.data import load_table
+
+    frame = pd.DataFrame({"text": ["good film", "bad, slow film"], "label": ["pos", "neg"]})
+    path = tmp_path / f"d{ext}"
+    {
+        ".csv": lambda: frame.to_csv(path, index=False),
+        ".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+        ".parquet": lambda: frame.to_parquet(path),
+        ".json": lambda: frame.to_json(path, orient="records", lines=True),
+    }[ext]()
+    table = load_table(str(path), "data.train")
+    assert table["text"] == ["good film", "bad, slow film"] and table["label"] == ["pos", "neg"]
+
+
+def test_unsupported_extension_is_named(tmp_path):
+    from launcher.data import load_table
+    from launcher.errors import ConfigError
+
+    path = tmp_path / "d.xlsx"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match=r"data.eval=.*d.xlsx: unsupported file type '.xlsx'"):
+        load_table(str(path), "data.eval")
+
+
+def test_ruff_is_clean():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "launcher", "recipes", "tests", "benchmarks"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout
