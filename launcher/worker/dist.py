@@ -33,6 +33,19 @@ def ranks_from_environ(environ: dict[str, str] | None = None) -> tuple[int, int,
     return rank, local, world
 
 
+def launch_env(world_size: int, *, deepspeed_runner: bool = False):
+    """What this machine offers the job (the input of `plan.resolve`)."""
+    from launcher.plan import LaunchEnv
+
+    cuda = torch.cuda.is_available()
+    return LaunchEnv(
+        world_size=world_size,
+        deepspeed_runner=deepspeed_runner,
+        cuda=cuda,
+        bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+    )
+
+
 def init() -> Ranks:
     """Join (or create, for a single process) the default process group."""
     rank, local, world = ranks_from_environ()

@@ -69,7 +69,8 @@ def train(
                 loss=stats[0].item() / ranks.world_size,
                 lr=result.lr,
                 grad_norm=result.grad_norm,
-                samples_per_s=stats[1].item() / elapsed,
+                samples=stats[1].item(),
+                seconds=elapsed,
                 epoch=epoch,
             )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and task.eval is not None:

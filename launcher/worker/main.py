@@ -16,7 +16,7 @@ from launcher.config import Lora, RunConfig, choice_name
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
 from launcher.models import resolve_model
 from launcher.overrides import apply_overrides, from_dict, to_dict
-from launcher.plan import LaunchEnv, Plan, check, resolve, write_json_atomic
+from launcher.plan import Plan, check, resolve, write_json_atomic
 from launcher.recipe import parse_worker_argv
 
 
@@ -42,8 +42,6 @@ def _has_nvidia() -> bool:
 
 def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
     """The resolved, validated config for this rank (raises ConfigError)."""
-    from launcher.worker.dist import ranks_from_environ
-
     args = parse_worker_argv(argv)
     if args.help:
         from launcher.cli import print_settings
@@ -53,15 +51,9 @@ def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
     if args.plan_path:  # `launcher run` already validated; every rank reads the same file
         with open(args.plan_path) as f:
             return Plan.from_json(f.read()).build_config(recipe.Config)
-    import torch
+    from launcher.worker.dist import launch_env, ranks_from_environ
 
-    _, _, world = ranks_from_environ()
-    env = LaunchEnv(
-        world_size=world,
-        deepspeed_runner=args.deepspeed_runner,
-        cuda=torch.cuda.is_available(),
-        bf16_supported=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
-    )
+    env = launch_env(ranks_from_environ()[2], deepspeed_runner=args.deepspeed_runner)
     cfg = resolve(apply_overrides(recipe.Config(), args.overrides), env)
     check(cfg)
     recipe.check(cfg)
