@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+
   echo "setup: installing torch==$TORCH_VERSION"
   "${PIP[@]}" install "torch==$TORCH_VERSION"
 fi
-if ! .venv/bin/python -c "import launcher, deepspeed, peft, bitsandbytes, datasets, rich, pytest" 2>/dev/null \
+if ! .venv/bin/python -c "import launcher, deepspeed, peft, bitsandbytes, datasets, rich, pytest" >/dev/null 2>&1 \
    || [ pyproject.toml -nt .venv/.launcher-installed ]; then
   echo "setup: installing launcher and its dependencies"
   "${PIP[@]}" install -e ".[test]"
