@@ -87,3 +87,29 @@ def local_state_dict(module: torch.nn.Module, trainable_only: bool) -> dict[str,
     else:
         items = list(module.state_dict().items())
     return {n: t.detach().to("cpu", copy=True) for n, t in items}
+
+
+def accumulate_and_step(
+    micro_batches: list[dict[str, torch.Tensor]],
+    *,
+    forward: Callable[[dict[str, torch.Tensor]], Any],
+    set_sync: Callable[[bool], None],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    params: list[torch.nn.Parameter],
+    max_grad_norm: float,
+) -> StepResult:
+    """The step of the torch-native strategies: backward on each micro-batch with gradient communication only
+    on the last (`set_sync`), then clip, optimizer step, schedule step."""
+    losses = []
+    for i, batch in enumerate(micro_batches):
+        set_sync(i == len(micro_batches) - 1)
+        loss = forward(batch).loss
+        (loss / len(micro_batches)).backward()
+        losses.append(loss.item())
+    norm = clip_norm(params, max_grad_norm)
+    lr = current_lr(optimizer)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr)

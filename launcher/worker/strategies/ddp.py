@@ -8,14 +8,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.config import Ddp
-from launcher.worker.strategies.base import (
-    Engine,
-    EngineInputs,
-    StepResult,
-    clip_norm,
-    current_lr,
-    local_state_dict,
-)
+from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, local_state_dict
 
 
 class DdpEngine(Engine):
@@ -44,20 +37,18 @@ class DdpEngine(Engine):
             return self.ddp(**batch)
 
     def train_step(self, micro_batches):
-        losses = []
-        for i, batch in enumerate(micro_batches):
-            # Only the last micro-batch all-reduces; the others accumulate locally.
-            self.ddp.require_backward_grad_sync = i == len(micro_batches) - 1
-            loss = self.forward(batch).loss
-            (loss / len(micro_batches)).backward()
-            losses.append(loss.item())
-        self.ddp.require_backward_grad_sync = True
-        norm = clip_norm(self.params, self.max_grad_norm)
-        lr = current_lr(self.optimizer)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr)
+        return accumulate_and_step(
+            micro_batches,
+            forward=self.forward,
+            set_sync=self._set_sync,  # only the last micro-batch all-reduces
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            params=self.params,
+            max_grad_norm=self.max_grad_norm,
+        )
+
+    def _set_sync(self, sync: bool) -> None:
+        self.ddp.require_backward_grad_sync = sync
 
     def train(self, mode=True):
         self.ddp.train(mode)

@@ -8,7 +8,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from launcher.config import Fsdp
-from launcher.worker.strategies.base import Engine, EngineInputs, StepResult, clip_norm, current_lr
+from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step
 
 
 class FsdpEngine(Engine):
@@ -35,19 +35,15 @@ class FsdpEngine(Engine):
         return self.module(**batch)
 
     def train_step(self, micro_batches):
-        losses = []
-        for i, batch in enumerate(micro_batches):
-            # Reduce-scatter gradients only on the last micro-batch.
-            self.module.set_requires_gradient_sync(i == len(micro_batches) - 1)
-            loss = self.module(**batch).loss
-            (loss / len(micro_batches)).backward()
-            losses.append(loss.item())
-        norm = clip_norm(self.params, self.max_grad_norm)
-        lr = current_lr(self.optimizer)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr)
+        return accumulate_and_step(
+            micro_batches,
+            forward=self.forward,
+            set_sync=self.module.set_requires_gradient_sync,  # reduce-scatter only on the last micro-batch
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            params=self.params,
+            max_grad_norm=self.max_grad_norm,
+        )
 
     def train(self, mode=True):
         self.module.train(mode)
