@@ -51,7 +51,7 @@ def apply_overrides(cfg: Any, args: list[str]) -> Any:
 def _apply_one(cfg: Any, key: str, raw: str) -> None:
     parts = key.split(".")
     target = cfg
-    for _i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if not dataclasses.is_dataclass(target) or part not in _field_names(target):
             raise _unknown_key(cfg, key)
         target = getattr(target, part)
