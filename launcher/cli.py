@@ -13,6 +13,8 @@ from launcher.errors import USAGE_EXIT_CODE, ConfigError
 EPILOG = """examples:
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 train.max_steps=50
   launcher run recipes/lora_cls.py --nproc 2 --dry-run strategy=zero3
+  launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 adapter=qlora optimizer=adamw8bit
+  launcher matrix                          (which strategy x adapter x optimizer combinations work)
   python recipes/lora_cls.py --help        (every setting of a recipe, with its default)
 """
 
@@ -39,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; start nothing",
     )
+    matrix = sub.add_parser(
+        "matrix",
+        help="show which strategy x adapter x optimizer combinations are supported, and why not",
+    )
+    matrix.add_argument("--markdown", action="store_true", help="print the docs page (docs/matrix.md) instead")
     return parser
 
 
@@ -48,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_EXIT_CODE
+    if args.command == "matrix":
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return cmd_matrix(args)
     # Settings may come before or after the flags: `run R a=1 --nproc 2 b=2`.
     flags = [a for a in extra if a.startswith("-") or "=" not in a]
     if flags:
@@ -58,6 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return USAGE_EXIT_CODE
+
+
+def cmd_matrix(args: argparse.Namespace) -> int:
+    from launcher.compat_view import print_matrix, render_markdown
+
+    if args.markdown:
+        sys.stdout.write(render_markdown())
+    else:
+        print_matrix()
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -80,7 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         check_nproc(args.nproc, torch.cuda.device_count())
     cfg = resolve(cfg, env)
-    check(cfg)
+    check(cfg, env)
     recipe.check(cfg)
 
     from launcher.launch.commands import local_commands, render
@@ -90,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan_path = os.path.join(os.path.abspath(cfg.output_dir), "plan.json")
     commands = local_commands(plan.recipe, plan_path, args.nproc, free_port())
     if args.dry_run:
-        print_dry_run(to_dict(cfg), plan_path, [render(c) for c in commands], cfg, args.nproc)
+        print_dry_run(to_dict(cfg), plan_path, [render(c) for c in commands], cfg, args.nproc, env.cuda)
         return 0
     from launcher.launch.execute import run_local
     from launcher.plan import write_json_atomic
@@ -105,7 +126,7 @@ def check_nproc(nproc: int, gpus: int) -> None:
         raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPU(s); use --nproc {gpus} or fewer")
 
 
-def print_dry_run(config: dict, plan_path: str, lines: list[str], cfg, nproc: int) -> None:
+def print_dry_run(config: dict, plan_path: str, lines: list[str], cfg, nproc: int, cuda: bool = False) -> None:
     from rich.console import Console
     from rich.syntax import Syntax
 
@@ -121,7 +142,7 @@ def print_dry_run(config: dict, plan_path: str, lines: list[str], cfg, nproc: in
         from launcher.worker.strategies.zero_config import deepspeed_config
 
         console.print("[bold]DeepSpeed config[/]")
-        ds = json.dumps(deepspeed_config(cfg, nproc), indent=2)
+        ds = json.dumps(deepspeed_config(cfg, nproc, cuda=cuda), indent=2)
         console.print(Syntax(ds, "json", theme="ansi_dark", background_color="default"))
     console.print("[dim]dry run: nothing was started or written[/]")
 

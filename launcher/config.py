@@ -32,6 +32,12 @@ class Zero:
 
     stage: int = 2
     """0: DeepSpeed data parallel; 1: shard optimizer states; 2: also gradients; 3: also parameters."""
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    """ZeRO-Offload: keep optimizer states (and the optimizer step) on the CPU, or on NVMe under offload_dir."""
+    offload_params: Literal["none", "cpu", "nvme"] = "none"
+    """ZeRO-3 only: keep the parameter shards on the CPU (or NVMe) between uses."""
+    offload_dir: str = ""
+    """Folder on a fast local NVMe disk for offload=nvme (needs DeepSpeed's async I/O, i.e. libaio)."""
 
     @property
     def name(self) -> str:
@@ -45,6 +51,12 @@ class Fsdp:
     name: ClassVar[str] = "fsdp"
     reshard_after_forward: bool = True
     """Free each block's gathered parameters after its forward (saves memory, costs a second all-gather)."""
+    shard: Literal["full", "hybrid"] = "full"
+    """full: shard over every process; hybrid: shard inside a group (a node), replicate across groups."""
+    shard_group_size: int = 0
+    """Processes per shard group for shard=hybrid; 0 means the processes of one node."""
+    offload_params: Literal["none", "cpu"] = "none"
+    """Keep parameter shards, gradients and the optimizer step on the CPU (FSDP2 CPUOffloadPolicy)."""
 
 
 @dataclass(kw_only=True)
@@ -80,8 +92,42 @@ class Lora:
     """Scaling numerator: the update is multiplied by alpha / r."""
     dropout: float = 0.05
     """Dropout on the LoRA input path."""
-    target_modules: list[str] = field(default_factory=lambda: ["query", "key", "value", "dense"])
-    """Names (suffixes) of the linear modules that get LoRA updates, comma-separated on the command line."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Names (suffixes) of the linear modules that get LoRA updates, comma-separated, or all-linear (every linear
+    layer but the task head and the output embedding)."""
+
+
+@dataclass(kw_only=True)
+class Dora(Lora):
+    """DoRA through peft: LoRA on the direction of each weight plus a trained magnitude vector."""
+
+    name: ClassVar[str] = "dora"
+
+
+@dataclass(kw_only=True)
+class QLora(Lora):
+    """QLoRA: LoRA on a base model quantized to 4 bits by bitsandbytes (the base stays frozen and 4-bit)."""
+
+    name: ClassVar[str] = "qlora"
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type: nf4 (normal float, for normally distributed weights) or fp4."""
+    double_quant: bool = True
+    """Quantize the quantization constants too (saves about 0.4 bits per weight)."""
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype the 4-bit weights are dequantized to for matmuls; auto follows precision."""
+    quant_storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"
+    """Dtype the packed 4-bit weights are stored as. ZeRO-3 and FSDP2 shard them like the other parameters, so
+    they need the dtype the strategy keeps parameters in; auto picks uint8 when nothing shards parameters, else the
+    precision's dtype."""
+
+
+@dataclass(kw_only=True)
+class Lora8(Lora):
+    """LoRA on a base model quantized to 8 bits by bitsandbytes (LLM.int8)."""
+
+    name: ClassVar[str] = "lora8"
+    threshold: float = 6.0
+    """Outlier threshold of LLM.int8: activations above it are multiplied in 16 bits."""
 
 
 @dataclass(kw_only=True)
@@ -91,9 +137,51 @@ class Full:
     name: ClassVar[str] = "full"
 
 
-Adapter = Lora | Full
+Adapter = Lora | Dora | QLora | Lora8 | Full
 
-ADAPTERS: dict[str, object] = {"lora": Lora, "full": Full}
+ADAPTERS: dict[str, object] = {"full": Full, "lora": Lora, "dora": Dora, "qlora": QLora, "lora8": Lora8}
+
+# --------------------------------------------------------------------------- optimizers
+
+
+@dataclass(kw_only=True)
+class AdamW:
+    """torch AdamW; the fused kernel where parameters are on CUDA, foreach otherwise."""
+
+    name: ClassVar[str] = "adamw"
+
+
+@dataclass(kw_only=True)
+class AdamW8bit:
+    """bitsandbytes AdamW with block-wise 8-bit optimizer states (about 4x smaller than 32-bit)."""
+
+    name: ClassVar[str] = "adamw8bit"
+    min_8bit_size: int = 4096
+    """Parameters with fewer elements keep 32-bit states (bitsandbytes' default; small tensors gain nothing)."""
+
+
+@dataclass(kw_only=True)
+class PagedAdamW8bit(AdamW8bit):
+    """bitsandbytes AdamW8bit with states in paged (unified) memory that spills to the CPU under pressure."""
+
+    name: ClassVar[str] = "paged_adamw8bit"
+
+
+@dataclass(kw_only=True)
+class CpuAdam:
+    """DeepSpeed's vectorized CPU Adam(W): steps the optimizer states that ZeRO-Offload keeps on the CPU."""
+
+    name: ClassVar[str] = "cpu_adam"
+
+
+Optimizer = AdamW | AdamW8bit | PagedAdamW8bit | CpuAdam
+
+OPTIMIZERS: dict[str, object] = {
+    "adamw": AdamW,
+    "adamw8bit": AdamW8bit,
+    "paged_adamw8bit": PagedAdamW8bit,
+    "cpu_adam": CpuAdam,
+}
 
 # --------------------------------------------------------------------------- sections
 
@@ -146,9 +234,15 @@ class RunConfig:
     strategy: Strategy = field(default_factory=Auto)
     """How the model is distributed: ddp, zero0, zero1, zero2, zero3, fsdp or auto."""
     adapter: Adapter = field(default_factory=Lora)
-    """What is trained: lora or full."""
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """Compute precision; auto is bf16 on GPUs that support it and fp32 on CPUs (whose bf16 is emulated)."""
+    """What is trained: full, lora, dora, qlora (4-bit base) or lora8 (8-bit base)."""
+    optimizer: Optimizer = field(default_factory=AdamW)
+    """adamw, adamw8bit, paged_adamw8bit (bitsandbytes) or cpu_adam (DeepSpeed, with ZeRO-Offload)."""
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Compute precision; auto is bf16 on GPUs that support it and fp32 on CPUs (whose bf16 is emulated). fp16
+    uses dynamic loss scaling."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer block's activations in backward instead of keeping them (less memory, ~30%
+    more compute)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training-loop settings."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -160,7 +254,7 @@ class RunConfig:
 
 
 # Fields whose value is a whole sub-configuration picked by name.
-CHOICES: dict[str, dict[str, object]] = {"strategy": STRATEGIES, "adapter": ADAPTERS}
+CHOICES: dict[str, dict[str, object]] = {"strategy": STRATEGIES, "adapter": ADAPTERS, "optimizer": OPTIMIZERS}
 
 
 def choice_name(value: object) -> str:

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.config import Auto, Ddp, Lora, RunConfig, Zero, default_output_dir
+from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, default_output_dir
 from launcher.errors import ConfigError
 from launcher.overrides import from_dict, to_dict
 
@@ -25,12 +25,16 @@ class LaunchEnv:
 
     world_size: int = 1
     """Processes in the job."""
+    local_world_size: int = 1
+    """Processes on this node."""
     deepspeed_runner: bool = False
     """Started by DeepSpeed's own runner (`deepspeed ...`), which appends --local_rank."""
     cuda: bool = False
     """CUDA devices are present."""
     bf16_supported: bool = False
     """The devices compute bf16 natively."""
+    libaio: bool = False
+    """libaio is installed (DeepSpeed's asynchronous NVMe I/O needs it)."""
     now: float | None = None
     """Wall-clock time used for the default run directory name (None: the current time)."""
 
@@ -97,16 +101,49 @@ def validate(cfg: RunConfig) -> list[str]:
             problems.append(f"adapter.r={cfg.adapter.r}: the LoRA rank must be at least 1, e.g. adapter.r=16")
         if not cfg.adapter.target_modules:
             problems.append("adapter.target_modules is empty: name modules, e.g. adapter.target_modules=query,value")
+    if isinstance(cfg.strategy, Fsdp) and cfg.strategy.shard_group_size < 0:
+        problems.append(f"strategy.shard_group_size={cfg.strategy.shard_group_size}: use 0 for one node's processes")
+    if isinstance(cfg.optimizer, AdamW8bit) and cfg.optimizer.min_8bit_size < 0:
+        problems.append(f"optimizer.min_8bit_size={cfg.optimizer.min_8bit_size}: must be 0 or more")
     if cfg.seed < 0:
         problems.append(f"seed={cfg.seed}: must be a non-negative integer")
+    from launcher.compat import refusals
+
+    return problems + refusals(cfg)
+
+
+def environment_problems(cfg: RunConfig, env: LaunchEnv) -> list[str]:
+    """What this machine or job size cannot run (the same settings may work elsewhere)."""
+    problems = []
+    s = cfg.strategy
+    if isinstance(s, Zero) and "nvme" in (s.offload_optimizer, s.offload_params) and not env.libaio:
+        problems.append(
+            "strategy.offload_*=nvme: DeepSpeed's asynchronous I/O needs libaio, which this machine lacks; "
+            "install it (apt-get install libaio-dev) and rebuild DeepSpeed's ops, or offload to cpu instead"
+        )
+    if isinstance(s, Fsdp) and s.shard == "hybrid":
+        group = s.shard_group_size or env.local_world_size
+        if group > env.world_size or env.world_size % group:
+            problems.append(
+                f"strategy.shard=hybrid: shard groups of {group} process(es) do not divide {env.world_size} "
+                f"process(es); set strategy.shard_group_size to a divisor of {env.world_size}"
+            )
+    if cfg.precision == "fp16" and isinstance(s, Zero) and not env.cuda:
+        problems.append(
+            "precision=fp16 under DeepSpeed needs GPUs: its CPU accelerator has no fp16; "
+            "use precision=bf16 or fp32 here, or strategy=ddp / strategy=fsdp (torch's loss scaler runs on CPUs)"
+        )
+    if cfg.precision == "bf16" and env.cuda and not env.bf16_supported:
+        problems.append("precision=bf16: these GPUs do not compute bf16; use precision=fp16 (or fp32)")
     return problems
 
 
-def check(cfg: RunConfig) -> None:
-    """Raise every problem with the generic settings at once, including a model that cannot be found."""
+def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
+    """Raise every problem with the settings at once, including a model that cannot be found and what the
+    launch environment `env` cannot run."""
     from launcher.models import resolve_model
 
-    problems = validate(cfg)
+    problems = validate(cfg) + (environment_problems(cfg, env) if env is not None else [])
     if cfg.model:
         try:
             resolve_model(cfg.model)

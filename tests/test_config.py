@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from launcher.config import Auto, Ddp, Fsdp, Full, Lora, RunConfig, TrainConfig, Zero
+from launcher.config import ADAPTERS, OPTIMIZERS, Auto, Ddp, Fsdp, Full, RunConfig, TrainConfig, Zero
 from launcher.errors import ConfigError
 from launcher.overrides import apply_overrides, describe, field_docs, from_dict, parse_value, to_dict
 from launcher.plan import LaunchEnv, Plan, resolve, validate
@@ -111,7 +111,7 @@ def test_json_round_trip_keeps_choices_and_recipe_fields(recipe):
 
 
 def _all_config_classes(recipe):
-    seen, todo = [], [recipe.Config, RunConfig, TrainConfig, Ddp, Zero, Fsdp, Lora, Full]
+    seen, todo = [], [recipe.Config, RunConfig, TrainConfig, Ddp, Zero, Fsdp, *ADAPTERS.values(), *OPTIMIZERS.values()]
     while todo:
         cls = todo.pop()
         if cls in seen:

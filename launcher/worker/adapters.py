@@ -1,34 +1,169 @@
-"""What gets trained: a LoRA adapter through peft, or every parameter."""
+"""What gets trained: every parameter, or a peft LoRA/DoRA adapter, optionally over a base quantized by bitsandbytes
+(4-bit for qlora, 8-bit for lora8). Quantization happens here, after the recipe built its model, so every recipe
+gets every adapter without knowing about bitsandbytes."""
 
 from __future__ import annotations
 
 import torch
 
-from launcher.config import Adapter, Full, Lora
+from launcher.config import Adapter, Dora, Full, Lora, Lora8, QLora, RunConfig
+from launcher.errors import ConfigError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 
 
-def apply_adapter(model: torch.nn.Module, adapter: Adapter, *, task_type: str, heads: list[str]) -> torch.nn.Module:
-    """Wrap `model` for `adapter`. `heads` (e.g. the classifier) are always trained in full."""
+def precision_dtype(precision: str) -> torch.dtype:
+    return DTYPES.get(precision, torch.float32)
+
+
+def shards_parameters(cfg: RunConfig) -> bool:
+    """ZeRO-3 and FSDP2 split every parameter (the frozen 4-bit base included) across ranks."""
+    return getattr(cfg.strategy, "stage", None) == 3 or cfg.strategy.name == "fsdp"
+
+
+def quant_storage(cfg: RunConfig) -> torch.dtype:
+    """The dtype the packed 4-bit weights are stored as (see QLora.quant_storage)."""
+    assert isinstance(cfg.adapter, QLora)
+    if cfg.adapter.quant_storage != "auto":
+        return DTYPES[cfg.adapter.quant_storage]
+    # Sharded, the packed weights travel with the other parameters and are cast like them (DeepSpeed casts the
+    # module to bf16/fp16, FSDP2 to its param_dtype): stored in that very dtype, no cast touches their bits.
+    return precision_dtype(cfg.precision) if shards_parameters(cfg) else torch.uint8
+
+
+def compute_dtype(cfg: RunConfig) -> torch.dtype:
+    assert isinstance(cfg.adapter, QLora)
+    choice = cfg.adapter.compute_dtype
+    return precision_dtype(cfg.precision if choice == "auto" else choice)
+
+
+def _skipped(model: torch.nn.Module, heads: list[str]) -> set[str]:
+    """Module names that stay as they are: task heads and the output embedding (lm_head)."""
+    skip = {name for name, _ in model.named_modules() if name and name.rsplit(".", 1)[-1] in heads}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip |= {name for name, m in model.named_modules() if out is not None and m is out}
+    return skip
+
+
+def _is_skipped(name: str, skip: set[str]) -> bool:
+    return any(name == s or name.startswith(s + ".") for s in skip)
+
+
+def linear_names(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """Leaf names of the linear layers LoRA may target (`all-linear`): not heads, not the output embedding."""
+    import bitsandbytes as bnb
+
+    linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+    skip = _skipped(model, heads)
+    names = {
+        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear) and not _is_skipped(n, skip)
+    }
+    # A leaf name shared with a head (e.g. `dense` inside a head) would reach into the head: leave it out.
+    head_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if _is_skipped(n, skip)}
+    return sorted(names - head_names)
+
+
+def quantize(model: torch.nn.Module, cfg: RunConfig, heads: list[str], device: torch.device) -> int:
+    """Replace the base model's linear layers by bitsandbytes 4-bit (qlora) or 8-bit (lora8) ones, quantized on
+    `device`. Heads and the output embedding stay in full precision. Returns the number of layers replaced."""
+    import bitsandbytes as bnb
+
+    adapter = cfg.adapter
+    skip = _skipped(model, heads)
+    targets = [
+        (n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and n and not _is_skipped(n, skip)
+    ]
+    for name, old in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        weight = old.weight.data
+        if isinstance(adapter, QLora):
+            new = bnb.nn.Linear4bit(
+                old.in_features,
+                old.out_features,
+                bias=old.bias is not None,
+                compute_dtype=compute_dtype(cfg),
+                compress_statistics=adapter.double_quant,
+                quant_type=adapter.quant_type,
+                quant_storage=quant_storage(cfg),
+                device="meta",
+            )
+            new.weight = bnb.nn.Params4bit(
+                weight,
+                requires_grad=False,
+                compress_statistics=adapter.double_quant,
+                quant_type=adapter.quant_type,
+                quant_storage=quant_storage(cfg),
+                module=new,
+            )._quantize(device)
+            # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode forward,
+            # rounding the block scales to bf16: the frozen base would silently change after an evaluation.
+            new.support_avx512bf16_for_cpu = False
+        else:
+            new = bnb.nn.Linear8bitLt(
+                old.in_features,
+                old.out_features,
+                bias=old.bias is not None,
+                has_fp16_weights=False,
+                threshold=adapter.threshold,
+                device="meta",
+            )
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False).to(device)
+        if old.bias is not None:
+            new.bias = torch.nn.Parameter(old.bias.data.to(device), requires_grad=False)
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return len(targets)
+
+
+def apply_adapter(
+    model: torch.nn.Module, cfg: RunConfig, *, task_type: str, heads: list[str], device: torch.device | None = None
+) -> torch.nn.Module:
+    """Wrap `model` for `cfg.adapter`. `heads` (e.g. the classifier) are always trained in full.
+
+    Quantized bases are quantized on `device` (the rank's device; bitsandbytes quantizes where the weight is)."""
+    adapter: Adapter = cfg.adapter
+    if cfg.activation_checkpointing:
+        # Non-reentrant checkpointing works with frozen inputs (LoRA) and under every strategy.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
     if isinstance(adapter, Full):
         model.requires_grad_(True)
         return model
     assert isinstance(adapter, Lora)
     from peft import LoraConfig, get_peft_model
 
+    available = linear_names(model, heads)
+    if adapter.target_modules == ["all-linear"]:
+        targets = available
+    else:
+        targets = list(adapter.target_modules)
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
+        if missing:
+            raise ConfigError(
+                f"adapter.target_modules names {', '.join(missing)}, which this model does not have; "
+                f"its linear layers are {', '.join(available)} (or use adapter.target_modules=all-linear)"
+            )
+    if isinstance(adapter, (QLora, Lora8)):
+        quantize(model, cfg, heads, device or torch.device("cpu"))
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     config = LoraConfig(
         task_type=task_type,
         r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
-        target_modules=list(adapter.target_modules),
+        target_modules=targets,
+        use_dora=isinstance(adapter, Dora),
         modules_to_save=[h for h in heads if h in present],
     )
     return get_peft_model(model, config)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
+    """(trainable, total) parameter counts; a packed 4-bit weight counts its unpacked elements."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    total = sum(_logical_numel(p) for p in model.parameters())
     return trainable, total
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)
+    return int(torch.Size(state.shape).numel()) if state is not None else p.numel()

@@ -35,14 +35,19 @@ def ranks_from_environ(environ: dict[str, str] | None = None) -> tuple[int, int,
 
 def launch_env(world_size: int, *, deepspeed_runner: bool = False):
     """What this machine offers the job (the input of `plan.resolve`)."""
+    import ctypes.util
+
     from launcher.plan import LaunchEnv
 
     cuda = torch.cuda.is_available()
     return LaunchEnv(
         world_size=world_size,
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)),
         deepspeed_runner=deepspeed_runner,
         cuda=cuda,
         bf16_supported=cuda and torch.cuda.is_bf16_supported(),
+        # DeepSpeed's NVMe offload does its I/O through libaio; without the library its aio op cannot build.
+        libaio=ctypes.util.find_library("aio") is not None,
     )
 
 

@@ -27,7 +27,8 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
         engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if is_lora:
             _check_adapter(tmp, engine.module)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for name, content in task.files.items():
             with open(os.path.join(tmp, name), "w") as f:
                 json.dump(content, f, indent=2)

@@ -34,6 +34,25 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("once", category=UserWarning)
     # bitsandbytes' CPU backend probes for an optional hub kernel package on import and warns when absent.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ... and its 8-bit matmul logs the same cast warning on every call: show each such message once.
+    once = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, OncePerMessage) for f in once.filters):
+        once.addFilter(OncePerMessage())
+
+
+class OncePerMessage(logging.Filter):
+    """Let each distinct log message through the first time only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
 
 
 def _has_nvidia() -> bool:
@@ -55,7 +74,7 @@ def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
 
     env = launch_env(ranks_from_environ()[2], deepspeed_runner=args.deepspeed_runner)
     cfg = resolve(apply_overrides(recipe.Config(), args.overrides), env)
-    check(cfg)
+    check(cfg, env)
     recipe.check(cfg)
     return cfg
 
@@ -116,11 +135,11 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
     base = recipe.build_model(cfg, task)
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     block_types = tuple({type(m) for m in base.modules() if type(m).__name__ in block_names})
-    model = apply_adapter(base, cfg.adapter, task_type=task.peft_task_type, heads=task.heads)
+    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
     trainable, params = count_parameters(model)
 
     def make_optimizer(module):
-        opt = build_optimizer(module, cfg.train)
+        opt = build_optimizer(module, cfg.train, cfg.optimizer)
         return opt, build_scheduler(opt, cfg.train, total)
 
     engine = build_engine(

@@ -20,10 +20,19 @@ from launcher.worker.main import quiet_libraries
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
 
-STRATEGIES = ["ddp", "fsdp", "zero2", "zero3"]
+STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
+# Each strategy also runs under these variants (settings added to the fp32 baseline).
+VARIANTS = {
+    "accum2": [],
+    "bf16": ["precision=bf16"],
+    "fp16": ["precision=fp16"],
+    "checkpointing": ["activation_checkpointing=true"],
+}
 
 
-def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks, accum: int = 1) -> dict:
+def one(
+    recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks, accum: int = 1, extra: tuple = ()
+) -> dict:
     from transformers import AutoTokenizer
 
     cfg = apply_overrides(
@@ -41,6 +50,7 @@ def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks, ac
             "train.schedule=constant",
             "adapter.dropout=0",
             "output_dir=unused",
+            *extra,
         ],
     )
     task = recipe.build_task(cfg, AutoTokenizer.from_pretrained(model_dir))
@@ -50,19 +60,27 @@ def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks, ac
     torch.manual_seed(cfg.seed)
     base = recipe.build_model(cfg, task)
     blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
-    model = apply_adapter(base, cfg.adapter, task_type=task.peft_task_type, heads=task.heads)
-    model.eval()  # no dropout: the fixed batch gives a deterministic loss
+    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
+    for m in model.modules():  # no dropout: the fixed batch gives a deterministic loss, in train mode
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    calls = []
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    first_block = next(m for m in model.modules() if isinstance(m, GradientCheckpointingLayer))  # a BertLayer
+    # transformers checkpoints a block's `forward` (its own hooks run once); what runs inside it runs twice.
+    next(first_block.children()).register_forward_hook(lambda *_: calls.append(1))
     before = {n: t.clone() for n, t in model.state_dict().items()}
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
     def make_optimizer(module):
-        opt = build_optimizer(module, cfg.train)
+        opt = build_optimizer(module, cfg.train, cfg.optimizer)
         return opt, build_scheduler(opt, cfg.train, 100)
 
     engine = build_engine(
         EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
     )
-    engine.train(False)
+    engine.train(True)  # checkpointing only recomputes in train mode
     losses = []
     for _ in range(5):
         result = engine.train_step([{k: v.to(ranks.device) for k, v in b.items()} for b in micro])
@@ -75,6 +93,8 @@ def one(recipe, strategy: str, model_dir: str, train: str, ranks: dist.Ranks, ac
         "unchanged": sorted(set(before) - set(changed)),
         "trainable": trainable,
         "gathered": len(after),
+        "block_calls_per_step": len(calls) / 5,
+        "loss_scale": engine.scaler.get_scale() if getattr(engine, "scaler", None) is not None else None,
     }
 
 
@@ -87,7 +107,14 @@ def main() -> None:
     for strategy in STRATEGIES:
         try:
             results[strategy] = one(recipe, strategy, model_dir, train, ranks)
-            results[strategy]["accum2_losses"] = one(recipe, strategy, model_dir, train, ranks, accum=2)["losses"]
+            for name, extra in VARIANTS.items():
+                if name == "fp16" and strategy.startswith("zero") and not torch.cuda.is_available():
+                    continue  # DeepSpeed's CPU accelerator has no fp16 (refused before launch; see test_compat)
+                accum = 2 if name == "accum2" else 1
+                variant = one(recipe, strategy, model_dir, train, ranks, accum=accum, extra=tuple(extra))
+                results[strategy][f"{name}_losses"] = variant["losses"]
+                results[strategy][f"{name}_block_calls_per_step"] = variant["block_calls_per_step"]
+                results[strategy][f"{name}_loss_scale"] = variant["loss_scale"]
         except Exception as e:  # report per strategy; the test shows which one broke and why
             results[strategy] = {"error": f"{type(e).__name__}: {e}"}
             raise

@@ -98,18 +98,32 @@ def accumulate_and_step(
     scheduler: Any,
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
+    scaler: Any = None,
 ) -> StepResult:
     """The step of the torch-native strategies: backward on each micro-batch with gradient communication only
-    on the last (`set_sync`), then clip, optimizer step, schedule step."""
+    on the last (`set_sync`), then clip, optimizer step, schedule step. With fp16 a GradScaler scales the loss,
+    unscales before clipping and skips the step (and lowers the scale) when a gradient overflowed."""
     losses = []
     for i, batch in enumerate(micro_batches):
         set_sync(i == len(micro_batches) - 1)
         loss = forward(batch).loss
-        (loss / len(micro_batches)).backward()
+        scaled = loss / len(micro_batches)
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         losses.append(loss.item())
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     norm = clip_norm(params, max_grad_norm)
     lr = current_lr(optimizer)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr)
+
+
+def compute_dtype(precision: str) -> torch.dtype | None:
+    """The autocast / mixed-precision dtype, or None for fp32."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)

@@ -8,7 +8,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from launcher.config import Ddp
-from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, local_state_dict
+from launcher.worker.strategies.base import (
+    Engine,
+    EngineInputs,
+    accumulate_and_step,
+    compute_dtype,
+    local_state_dict,
+)
 
 
 class DdpEngine(Engine):
@@ -25,7 +31,9 @@ class DdpEngine(Engine):
         self.optimizer, self.scheduler = inputs.make_optimizer(self.module)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.train.max_grad_norm
-        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.dtype = compute_dtype(cfg.precision)
+        # Every rank sees the same all-reduced gradients, so every rank's scaler takes the same decision.
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "fp16" else None
 
     def _autocast(self):
         if self.dtype is None:
@@ -45,6 +53,7 @@ class DdpEngine(Engine):
             scheduler=self.scheduler,
             params=self.params,
             max_grad_norm=self.max_grad_norm,
+            scaler=self.scaler,
         )
 
     def _set_sync(self, sync: bool) -> None:

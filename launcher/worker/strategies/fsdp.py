@@ -1,35 +1,63 @@
-"""PyTorch FSDP2: `fully_shard` on each transformer block, then the root; parameters are DTensors."""
+"""PyTorch FSDP2: `fully_shard` on each transformer block, then the root; parameters are DTensors.
+
+Full shard splits every parameter over all ranks; hybrid shard splits inside groups of `shard_group_size`
+ranks (a node) and replicates across groups (HSDP: a 2-D mesh, gradients reduce-scattered inside a group and
+all-reduced across groups). CPU offload keeps shards, gradients and the optimizer step on the CPU."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from launcher.config import Fsdp
-from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step
+from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype
+
+
+def shard_group_size(strategy: Fsdp, world: int) -> int:
+    if strategy.shard == "full":
+        return world
+    return strategy.shard_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def device_mesh(strategy: Fsdp, device_type: str, world: int) -> DeviceMesh:
+    group = shard_group_size(strategy, world)
+    if strategy.shard == "full":
+        return init_device_mesh(device_type, (world,))
+    return init_device_mesh(device_type, (world // group, group), mesh_dim_names=("replicate", "shard"))
 
 
 class FsdpEngine(Engine):
     def __init__(self, inputs: EngineInputs):
         cfg = inputs.cfg
-        assert isinstance(cfg.strategy, Fsdp)
+        strategy = cfg.strategy
+        assert isinstance(strategy, Fsdp)
         self.device = inputs.device
-        self.module = inputs.model.to(self.device)
-        mesh = init_device_mesh(self.device.type, (torch.distributed.get_world_size(),))
-        mp = (
-            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-            if cfg.precision == "bf16"
-            else MixedPrecisionPolicy()
+        offload = strategy.offload_params == "cpu"
+        # Offloaded shards stay on the CPU; FSDP copies each block to the device for its forward and backward.
+        self.module = inputs.model if offload else inputs.model.to(self.device)
+        mesh = device_mesh(strategy, self.device.type, torch.distributed.get_world_size())
+        dtype = compute_dtype(cfg.precision)
+        mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()
+        kwargs = dict(
+            mesh=mesh, mp_policy=mp, reshard_after_forward=strategy.reshard_after_forward, offload_policy=policy
         )
-        blocks = [m for m in self.module.modules() if isinstance(m, inputs.block_types)]
-        for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.strategy.reshard_after_forward)
-        fully_shard(self.module, mesh=mesh, mp_policy=mp, reshard_after_forward=cfg.strategy.reshard_after_forward)
+        for block in [m for m in self.module.modules() if isinstance(m, inputs.block_types)]:
+            fully_shard(block, **kwargs)
+        fully_shard(self.module, **kwargs)
         self.optimizer, self.scheduler = inputs.make_optimizer(self.module)  # over the sharded parameters
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.train.max_grad_norm
+        self.scaler = None
+        if cfg.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            # Each rank holds different gradient shards: the overflow check must be agreed across ranks.
+            self.scaler = ShardedGradScaler(device=self.device.type)
 
     def forward(self, batch):
         return self.module(**batch)
@@ -43,6 +71,7 @@ class FsdpEngine(Engine):
             scheduler=self.scheduler,
             params=self.params,
             max_grad_norm=self.max_grad_norm,
+            scaler=self.scaler,
         )
 
     def train(self, mode=True):

@@ -23,7 +23,7 @@ class ZeroEngine(Engine):
             model=self.module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, world),
+            config=deepspeed_config(cfg, world, cuda=self.device.type == "cuda"),
             dist_init_required=False,
         )
         self._lr_source = optimizer

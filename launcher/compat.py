@@ -1,0 +1,220 @@
+"""The one compatibility table: which strategy x adapter x optimizer (x precision) combinations work, and why not.
+
+Each `Rule` refuses a family of combinations with the reason and the fix. The same rules drive validation before
+launch (`refusals`), the `launcher matrix` grid and the generated docs/matrix.md, and the multi-process matrix
+test runs every combination they allow. Pure: no torch import.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from launcher.config import (
+    ADAPTERS,
+    OPTIMIZERS,
+    AdamW,
+    AdamW8bit,
+    CpuAdam,
+    Fsdp,
+    Lora8,
+    QLora,
+    RunConfig,
+    Zero,
+)
+
+# Representative strategies: the rows of the table (every refinement that changes what is compatible).
+ROWS: dict[str, tuple[str, ...]] = {
+    "ddp": ("strategy=ddp",),
+    "zero0": ("strategy=zero0",),
+    "zero1": ("strategy=zero1",),
+    "zero2": ("strategy=zero2",),
+    "zero3": ("strategy=zero3",),
+    "zero1 offload opt": ("strategy=zero1", "strategy.offload_optimizer=cpu"),
+    "zero2 offload opt": ("strategy=zero2", "strategy.offload_optimizer=cpu"),
+    "zero3 offload opt": ("strategy=zero3", "strategy.offload_optimizer=cpu"),
+    "zero3 offload opt+params": (
+        "strategy=zero3",
+        "strategy.offload_optimizer=cpu",
+        "strategy.offload_params=cpu",
+    ),
+    "fsdp": ("strategy=fsdp",),
+    "fsdp hybrid": ("strategy=fsdp", "strategy.shard=hybrid"),
+    "fsdp offload params": ("strategy=fsdp", "strategy.offload_params=cpu"),
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One refused family of combinations."""
+
+    what: str
+    """The refused combinations, in words."""
+    when: Callable[[RunConfig], bool]
+    """True for the configurations this rule refuses."""
+    reason: str
+    """Why they cannot work."""
+    fix: str
+    """What to change."""
+    cell: bool = True
+    """Decided by strategy x adapter x optimizer alone (shown in the grid); False: also precision or settings."""
+
+
+def _zero(cfg: RunConfig) -> Zero | None:
+    return cfg.strategy if isinstance(cfg.strategy, Zero) else None
+
+
+def _offloads_optimizer(cfg: RunConfig) -> bool:
+    z = _zero(cfg)
+    return z is not None and z.offload_optimizer != "none"
+
+
+def _offloads_params(cfg: RunConfig) -> bool:
+    s = cfg.strategy
+    return (isinstance(s, Zero) and s.offload_params != "none") or (isinstance(s, Fsdp) and s.offload_params != "none")
+
+
+def _shards_params(cfg: RunConfig) -> bool:
+    return isinstance(cfg.strategy, Fsdp) or (isinstance(cfg.strategy, Zero) and cfg.strategy.stage == 3)
+
+
+def _eight_bit_optimizer(cfg: RunConfig) -> bool:
+    return isinstance(cfg.optimizer, AdamW8bit)
+
+
+def _quantized(cfg: RunConfig) -> bool:
+    return isinstance(cfg.adapter, (QLora, Lora8))
+
+
+RULES: list[Rule] = [
+    Rule(
+        "optimizer=cpu_adam without ZeRO optimizer offload",
+        lambda c: isinstance(c.optimizer, CpuAdam) and not _offloads_optimizer(c),
+        "cpu_adam is DeepSpeed's CPU Adam: it steps the optimizer states that ZeRO-Offload keeps on the CPU",
+        "add strategy.offload_optimizer=cpu under a ZeRO strategy (strategy=zero2), or use optimizer=adamw",
+    ),
+    Rule(
+        "ZeRO optimizer offload with an 8-bit optimizer",
+        lambda c: _offloads_optimizer(c) and _eight_bit_optimizer(c),
+        "an 8-bit bitsandbytes optimizer cannot step optimizer states offloaded to the CPU",
+        "use optimizer=cpu_adam with the offload, or drop strategy.offload_optimizer to keep the 8-bit optimizer",
+    ),
+    Rule(
+        "FSDP2 parameter offload with an 8-bit optimizer",
+        lambda c: isinstance(c.strategy, Fsdp) and _offloads_params(c) and _eight_bit_optimizer(c),
+        "an 8-bit bitsandbytes optimizer cannot step optimizer states offloaded to the CPU",
+        "use optimizer=adamw with strategy.offload_params=cpu, or set strategy.offload_params=none",
+    ),
+    Rule(
+        "ZeRO optimizer offload with optimizer=adamw",
+        lambda c: _offloads_optimizer(c) and isinstance(c.optimizer, AdamW),
+        "ZeRO-Offload steps the offloaded optimizer states with DeepSpeed's CPU Adam, not torch's AdamW",
+        "set optimizer=cpu_adam",
+    ),
+    Rule(
+        "ZeRO parameter offload below stage 3",
+        lambda c: (z := _zero(c)) is not None and z.offload_params != "none" and z.stage != 3,
+        "ZeRO offloads parameters only at stage 3, where parameters are partitioned",
+        "set strategy=zero3, or strategy.offload_params=none",
+        cell=False,
+    ),
+    Rule(
+        "ZeRO parameter offload without optimizer offload",
+        lambda c: (z := _zero(c)) is not None and z.offload_params != "none" and z.offload_optimizer == "none",
+        "parameter offload is supported together with optimizer offload (ZeRO-Infinity), not alone",
+        "add strategy.offload_optimizer=cpu (and optimizer=cpu_adam)",
+        cell=False,
+    ),
+    Rule(
+        "a quantized base (qlora, lora8) with parameter offload",
+        lambda c: _quantized(c) and _offloads_params(c),
+        "a bitsandbytes-quantized base computes on the device that holds it: it cannot be offloaded",
+        "set strategy.offload_params=none (a 4-bit base is already small), or use adapter=lora",
+    ),
+    Rule(
+        "adapter=lora8 under ZeRO-3 or FSDP2",
+        lambda c: isinstance(c.adapter, Lora8) and _shards_params(c),
+        "an 8-bit base (Int8Params with its per-row scales) cannot be sharded by ZeRO-3 or FSDP2",
+        "use adapter=qlora (a 4-bit base shards), or strategy=zero2 / strategy=ddp",
+    ),
+    Rule(
+        "adapter=qlora under ZeRO-3 or FSDP2 with adapter.quant_storage other than auto or the precision",
+        lambda c: (
+            isinstance(c.adapter, QLora)
+            and _shards_params(c)
+            and c.adapter.quant_storage not in ("auto", {"auto": "fp32"}.get(c.precision, c.precision))
+        ),
+        "ZeRO-3 and FSDP2 shard and cast the packed 4-bit weights like every other parameter: their storage "
+        "dtype must be the parameters' dtype (the precision), or the cast scrambles the packed bits",
+        "set adapter.quant_storage=auto (it follows precision)",
+        cell=False,
+    ),
+    Rule(
+        "strategy.shard_group_size with strategy.shard=full",
+        lambda c: isinstance(c.strategy, Fsdp) and c.strategy.shard == "full" and c.strategy.shard_group_size != 0,
+        "strategy.shard_group_size only applies to hybrid sharding",
+        "add strategy.shard=hybrid, or drop strategy.shard_group_size",
+        cell=False,
+    ),
+    Rule(
+        "NVMe offload without strategy.offload_dir",
+        lambda c: (
+            (z := _zero(c)) is not None and "nvme" in (z.offload_optimizer, z.offload_params) and not z.offload_dir
+        ),
+        "NVMe offload needs a folder to write to",
+        "set strategy.offload_dir=/path/on/a/local/nvme/disk",
+        cell=False,
+    ),
+]
+
+
+def refusals(cfg: RunConfig) -> list[str]:
+    """Every rule that refuses `cfg`, as one line each: what, why, and the fix."""
+    return [f"{describe(cfg)} is not supported: {r.reason}; {r.fix}" for r in RULES if r.when(cfg)]
+
+
+def describe(cfg: RunConfig) -> str:
+    """The settings that place `cfg` in the table, e.g. 'strategy=zero3 (offload_optimizer=cpu), adapter=qlora'."""
+    s = cfg.strategy
+    extras = []
+    if isinstance(s, Zero):
+        extras = [f"{k}={getattr(s, k)}" for k in ("offload_optimizer", "offload_params") if getattr(s, k) != "none"]
+    elif isinstance(s, Fsdp):
+        extras = [f"shard={s.shard}"] * (s.shard != "full") + [f"offload_params={s.offload_params}"] * (
+            s.offload_params != "none"
+        )
+    strategy = f"strategy={s.name}" + (f" ({', '.join(extras)})" if extras else "")
+    return f"{strategy}, adapter={cfg.adapter.name}, optimizer={cfg.optimizer.name}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    row: str
+    adapter: str
+    optimizer: str
+    overrides: tuple[str, ...]
+    """The overrides that select this cell."""
+    refused_by: tuple[int, ...]
+    """Indexes into RULES of the rules that refuse it (empty: supported)."""
+
+    @property
+    def supported(self) -> bool:
+        return not self.refused_by
+
+
+def cells(base: RunConfig | None = None) -> Iterator[Cell]:
+    """Every row x adapter x optimizer, decided by the cell rules (settings otherwise at their defaults)."""
+    from launcher.overrides import apply_overrides
+
+    base = base or RunConfig(model="m")
+    for row, strategy in ROWS.items():
+        for adapter in ADAPTERS:
+            for optimizer in OPTIMIZERS:
+                overrides = (*strategy, f"adapter={adapter}", f"optimizer={optimizer}")
+                cfg = apply_overrides(base, list(overrides))
+                refused = tuple(i for i, r in enumerate(RULES) if r.cell and r.when(cfg))
+                yield Cell(row, adapter, optimizer, overrides, refused)
+
+
+def supported_cells() -> list[Cell]:
+    return [c for c in cells() if c.supported]
