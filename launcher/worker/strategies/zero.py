@@ -23,7 +23,7 @@ class ZeroEngine(Engine):
             model=self.module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, world, cuda=self.device.type == "cuda"),
+            config=deepspeed_config(cfg, world, cuda=self.device.type == "cuda", hidden_size=_hidden_size(self.module)),
             dist_init_required=False,
         )
         self._lr_source = optimizer
@@ -55,6 +55,11 @@ class ZeroEngine(Engine):
         params = [p for p in self.module.parameters() if p.requires_grad or not trainable_only]
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return local_state_dict(self.module, trainable_only)
+
+
+def _hidden_size(module: torch.nn.Module) -> int | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "hidden_size", None) if config is not None else None
 
 
 def wrap(inputs: EngineInputs) -> Engine:

@@ -14,11 +14,21 @@ def _offload(device: str, cfg: Zero, pin_memory: bool) -> dict[str, Any]:
     return out
 
 
-def deepspeed_config(cfg: RunConfig, world_size: int, cuda: bool = False) -> dict[str, Any]:
+def deepspeed_config(
+    cfg: RunConfig, world_size: int, cuda: bool = False, hidden_size: int | None = None
+) -> dict[str, Any]:
     strategy = cfg.strategy
     assert isinstance(strategy, Zero)
     t = cfg.train
     zero: dict[str, Any] = {"stage": strategy.stage}
+    if hidden_size:
+        # Buckets sized to the model (as the transformers integration's "auto" does). DeepSpeed's fixed defaults
+        # (5e8 elements) hold a small model's every gradient in one bucket until backward ends, so ZeRO-2 would
+        # keep whole gradients like ZeRO-1; these reduce (and free) them a few layers at a time.
+        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        if strategy.stage == 3:
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     if strategy.offload_optimizer != "none":
         # Pinned host memory speeds up GPU<->CPU copies; without a GPU there is nothing to pin for.
         zero["offload_optimizer"] = _offload(strategy.offload_optimizer, strategy, cuda)
