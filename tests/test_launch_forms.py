@@ -78,3 +78,40 @@ def test_eval_every_evaluates_during_training(tiny_model, tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]
+
+
+MATRIX_CELLS = {
+    "fsdp-qlora-8bit-checkpointing": [
+        "strategy=fsdp",
+        "adapter=qlora",
+        "optimizer=adamw8bit",
+        "activation_checkpointing=true",
+    ],
+    "zero2-offload-dora-cpu_adam": [
+        "strategy=zero2",
+        "strategy.offload_optimizer=cpu",
+        "adapter=dora",
+        "optimizer=cpu_adam",
+    ],
+}
+
+
+@pytest.mark.parametrize("cell", MATRIX_CELLS)
+def test_matrix_cells_through_launcher_run(cell, tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", *MATRIX_CELLS[cell])
+    proc = run(["launcher", "run", RECIPE, "--nproc", "2", *args], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _check_run(out, 2, MATRIX_CELLS[cell][0].split("=")[1])
+    plan = json.loads((out / "config.json").read_text())["config"]
+    settings = dict(o.split("=", 1) for o in MATRIX_CELLS[cell])
+    assert plan["adapter"]["name"] == settings["adapter"] and plan["optimizer"]["name"] == settings["optimizer"]
+
+
+def test_target_modules_the_model_lacks_stop_with_the_available_names(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, tiny_data, out, "train.max_steps=1", "adapter.target_modules=q_proj,value")
+    proc = run([sys.executable, RECIPE, *args], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "adapter.target_modules names q_proj" in proc.stderr and "query" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (out / "adapter").exists()

@@ -99,6 +99,10 @@ def run_recipe(recipe: ModuleType, argv: list[str] | None = None) -> None:
         # One plan for every rank: rank 0's resolution (its timestamped run directory, say) wins.
         cfg = from_dict(recipe.Config, dist.broadcast_object(to_dict(cfg)))
         run(recipe, cfg, ranks)
+    except ConfigError as e:  # found only once the model exists (e.g. target modules it lacks): same on every rank
+        if ranks.is_main:
+            print(e.render(), file=sys.stderr)
+        sys.exit(USAGE_EXIT_CODE)
     finally:
         dist.shutdown()
 
