@@ -15,6 +15,8 @@ EPILOG = """examples:
   launcher run recipes/lora_cls.py --nproc 2 --dry-run strategy=zero3
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 adapter=qlora optimizer=adamw8bit
   launcher matrix                          (which strategy x adapter x optimizer combinations work)
+  launcher recipes                         (the recipes, one line each)
+  launcher new my_cls --from lora_cls      (copy a recipe to recipes/my_cls.py, ready to edit)
   python recipes/lora_cls.py --help        (every setting of a recipe, with its default)
 """
 
@@ -46,6 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="show which strategy x adapter x optimizer combinations are supported, and why not",
     )
     matrix.add_argument("--markdown", action="store_true", help="print the docs page (docs/matrix.md) instead")
+    recipes = sub.add_parser("recipes", help="list the recipes with a one-line description each")
+    recipes.add_argument("--dir", default="recipes", help="folder holding the recipes (default: ./recipes)")
+    new = sub.add_parser("new", help="copy a recipe into recipes/NAME.py, ready to edit")
+    new.add_argument("name", metavar="NAME", help="the new recipe's name, e.g. my_cls")
+    new.add_argument("--from", dest="source", default="lora_cls", help="recipe to copy (default: lora_cls)")
+    new.add_argument("--dir", default="recipes", help="folder holding the recipes (default: ./recipes)")
     return parser
 
 
@@ -55,10 +63,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_EXIT_CODE
-    if args.command == "matrix":
+    if args.command in ("matrix", "recipes", "new"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        return cmd_matrix(args)
+        try:
+            return {"matrix": cmd_matrix, "recipes": cmd_recipes, "new": cmd_new}[args.command](args)
+        except ConfigError as e:
+            print(e.render(), file=sys.stderr)
+            return USAGE_EXIT_CODE
     # Settings may come before or after the flags: `run R a=1 --nproc 2 b=2`.
     flags = [a for a in extra if a.startswith("-") or "=" not in a]
     if flags:
@@ -78,6 +90,29 @@ def cmd_matrix(args: argparse.Namespace) -> int:
         sys.stdout.write(render_markdown())
     else:
         print_matrix()
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.authoring import describe_recipes
+
+    table = Table(title=f"recipes in {args.dir}", title_justify="left")
+    table.add_column("recipe", style="bold cyan", no_wrap=True)
+    table.add_column("description")
+    for name, description in describe_recipes(args.dir):
+        table.add_row(name, description)
+    Console().print(table)
+    return 0
+
+
+def cmd_new(args: argparse.Namespace) -> int:
+    from launcher.authoring import new_recipe
+
+    path = new_recipe(args.name, args.source, args.dir)
+    print(f"wrote {path} (a copy of {args.source}); edit it, then: launcher run {path} --dry-run")
     return 0
 
 
