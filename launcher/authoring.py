@@ -6,9 +6,9 @@ from __future__ import annotations
 import ast
 import os
 import re
-import tempfile
 
 from launcher.errors import ConfigError
+from launcher.plan import write_atomic
 
 _RECIPE_NAME = re.compile(r'^(\s*recipe:\s*ClassVar\[str\]\s*=\s*)"([^"]*)"', re.MULTILINE)
 
@@ -46,14 +46,5 @@ def new_recipe(name: str, source_name: str, folder: str) -> str:
     if not _RECIPE_NAME.search(source):
         raise ConfigError(f"--from {source_name}: {src} has no `recipe: ClassVar[str] = ...` line to rename")
     text = _RECIPE_NAME.sub(lambda m: f'{m.group(1)}"{name}"', source, count=1)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".py")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(dst, text)
     return dst

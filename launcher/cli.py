@@ -149,9 +149,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print_dry_run(to_dict(cfg), plan_path, [render(c) for c in commands], cfg, args.nproc, env.cuda)
         return 0
     from launcher.launch.execute import run_local
-    from launcher.plan import write_json_atomic
+    from launcher.plan import write_atomic
 
-    write_json_atomic(plan_path, plan.to_json())
+    write_atomic(plan_path, plan.to_json())
     return run_local(commands)
 
 

@@ -75,7 +75,8 @@ def _offloads_params(cfg: RunConfig) -> bool:
     return (isinstance(s, Zero) and s.offload_params != "none") or (isinstance(s, Fsdp) and s.offload_params != "none")
 
 
-def _shards_params(cfg: RunConfig) -> bool:
+def shards_params(cfg: RunConfig) -> bool:
+    """ZeRO-3 and FSDP2 split every parameter (a frozen quantized base included) across ranks."""
     return isinstance(cfg.strategy, Fsdp) or (isinstance(cfg.strategy, Zero) and cfg.strategy.stage == 3)
 
 
@@ -134,7 +135,7 @@ RULES: list[Rule] = [
     ),
     Rule(
         "adapter=lora8 under ZeRO-3 or FSDP2",
-        lambda c: isinstance(c.adapter, Lora8) and _shards_params(c),
+        lambda c: isinstance(c.adapter, Lora8) and shards_params(c),
         "an 8-bit base (Int8Params with its per-row scales) cannot be sharded by ZeRO-3 or FSDP2",
         "use adapter=qlora (a 4-bit base shards), or strategy=zero2 / strategy=ddp",
     ),
@@ -142,8 +143,8 @@ RULES: list[Rule] = [
         "adapter=qlora under ZeRO-3 or FSDP2 with adapter.quant_storage other than auto or the precision",
         lambda c: (
             isinstance(c.adapter, QLora)
-            and _shards_params(c)
-            and c.adapter.quant_storage not in ("auto", {"auto": "fp32"}.get(c.precision, c.precision))
+            and shards_params(c)
+            and c.adapter.quant_storage not in ("auto", "fp32" if c.precision == "auto" else c.precision)
         ),
         "ZeRO-3 and FSDP2 shard and cast the packed 4-bit weights like every other parameter: their storage "
         "dtype must be the parameters' dtype (the precision), or the cast scrambles the packed bits",

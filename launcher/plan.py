@@ -157,11 +157,11 @@ def make_plan(recipe_path: str, cfg: RunConfig, world_size: int) -> Plan:
     return Plan(recipe=os.path.abspath(recipe_path), world_size=world_size, config=to_dict(cfg))
 
 
-def write_json_atomic(path: str, text: str) -> None:
+def write_atomic(path: str, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

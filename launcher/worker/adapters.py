@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from launcher.compat import shards_params
 from launcher.config import Adapter, Dora, Full, Lora, Lora8, QLora, RunConfig
 from launcher.errors import ConfigError
 
@@ -16,11 +17,6 @@ def precision_dtype(precision: str) -> torch.dtype:
     return DTYPES.get(precision, torch.float32)
 
 
-def shards_parameters(cfg: RunConfig) -> bool:
-    """ZeRO-3 and FSDP2 split every parameter (the frozen 4-bit base included) across ranks."""
-    return getattr(cfg.strategy, "stage", None) == 3 or cfg.strategy.name == "fsdp"
-
-
 def quant_storage(cfg: RunConfig) -> torch.dtype:
     """The dtype the packed 4-bit weights are stored as (see QLora.quant_storage)."""
     assert isinstance(cfg.adapter, QLora)
@@ -28,7 +24,7 @@ def quant_storage(cfg: RunConfig) -> torch.dtype:
         return DTYPES[cfg.adapter.quant_storage]
     # Sharded, the packed weights travel with the other parameters and are cast like them (DeepSpeed casts the
     # module to bf16/fp16, FSDP2 to its param_dtype): stored in that very dtype, no cast touches their bits.
-    return precision_dtype(cfg.precision) if shards_parameters(cfg) else torch.uint8
+    return precision_dtype(cfg.precision) if shards_params(cfg) else torch.uint8
 
 
 def compute_dtype(cfg: RunConfig) -> torch.dtype:

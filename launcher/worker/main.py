@@ -16,7 +16,7 @@ from launcher.config import Lora, RunConfig, choice_name
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
 from launcher.models import resolve_model
 from launcher.overrides import apply_overrides, from_dict, to_dict
-from launcher.plan import Plan, check, make_plan, resolve, write_json_atomic
+from launcher.plan import Plan, check, make_plan, resolve, write_atomic
 from launcher.recipe import parse_worker_argv
 
 
@@ -152,7 +152,7 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
     log = RunLog(cfg.output_dir, active=ranks.is_main, total_steps=total, log_every=cfg.train.log_every)
     if ranks.is_main:
         plan = make_plan(recipe.__file__, cfg, ranks.world_size)  # the same form as launcher run's plan.json
-        write_json_atomic(os.path.join(cfg.output_dir, "config.json"), plan.to_json())
+        write_atomic(os.path.join(cfg.output_dir, "config.json"), plan.to_json())
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
     log.table(
         f"{type(cfg).recipe}: starting",
@@ -195,7 +195,7 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
         "saved": os.path.abspath(saved),
     }
     if ranks.is_main:
-        write_json_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
+        write_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
         log.table(
             f"{type(cfg).recipe}: done in {elapsed:.0f}s",
             [
