@@ -222,6 +222,12 @@ class DataConfig:
     """Training file (.jsonl, .json, .csv, .tsv or .parquet)."""
     eval: str = ""
     """Evaluation file, same formats; empty skips evaluation."""
+    group_by_length: bool = True
+    """Batch training examples of similar length together (less padding; batch order stays random)."""
+    cache: bool = True
+    """Keep tokenized data on disk, keyed by a fingerprint of data, tokenizer, settings and recipe; reuse it."""
+    cache_dir: str = ""
+    """Where tokenized data is kept; empty means $LAUNCHER_CACHE/tokenized or ~/.cache/launcher/tokenized."""
 
 
 @dataclass(kw_only=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
+from launcher.config import DataConfig
 from launcher.errors import ConfigError
 
 # extension -> (datasets builder, its options)
@@ -20,9 +21,15 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def load_table(path: str, setting: str):
-    """Load a local file as a `datasets.Dataset`; every failure names `setting`, the path and the fix."""
+    """Load a local file, or a folder written by `datasets.save_to_disk`, as a `datasets.Dataset`; every failure
+    names `setting`, the path and the fix."""
     if not path:
-        raise ConfigError(f"{setting} is empty: set {setting}=PATH to a .jsonl, .json, .csv, .tsv or .parquet file")
+        raise ConfigError(
+            f"{setting} is empty: set {setting}=PATH to a .jsonl, .json, .csv, .tsv or .parquet file "
+            f"or a folder saved with datasets' save_to_disk"
+        )
+    if os.path.isdir(path):
+        return _load_saved(path, setting)
     if not os.path.isfile(path):
         raise ConfigError(f"{setting}={path}: no such file; check the path (relative paths start at {os.getcwd()})")
     ext = os.path.splitext(path)[1].lower()
@@ -43,6 +50,30 @@ def load_table(path: str, setting: str):
     return table
 
 
+def _load_saved(path: str, setting: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_from_disk(path)
+    except Exception as e:
+        raise ConfigError(
+            f"{setting}={path}: a folder, but not one written by datasets' save_to_disk ({type(e).__name__}: {e}); "
+            f"give a data file or such a folder"
+        ) from None
+    if isinstance(table, datasets.DatasetDict):
+        splits = list(table)
+        if len(splits) != 1:
+            raise ConfigError(
+                f"{setting}={path}: a DatasetDict with splits {', '.join(splits)}; "
+                f"point at one split's folder, e.g. {setting}={os.path.join(path, splits[0])}"
+            )
+        table = table[splits[0]]
+    if len(table) == 0:
+        raise ConfigError(f"{setting}={path}: the dataset has no rows; give one with at least one row")
+    return table
+
+
 def require_columns(table, path: str, wanted: dict[str, str]) -> None:
     """`wanted` maps a setting (data.text_field) to the column it names; list the columns that do exist."""
     missing = [f"{setting}={column}" for setting, column in wanted.items() if column not in table.column_names]
@@ -51,6 +82,111 @@ def require_columns(table, path: str, wanted: dict[str, str]) -> None:
             f"{path} has no column for {', '.join(missing)}; its columns are {', '.join(table.column_names)}: "
             f"set the field name to one of them"
         )
+
+
+# What a mapped field must hold: kind -> (test, what to tell the user).
+KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "text": (lambda v: isinstance(v, str), "a string"),
+    "label": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "an integer or a string"),
+    "words": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+}
+
+
+def is_empty(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
+
+
+def check_rows(table, path: str, setting: str, fields: dict[str, tuple[str, str]]) -> tuple[Any, list[str]]:
+    """Check every row's mapped fields. `fields` maps a setting (data.text_field) to (column, kind in KINDS).
+
+    A value of the wrong type is an error naming the row, the setting and what the row holds. Rows with an
+    empty field (missing, "", []) are dropped and counted in the returned notes: one bad line in a million
+    should not stop a run, but the user must hear about it. Rows are numbered from 1 (= line of a JSONL file)."""
+    empty: set[int] = set()
+    wrong: list[str] = []
+    for name, (column, kind) in fields.items():
+        test, want = KINDS[kind]
+        for i, value in enumerate(table[column]):
+            if is_empty(value):
+                empty.add(i)
+            elif not test(value):
+                wrong.append(f"row {i + 1}: {name}={column} holds {_show(value)}, expected {want}")
+    if wrong:
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise ConfigError(
+            [f"{setting}={path} {w}" for w in wrong[:5]]
+            + [f"{setting}={path}: {len(wrong)} value(s) of the wrong type{more}; fix those rows or map another field"]
+        )
+    notes = []
+    if empty:
+        names = ", ".join(f"{n}={c}" for n, (c, _) in fields.items())
+        if len(empty) == len(table):
+            raise ConfigError(f"{setting}={path}: every one of its {len(table)} rows has an empty {names}")
+        rows = sorted(empty)
+        shown = ", ".join(str(i + 1) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
+        notes.append(f"{setting}={path}: skipped {len(rows)} of {len(table)} rows with an empty {names} (rows {shown})")
+        keep = sorted(set(range(len(table))) - empty)
+        table = table.select(keep)
+    return table, notes
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return f"{text[:40]}... ({type(value).__name__})" if len(text) > 40 else f"{text} ({type(value).__name__})"
+
+
+# Data settings that change how batches are drawn or where the cache lives, not what tokenization produces.
+NOT_TOKENIZATION = ("group_by_length", "cache", "cache_dir")
+
+
+def data_settings(data: DataConfig) -> dict[str, Any]:
+    """The data section as a cache-key part: every setting except those in NOT_TOKENIZATION."""
+    from launcher.overrides import to_dict
+
+    return {k: v for k, v in to_dict(data).items() if k not in NOT_TOKENIZATION}
+
+
+def tokenize(
+    table,
+    encode: Callable[[dict[str, list]], dict[str, list]],
+    *,
+    data: DataConfig,
+    source: str,
+    split: str,
+    tokenizer: Any,
+    settings: dict[str, Any],
+    code: str,
+    notes: list[str] | None = None,
+):
+    """`table.map(encode, batched=True)` plus a `length` column, done once and cached (see launcher.datacache).
+
+    The cache key is the content of `source` (the file or folder the rows came from), the tokenizer, `settings`
+    (everything the recipe's encoding depends on: fields, max length, label names...) and the recipe file `code`.
+    Returns (tokenized table, notes for the run log)."""
+    from launcher import datacache
+
+    def with_length(rows):
+        out = encode(rows)
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        return out
+
+    def build():
+        return table.map(with_length, batched=True, remove_columns=table.column_names), list(notes or [])
+
+    if not data.cache:
+        built, told = build()
+        return built, told
+    key = {
+        "split": split,
+        "data": datacache.file_digest(source),
+        "rows": len(table),
+        "tokenizer": datacache.tokenizer_digest(tokenizer),
+        "settings": settings,
+        "code": datacache.file_digest(code),
+    }
+    entry = datacache.cached(key, build, data.cache_dir or datacache.default_dir(), wait_message=f"tokenizing {split}")
+    how = "reused" if entry.reused else "tokenized and cached"
+    return entry.table, [*entry.notes, f"{split}: {how} {len(entry.table):,} rows ({entry.path})"]
 
 
 def pad_batch(rows: list[dict[str, list[int]]], pad_id: int, keys: tuple[str, ...]) -> dict[str, Any]:

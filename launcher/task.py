@@ -23,3 +23,9 @@ class Task:
     """Extra JSON files saved beside the model (e.g. labels.json), name -> content."""
     info: dict[str, Any] = field(default_factory=dict)
     """Task facts the recipe's other functions need (e.g. the label names)."""
+    lengths: list[int] | None = None
+    """Token count of each training example; given, batches group examples of similar length."""
+    notes: list[str] = field(default_factory=list)
+    """What the run log should tell the user about the data (skipped rows, cache reuse)."""
+    count_tokens: Callable[[dict], int] | None = None
+    """Real (non-padding) tokens in a batch, for tokens/s; default: the attention mask's sum."""

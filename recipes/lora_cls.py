@@ -23,7 +23,7 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import load_table, pad_batch, require_columns
+from launcher.data import check_rows, data_settings, load_table, pad_batch, require_columns, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -64,15 +64,23 @@ class Config(RunConfig):
 # ------------------------------------------------------------------------------------------ data
 
 
-def _columns(data: ClsData) -> dict[str, str]:
-    wanted = {"data.text_field": data.text_field, "data.label_field": data.label_field}
+def _fields(data: ClsData) -> dict[str, tuple[str, str]]:
+    """Setting -> (column, what it must hold)."""
+    wanted = {"data.text_field": (data.text_field, "text"), "data.label_field": (data.label_field, "label")}
     if data.text_pair_field:
-        wanted["data.text_pair_field"] = data.text_pair_field
+        wanted["data.text_pair_field"] = (data.text_pair_field, "text")
     return wanted
 
 
+def _read(path: str, setting: str, data: ClsData):
+    table = load_table(path, setting)
+    require_columns(table, path, {k: column for k, (column, _) in _fields(data).items()})
+    return check_rows(table, path, setting, _fields(data))
+
+
 def _load(cfg: Config):
-    """Both tables, checked: columns exist, labels are known. Returns (train, eval or None, label names)."""
+    """Both tables, checked: columns exist, values have the right types, labels are known.
+    Returns (train, eval or None, label names, notes about skipped rows)."""
     d = cfg.data
     problems = []
     if d.max_length < 2:
@@ -81,8 +89,7 @@ def _load(cfg: Config):
         problems.append(f"data.max_train_rows={d.max_train_rows}: use 0 for all rows")
     if problems:
         raise ConfigError(problems)
-    train = load_table(d.train, "data.train")
-    require_columns(train, d.train, _columns(d))
+    train, notes = _read(d.train, "data.train", d)
     if d.max_train_rows:
         train = train.select(range(min(d.max_train_rows, len(train))))
     labels = sorted(set(train[d.label_field]), key=lambda v: (str(type(v)), v))
@@ -93,8 +100,8 @@ def _load(cfg: Config):
         )
     evaluation = None
     if d.eval:
-        evaluation = load_table(d.eval, "data.eval")
-        require_columns(evaluation, d.eval, _columns(d))
+        evaluation, eval_notes = _read(d.eval, "data.eval", d)
+        notes += eval_notes
         unseen = sorted({str(v) for v in evaluation[d.label_field]} - {str(v) for v in labels})
         if unseen:
             raise ConfigError(
@@ -102,7 +109,7 @@ def _load(cfg: Config):
                 f"(which has {', '.join(map(str, labels))}): the model cannot learn them; "
                 f"fix the eval file or add training rows with those labels"
             )
-    return train, evaluation, labels
+    return train, evaluation, labels, notes
 
 
 def check(cfg: Config) -> None:
@@ -112,8 +119,9 @@ def check(cfg: Config) -> None:
 
 def build_task(cfg: Config, tokenizer) -> Task:
     d = cfg.data
-    train, evaluation, labels = _load(cfg)
+    train, evaluation, labels, notes = _load(cfg)
     label_id = {str(v): i for i, v in enumerate(labels)}
+    names = [str(v) for v in labels]
 
     def encode(rows):
         pair = rows[d.text_pair_field] if d.text_pair_field else None
@@ -121,23 +129,33 @@ def build_task(cfg: Config, tokenizer) -> Task:
         enc["labels"] = [label_id[str(v)] for v in rows[d.label_field]]
         return enc
 
-    def tokenize(table):
-        return table.map(encode, batched=True, remove_columns=table.column_names)
+    settings = {"data": data_settings(d), "labels": names}
+
+    def prepare(table, source, split):
+        return tokenize(
+            table, encode, data=d, source=source, split=split, tokenizer=tokenizer, settings=settings, code=__file__
+        )
 
     def collate(rows):
         batch = pad_batch(rows, tokenizer.pad_token_id, ("input_ids", "attention_mask", "token_type_ids"))
         batch["labels"] = torch.tensor([r["labels"] for r in rows])
         return batch
 
-    names = [str(v) for v in labels]
+    train, told = prepare(train, d.train, "train")
+    notes = notes + told
+    if evaluation is not None:
+        evaluation, told = prepare(evaluation, d.eval, "eval")
+        notes += told
     return Task(
-        train=tokenize(train),
-        eval=tokenize(evaluation) if evaluation is not None else None,
+        train=train,
+        eval=evaluation,
         collate=collate,
         peft_task_type="SEQ_CLS",
         heads=["classifier", "score"],
         files={"labels.json": {"labels": names, "label2id": {n: i for i, n in enumerate(names)}}},
         info={"labels": names},
+        lengths=list(train["length"]),
+        notes=notes,
     )
 
 

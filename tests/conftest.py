@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,14 @@ SHARED = ROOT.parent / "shared" / "datasets"
 RECIPE = str(ROOT / "recipes" / "lora_cls.py")
 BIN = Path(sys.executable).parent
 
-# No hub on this network: every lookup would wait for a timeout.
+# No hub on this network: every lookup would wait for a timeout. Tokenized-data caches go to a folder of this
+# session, not the user's ~/.cache (tests that check reuse give their own data.cache_dir).
 os.environ.update(
-    HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error"
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    TOKENIZERS_PARALLELISM="false",
+    TRANSFORMERS_VERBOSITY="error",
+    LAUNCHER_CACHE=tempfile.mkdtemp(prefix="launcher-test-cache-"),
 )
 
 

@@ -7,10 +7,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from launcher.config import RunConfig
 from launcher.data import EvalShard
+from launcher.sampling import DistributedBatchSampler
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.runlog import RunLog
@@ -18,10 +19,15 @@ from launcher.worker.strategies.base import Engine
 
 
 def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
-    sampler = DistributedSampler(
-        task.train, num_replicas=ranks.world_size, rank=ranks.rank, shuffle=True, seed=cfg.seed
+    sampler = DistributedBatchSampler(
+        len(task.train),
+        cfg.train.micro_batch_size,
+        rank=ranks.rank,
+        world_size=ranks.world_size,
+        seed=cfg.seed,
+        lengths=task.lengths if cfg.data.group_by_length else None,
     )
-    return DataLoader(task.train, batch_size=cfg.train.micro_batch_size, sampler=sampler, collate_fn=task.collate)
+    return DataLoader(task.train, batch_sampler=sampler, collate_fn=task.collate)
 
 
 def total_steps(loader: DataLoader, cfg: RunConfig) -> int:
@@ -48,28 +54,31 @@ def train(
     engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks, log: RunLog, loader: DataLoader
 ) -> dict:
     total = total_steps(loader, cfg)
-    step, epoch, seen, busy = 0, 0, 0.0, 0.0
+    step, epoch, seen, busy, real = 0, 0, 0.0, 0.0, 0.0
+    count_tokens = task.count_tokens or real_tokens
     engine.train(True)
     log.begin()
     while step < total:
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         for micro in groups(loader, cfg.train.grad_accum):
             t0 = time.perf_counter()
             micro = [to_device(b, engine.device) for b in micro]
             samples = sum(len(b["labels"]) for b in micro)
+            tokens = sum(count_tokens(b) for b in micro)
             result = engine.train_step(micro)
             # One small all-reduce: the logged loss and throughput are the whole job's, on every rank.
-            stats = torch.tensor([result.loss, samples], dtype=torch.float64, device=engine.device)
+            stats = torch.tensor([result.loss, samples, tokens], dtype=torch.float64, device=engine.device)
             torch.distributed.all_reduce(stats)
             step += 1
             elapsed = time.perf_counter() - t0
-            seen, busy = seen + stats[1].item(), busy + elapsed
+            seen, busy, real = seen + stats[1].item(), busy + elapsed, real + stats[2].item()
             log.step(
                 step,
                 loss=stats[0].item() / ranks.world_size,
                 lr=result.lr,
                 grad_norm=result.grad_norm,
                 samples=stats[1].item(),
+                tokens=stats[2].item(),
                 seconds=elapsed,
                 epoch=epoch,
             )
@@ -84,7 +93,15 @@ def train(
         "train_samples": int(seen),
         "train_seconds": round(busy, 2),
         "train_samples_per_s": round(seen / busy, 2) if busy else 0.0,
+        "train_tokens": int(real),
+        "train_tokens_per_s": round(real / busy, 2) if busy else 0.0,
     }
+
+
+def real_tokens(batch: dict[str, Any]) -> int:
+    """Non-padding tokens: the attention mask's ones, or every input id when there is no mask."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else int(batch["input_ids"].numel())
 
 
 def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks) -> tuple[dict, dict]:
@@ -105,16 +122,25 @@ def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ran
             keep = index >= 0
             parts.append({"index": index[keep], **{k: _cpu(v)[keep] for k, v in out.items()}})
     engine.train(True)
-    local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]} if parts else {}
+    local = {k: cat_padded([p[k] for p in parts]) for k in parts[0]} if parts else {}
     merged: dict[str, list] = {}
     for piece in dist.gather_objects(local):
         for k, v in piece.items():
             merged.setdefault(k, []).append(v)
-    gathered = {k: torch.cat(v) for k, v in merged.items()}
+    gathered = {k: cat_padded(v) for k, v in merged.items()}
     order = torch.argsort(gathered["index"])
     gathered = {k: v[order] for k, v in gathered.items()}
     assert len(gathered["index"]) == len(task.eval), "every eval example is scored exactly once"
     return recipe.compute_metrics(gathered, task), gathered
+
+
+def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate per-example outputs along the batch; rows of varying width (e.g. one prediction per word,
+    batches padded to their own longest sentence) are right-padded with -1 to the widest."""
+    if all(p.shape[1:] == parts[0].shape[1:] for p in parts):
+        return torch.cat(parts)
+    width = max(p.shape[-1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=-1) for p in parts])
 
 
 def _cpu(t: torch.Tensor) -> torch.Tensor:

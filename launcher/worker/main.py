@@ -129,8 +129,10 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
 
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
-    model_path = resolve_model(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if hasattr(recipe, "build_tokenizer"):  # e.g. one trained on the data, for a model built from a config
+        tokenizer = recipe.build_tokenizer(cfg)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     task = recipe.build_task(cfg, tokenizer)
     loader = loop.train_loader(task, cfg, ranks)
     total = loop.total_steps(loader, cfg)
@@ -171,6 +173,7 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
             ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
             ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
             ("output", cfg.output_dir),
+            *[("note", note) for note in task.notes],
         ],
     )
 

@@ -26,7 +26,7 @@ class RunLog:
         self._jsonl = None
         self._tb = None
         self.t0 = time.time()
-        self._samples = self._seconds = 0.0
+        self._samples = self._seconds = self._tokens = 0.0
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
@@ -62,13 +62,23 @@ class RunLog:
         self._task = self._progress.add_task("train", total=self.total_steps, loss=math.nan, lr=0.0, sps=0.0)
 
     def step(
-        self, step: int, *, loss: float, lr: float, grad_norm: float, samples: float, seconds: float, epoch: int
+        self,
+        step: int,
+        *,
+        loss: float,
+        lr: float,
+        grad_norm: float,
+        samples: float,
+        seconds: float,
+        epoch: int,
+        tokens: float = 0.0,
     ) -> None:
         """Record one optimizer step; throughput is averaged over the steps since the last written line."""
         if not self.active:
             return
         self._samples += samples
         self._seconds += seconds
+        self._tokens += tokens
         samples_per_s = self._samples / self._seconds if self._seconds else 0.0
         if self._progress is not None:
             self._progress.update(self._task, completed=step, loss=loss, lr=lr, sps=samples_per_s)
@@ -81,11 +91,12 @@ class RunLog:
             "loss": loss,
             "lr": lr,
             "samples_per_s": samples_per_s,
+            "tokens_per_s": self._tokens / self._seconds if self._seconds else 0.0,
             "grad_norm": grad_norm,
             "time": round(time.time() - self.t0, 3),
         }
         self._write(record)
-        self._samples = self._seconds = 0.0
+        self._samples = self._seconds = self._tokens = 0.0
         if self._progress is None:
             self.console.print(
                 f"step {step}/{self.total_steps}  loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s"

@@ -1,0 +1,86 @@
+"""Which examples each rank trains on, step by step: seeded, length-grouped, resumable.
+
+Every rank computes the same global order from (seed, epoch) and takes its slice of each global batch, so no
+rank needs to talk to another. With length grouping, examples of similar length share a global batch (little
+padding within a rank's micro-batch, similar work on every rank in the same step), while the order of the
+batches stays random. The state is (epoch, batches done), so a run can continue where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+
+# Examples are sorted by length within windows of this many global batches: larger groups pad less but make
+# batch composition less random (the trade-off HF's LengthGroupedSampler makes with the same factor).
+MEGABATCH = 50
+
+
+def global_batches(
+    n: int, batch: int, *, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
+    """The epoch's global batches of `batch` indices each. The last one is completed with indices from the start
+    of the order (as torch's DistributedSampler pads), so every rank runs the same number of steps."""
+    if n <= 0:
+        return []
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    total = math.ceil(n / batch) * batch
+    order += (order * math.ceil(total / n))[: total - n]
+    if lengths is None:
+        return [order[i : i + batch] for i in range(0, total, batch)]
+    window = batch * MEGABATCH
+    batches = []
+    for start in range(0, total, window):
+        chunk = sorted(order[start : start + window], key=lambda i: -lengths[i])
+        batches += [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+    # Shuffle the batches, but run the longest first: an out-of-memory then shows at step 1, not hours in.
+    longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]))
+    rest = [b for k, b in enumerate(batches) if k != longest]
+    perm = torch.randperm(len(rest), generator=g).tolist()
+    return [batches[longest]] + [rest[k] for k in perm]
+
+
+class DistributedBatchSampler:
+    """This rank's micro-batches (lists of indices) for one epoch; a DataLoader `batch_sampler`."""
+
+    def __init__(
+        self,
+        size: int,
+        micro_batch_size: int,
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        lengths: Sequence[int] | None = None,
+    ):
+        self.size, self.micro, self.rank, self.world, self.seed = size, micro_batch_size, rank, world_size, seed
+        self.lengths = lengths
+        self.epoch = 0
+        self.skip = 0
+        """Micro-batches of the current epoch already trained (resume)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
+        self.epoch = epoch
+
+    def state_dict(self, batches_done: int) -> dict[str, int]:
+        """Where training stands: the epoch and how many of this epoch's micro-batches each rank has trained."""
+        return {"epoch": self.epoch, "batches_done": batches_done, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.skip, self.seed = state["epoch"], state["batches_done"], state["seed"]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = global_batches(
+            self.size, self.micro * self.world, seed=self.seed, epoch=self.epoch, lengths=self.lengths
+        )
+        for g in batches[self.skip :]:
+            yield g[self.rank * self.micro : (self.rank + 1) * self.micro]
+
+    def __len__(self) -> int:
+        """Micro-batches in a whole epoch (a resumed epoch yields `skip` fewer)."""
+        return math.ceil(self.size / (self.micro * self.world))

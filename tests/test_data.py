@@ -1,0 +1,269 @@
+"""The data layer: saved-dataset folders, row checks, the tokenization cache and the batch sampler."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from pathlib import Path
+
+import pytest
+
+from launcher import datacache
+from launcher.data import check_rows, load_table
+from launcher.errors import ConfigError
+from launcher.sampling import DistributedBatchSampler, global_batches
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# ------------------------------------------------------------------------------------------ formats
+
+
+def test_load_from_disk_folders(tmp_path):
+    import datasets
+
+    table = datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 0]})
+    table.save_to_disk(str(tmp_path / "one"))
+    assert load_table(str(tmp_path / "one"), "data.train")["text"][:] == ["a", "b", "c"]
+
+    datasets.DatasetDict({"train": table}).save_to_disk(str(tmp_path / "single"))
+    assert len(load_table(str(tmp_path / "single"), "data.train")) == 3
+
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(ConfigError) as e:
+        load_table(str(tmp_path / "two"), "data.train")
+    assert "splits train, test" in str(e.value) and f"data.train={tmp_path / 'two' / 'train'}" in str(e.value)
+
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(ConfigError, match="not one written by datasets' save_to_disk"):
+        load_table(str(tmp_path / "plain"), "data.eval")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".parquet", ".json"])
+def test_every_file_format_loads(tmp_path, ext):
+    import datasets
+
+    table = datasets.Dataset.from_dict({"text": ["good", "bad"], "label": [1, 0]})
+    path = tmp_path / f"data{ext}"
+    if ext == ".csv":
+        table.to_csv(str(path), index=False)
+    elif ext == ".tsv":
+        table.to_csv(str(path), index=False, sep="\t")
+    elif ext == ".parquet":
+        table.to_parquet(str(path))
+    else:
+        path.write_text(json.dumps([{"text": "good", "label": 1}, {"text": "bad", "label": 0}]))
+    loaded = load_table(str(path), "data.train")
+    assert loaded["text"][:] == ["good", "bad"] and loaded["label"][:] == [1, 0]
+
+
+# ------------------------------------------------------------------------------------------ row checks
+
+
+def test_empty_rows_are_counted_and_skipped(tmp_path):
+    rows = [{"text": "fine", "label": 1}, {"text": "", "label": 0}, {"text": "ok", "label": None}]
+    rows += [{"text": "  ", "label": 1}, {"text": "good", "label": 0}]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    table, notes = check_rows(
+        load_table(str(path), "data.train"),
+        str(path),
+        "data.train",
+        {"data.text_field": ("text", "text"), "data.label_field": ("label", "label")},
+    )
+    assert table["text"][:] == ["fine", "good"]
+    assert len(notes) == 1 and "skipped 3 of 5 rows" in notes[0] and "(rows 2, 3, 4)" in notes[0]
+    assert "data.text_field=text" in notes[0] and "data.label_field=label" in notes[0]
+
+
+def test_wrong_types_name_the_row_and_setting(tmp_path):
+    path = _jsonl(tmp_path / "t.jsonl", [{"tokens": ["a", "b"]}, {"tokens": "a b"}, {"tokens": ["c"]}])
+    with pytest.raises(ConfigError) as e:
+        check_rows(
+            load_table(str(path), "data.train"), str(path), "data.train", {"data.tokens_field": ("tokens", "words")}
+        )
+    text = str(e.value)
+    assert "row 2: data.tokens_field=tokens holds 'a b' (str), expected a list of strings" in text
+
+
+def test_every_row_empty_is_an_error(tmp_path):
+    path = _jsonl(tmp_path / "t.jsonl", [{"text": "", "label": 1}, {"text": None, "label": 0}])
+    with pytest.raises(ConfigError, match="every one of its 2 rows has an empty data.text_field=text"):
+        check_rows(load_table(str(path), "data.train"), str(path), "data.train", {"data.text_field": ("text", "text")})
+
+
+# ------------------------------------------------------------------------------------------ cache
+
+
+def _table(values):
+    import datasets
+
+    return datasets.Dataset.from_dict({"x": values})
+
+
+def test_cache_builds_once_and_reuses(tmp_path):
+    calls = []
+
+    def build():
+        calls.append(1)
+        return _table([1, 2, 3]), ["note from the build"]
+
+    first = datacache.cached({"k": 1}, build, str(tmp_path))
+    second = datacache.cached({"k": 1}, build, str(tmp_path))
+    assert (first.reused, second.reused, len(calls)) == (False, True, 1)
+    assert second.table["x"][:] == [1, 2, 3] and second.notes == ["note from the build"]
+    third = datacache.cached({"k": 2}, build, str(tmp_path))  # another key: built again
+    assert not third.reused and len(calls) == 2
+    assert json.loads((Path(first.path) / "key.json").read_text())["key"] == {"k": 1}
+
+
+def test_a_failed_build_leaves_nothing(tmp_path):
+    def broken():
+        raise RuntimeError("tokenizer exploded")
+
+    with pytest.raises(RuntimeError):
+        datacache.cached({"k": 1}, broken, str(tmp_path))
+    assert [p for p in os.listdir(tmp_path) if not p.endswith(".lock")] == []
+    assert not datacache.cached({"k": 1}, lambda: (_table([5]), []), str(tmp_path)).reused
+
+
+def _racer(cache_dir: str, log: str, queue) -> None:
+    import time
+
+    def build():
+        with open(log, "a") as f:
+            f.write("built\n")
+        time.sleep(1.0)  # long enough for the other process to find the lock taken
+        return _table(list(range(10))), []
+
+    entry = datacache.cached({"k": "race"}, build, cache_dir, poll_seconds=0.05)
+    queue.put((entry.reused, entry.table["x"][:]))
+
+
+def test_one_process_builds_while_the_other_waits(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    log = str(tmp_path / "log")
+    procs = [ctx.Process(target=_racer, args=(str(tmp_path / "c"), log, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+    assert Path(log).read_text() == "built\n"  # exactly one build
+    assert sorted(r for r, _ in results) == [False, True]
+    assert all(values == list(range(10)) for _, values in results)
+
+
+def test_fingerprints_follow_content(tmp_path):
+    a = _jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    b = _jsonl(tmp_path / "b.jsonl", [{"text": "x"}])
+    assert datacache.file_digest(str(a)) == datacache.file_digest(str(b))
+    _jsonl(b, [{"text": "y"}])
+    assert datacache.file_digest(str(a)) != datacache.file_digest(str(b))
+
+
+def test_recipe_second_run_does_not_retokenize(tmp_path, tiny_model, tiny_data, monkeypatch):
+    """lora_cls's build_task twice with the same settings: the second reads the cache and never maps."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    from launcher.overrides import apply_overrides
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "lora_cls.py"))
+    cfg = apply_overrides(
+        recipe.Config(),
+        [f"data.train={tiny_data['train']}", f"data.eval={tiny_data['test']}", f"data.cache_dir={tmp_path}"],
+    )
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    maps = []
+    real_map = datasets.Dataset.map
+
+    def counting_map(self, *args, **kwargs):
+        maps.append(1)
+        return real_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counting_map)
+    first = recipe.build_task(cfg, tokenizer)
+    assert len(maps) == 2 and any("train: tokenized and cached 96 rows" in n for n in first.notes)
+    second = recipe.build_task(cfg, tokenizer)
+    assert len(maps) == 2, "the second build tokenized again"
+    assert any("train: reused 96 rows" in n for n in second.notes)
+    assert second.train["input_ids"][:] == first.train["input_ids"][:]
+    assert second.lengths == [len(ids) for ids in first.train["input_ids"]]
+
+    cfg.data.max_length = 16  # a setting that changes tokenization: a new entry
+    third = recipe.build_task(cfg, tokenizer)
+    assert len(maps) == 4 and max(third.lengths) <= 16
+    cfg.data.group_by_length = False  # one that does not: reused
+    recipe.build_task(cfg, tokenizer)
+    assert len(maps) == 4
+
+
+# ------------------------------------------------------------------------------------------ sampler
+
+
+def _epoch(n, micro, world, *, seed=0, epoch=0, lengths=None):
+    out = []
+    for rank in range(world):
+        s = DistributedBatchSampler(n, micro, rank=rank, world_size=world, seed=seed, lengths=lengths)
+        s.set_epoch(epoch)
+        out.append(list(s))
+    return out
+
+
+def test_each_example_once_per_epoch_split_across_ranks():
+    ranks = _epoch(48, 4, 3)
+    assert all(len(r) == 4 for r in ranks)
+    flat = [i for r in ranks for batch in r for i in batch]
+    assert sorted(flat) == list(range(48))
+    for step in range(4):  # ranks take disjoint slices of the same global batch
+        assert not set(ranks[0][step]) & set(ranks[1][step])
+
+
+def test_uneven_data_is_padded_so_every_rank_runs_as_many_steps():
+    ranks = _epoch(50, 4, 3)
+    assert [len(r) for r in ranks] == [5, 5, 5] and all(len(b) == 4 for r in ranks for b in r)
+    flat = [i for r in ranks for batch in r for i in batch]
+    assert set(flat) == set(range(50)) and len(flat) == 60
+
+
+def test_seeded_and_epoch_dependent():
+    assert _epoch(40, 4, 2, seed=1) == _epoch(40, 4, 2, seed=1)
+    assert _epoch(40, 4, 2, seed=1) != _epoch(40, 4, 2, seed=2)
+    assert _epoch(40, 4, 2, seed=1, epoch=0) != _epoch(40, 4, 2, seed=1, epoch=1)
+
+
+def test_length_grouping_pads_less_and_runs_the_longest_first():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 200) for _ in range(4000)]
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+
+    grouped = global_batches(4000, 16, seed=3, epoch=0, lengths=lengths)
+    plain = global_batches(4000, 16, seed=3, epoch=0)
+    assert sorted(i for b in grouped for i in b) == list(range(4000))
+    assert padded(grouped) < padded(plain) / 5
+    assert max(lengths[i] for i in grouped[0]) == max(lengths)
+    # Still shuffled: batch lengths are not monotonic over the epoch.
+    firsts = [max(lengths[i] for i in b) for b in grouped[1:]]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+
+
+def test_resume_yields_exactly_the_remaining_batches():
+    full = DistributedBatchSampler(64, 4, rank=1, world_size=2, seed=7, lengths=list(range(64)))
+    full.set_epoch(2)
+    batches = list(full)
+    state = full.state_dict(batches_done=3)
+    resumed = DistributedBatchSampler(64, 4, rank=1, world_size=2, seed=0, lengths=list(range(64)))
+    resumed.load_state_dict(state)
+    assert list(resumed) == batches[3:]
+    resumed.set_epoch(3)  # the next epoch starts from its first batch
+    assert len(list(resumed)) == len(batches)
