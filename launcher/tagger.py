@@ -1,0 +1,127 @@
+"""Token tagging (NER): word-piece label alignment and an encoder with a softmax or CRF head.
+
+Labels live on words; the encoder sees sub-tokens. The first sub-token of each word carries the word's label
+(the BERT paper's convention); the other sub-tokens get no label. The model gathers the first sub-token of each
+word, so both heads score one position per word and the CRF's transitions are between words, not word pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from launcher.crf import CRF, bio_constraints
+
+IGNORE = -100
+"""The label of positions no loss is taken on (torch's cross-entropy default)."""
+
+
+def first_subtokens(word_ids: list[int | None]) -> tuple[list[int], list[int]]:
+    """(positions, words): the token position of each word's first sub-token and that word's number, in order.
+
+    A word the tokenizer turned into no token at all (or one cut off by truncation) is absent from both."""
+    positions, words, previous = [], [], None
+    for position, word in enumerate(word_ids):
+        if word is not None and word != previous:
+            positions.append(position)
+            words.append(word)
+        previous = word
+    return positions, words
+
+
+def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
+    """Token-level labels: a word's label on its first sub-token, IGNORE on the rest and on special tokens."""
+    out = [IGNORE] * len(word_ids)
+    for position, word in zip(*first_subtokens(word_ids)):
+        out[position] = word_labels[word]
+    return out
+
+
+def repair_bio(tags: list[str]) -> tuple[list[str], int]:
+    """IOB2 form of `tags` and how many changed: an I-X that does not continue an X span becomes B-X.
+
+    CoNLL scoring already reads such an I-X as the start of a span, so spans (and scores) are unchanged; the
+    CRF's transition constraints, though, forbid the I-X move, and a gold path through it would cost ~1e4."""
+    out, changed, previous = [], 0, "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            tag, changed = "B-" + tag[2:], changed + 1
+        out.append(tag)
+        previous = tag
+    return out, changed
+
+
+def check_bio(tags: list[str]) -> str | None:
+    """Why `tags` is not a BIO tag set (None when it is)."""
+    bad = [t for t in tags if not (t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2))]
+    return f"tags {', '.join(bad[:5])} are not BIO (O, B-TYPE, I-TYPE)" if bad else None
+
+
+@dataclass
+class TaggerOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    """Per-word emission scores [batch, words, labels]."""
+    pred: torch.Tensor | None = None
+    """Per-word predicted label ids [batch, words], -1 past each sentence's end (eval mode only)."""
+
+
+class TokenTagger(PreTrainedModel):
+    """An encoder, dropout, a linear emission layer and, for head="crf", our CRF with BIO constraints.
+
+    A PreTrainedModel so peft, activation checkpointing and save_pretrained treat it like any HF model. All
+    parameters are used inside `forward` (the CRF runs through its own forward), which ZeRO-3 and FSDP need."""
+
+    config_class = PreTrainedConfig
+    base_model_prefix = "encoder"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+
+    def __init__(self, config: PreTrainedConfig, encoder: nn.Module, head: str = "softmax"):
+        super().__init__(config)
+        labels = [config.id2label[i] for i in range(config.num_labels)]
+        self.encoder = encoder
+        p = getattr(config, "classifier_dropout", None)
+        self.dropout = nn.Dropout(p if p is not None else getattr(config, "hidden_dropout_prob", 0.1))
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.crf = CRF(config.num_labels, *bio_constraints(labels)) if head == "crf" else None
+        self._no_split_modules = list(getattr(encoder, "_no_split_modules", None) or [])
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Only the new head is initialised here: the encoder arrives with its pretrained (or seeded) weights.
+        if module is self.classifier:
+            nn.init.normal_(module.weight, std=getattr(self.config, "initializer_range", 0.02))
+            nn.init.zeros_(module.bias)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        word_pos: torch.Tensor,
+        word_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        **unused,
+    ) -> TaggerOutput:
+        extra = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
+        scores = self.classifier(self.dropout(hidden))
+        emissions = scores.gather(1, word_pos.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
+        mask = word_mask.bool()
+        loss = pred = None
+        if labels is not None:
+            if self.crf is not None:
+                loss = self.crf(emissions, mask, labels)
+            else:
+                loss = nn.functional.cross_entropy(emissions[mask].float(), labels[mask])
+        if not self.training:
+            if self.crf is not None:
+                pred = self.crf(emissions, mask)
+            else:
+                pred = emissions.argmax(-1).masked_fill(~mask, -1)
+        return TaggerOutput(loss=loss, logits=emissions, pred=pred)

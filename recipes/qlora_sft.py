@@ -1,0 +1,394 @@
+"""Instruction tuning of a causal LM (QLoRA by default): Alpaca or chat data, loss on responses only, packing.
+
+Runs unchanged under every launcher; settings are key=value overrides:
+
+    python recipes/qlora_sft.py train.max_steps=20
+    launcher run recipes/qlora_sft.py --nproc 2 strategy=zero3 data.train=alpaca/train.jsonl data.eval=alpaca/test.jsonl
+    launcher run recipes/qlora_sft.py --nproc 2 model=/models/Llama-3.2-1B adapter=lora data.format=chat
+
+Data: Alpaca rows (`instruction`, optional `input`, `output`) in the Stanford Alpaca prompt, or chat rows
+(`messages`: a list of {role: system|user|assistant, content}) in the tokenizer's chat template, or the built-in
+one (`<|role|>` lines, see launcher/sft.py) when it has none. Only response tokens are learnt. With packing,
+examples share fixed-length rows; position ids restart per example and the model builds a block-diagonal mask
+from them, so no example attends to another. Evaluation: loss and perplexity on the eval set, and greedy
+generations from the first eval prompts written to generations.jsonl in the run directory.
+
+With no model or data given it trains a tiny random-weight Llama (tokenizer learnt from the data) on a small
+synthetic instruction sample shipped in the package.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+
+import launcher
+from launcher.config import Adapter, DataConfig, QLora, RunConfig
+from launcher.data import check_rows, data_settings, load_table, require_columns, tokenize
+from launcher.errors import ConfigError
+from launcher.task import Task
+
+SAMPLES = os.path.join(os.path.dirname(launcher.__file__), "samples", "sft")
+
+
+@dataclass(kw_only=True)
+class SftData(DataConfig):
+    """Instruction data: Alpaca fields or chat messages."""
+
+    train: str = os.path.join(SAMPLES, "train.jsonl")
+    """Training file or saved-dataset folder; defaults to the packaged synthetic sample."""
+    eval: str = os.path.join(SAMPLES, "test.jsonl")
+    """Evaluation file (loss, perplexity, generations); empty skips evaluation."""
+    format: Literal["auto", "alpaca", "chat"] = "auto"
+    """alpaca (instruction/input/output), chat (messages) or auto (chat when the messages field exists)."""
+    instruction_field: str = "instruction"
+    """Alpaca: column holding the instruction."""
+    input_field: str = "input"
+    """Alpaca: column holding the optional input (may be absent or empty)."""
+    output_field: str = "output"
+    """Alpaca: column holding the response."""
+    messages_field: str = "messages"
+    """Chat: column holding the list of {role, content} turns."""
+    max_length: int = 512
+    """Tokens per example after truncation, and per packed row."""
+    packing: bool = True
+    """Pack several examples into each row of max_length tokens (no padding between them)."""
+    max_train_rows: int = 0
+    """Use only the first N training rows; 0 uses them all."""
+    max_eval_rows: int = 0
+    """Evaluate on the first N eval rows; 0 uses them all."""
+    generations: int = 4
+    """Greedy generations from the first N eval prompts, written to generations.jsonl; 0 skips them."""
+    max_new_tokens: int = 64
+    """Tokens generated per prompt."""
+
+
+@dataclass(kw_only=True)
+class Config(RunConfig):
+    """Causal-LM instruction tuning."""
+
+    recipe: ClassVar[str] = "qlora_sft"
+    model: str = "random:llama-tiny"
+    """A causal-LM folder, or random:SHAPE (llama-tiny, qwen2-tiny, llama-3-8b) for random weights."""
+    adapter: Adapter = field(default_factory=QLora)
+    """What is trained: qlora (4-bit base, the default), lora, dora, lora8 or full."""
+    tokenizer: str = "auto"
+    """auto: the model's tokenizer (random:SHAPE models: a BPE learnt from the training data); train: always
+    learn one from the data; or a tokenizer folder."""
+    tokenizer_vocab: int = 8000
+    """Vocabulary size of a tokenizer learnt from the data."""
+    data: SftData = field(default_factory=SftData)
+    """Data files and fields."""
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def _format(table, d: SftData, path: str) -> str:
+    if d.format != "auto":
+        return d.format
+    if d.messages_field in table.column_names:
+        return "chat"
+    if d.instruction_field in table.column_names:
+        return "alpaca"
+    raise ConfigError(
+        f"{path} has neither data.messages_field={d.messages_field} (chat) nor "
+        f"data.instruction_field={d.instruction_field} (alpaca); its columns are {', '.join(table.column_names)}: "
+        f"set data.format and the field names"
+    )
+
+
+def _read(path: str, setting: str, d: SftData):
+    """(table of valid rows, its format, notes)."""
+    from launcher.sft import ROLES
+
+    table = load_table(path, setting)
+    kind = _format(table, d, path)
+    if kind == "chat":
+        fields = {"data.messages_field": (d.messages_field, "messages")}
+    else:
+        fields = {
+            "data.instruction_field": (d.instruction_field, "text"),
+            "data.output_field": (d.output_field, "text"),
+        }
+    require_columns(table, path, {k: c for k, (c, _) in fields.items()})
+    table, notes = check_rows(table, path, setting, fields)
+    if kind == "chat":
+        bad = []
+        for i, turns in enumerate(table[d.messages_field]):
+            roles = [t.get("role") for t in turns]
+            if any(r not in ROLES for r in roles) or "assistant" not in roles:
+                bad.append(f"row {i + 1}: roles {roles}")
+        if bad:
+            raise ConfigError(
+                [f"{setting}={path} {b}" for b in bad[:5]]
+                + [f"{setting}={path}: roles must be {', '.join(ROLES)}, with at least one assistant turn per row"]
+            )
+    return table, kind, notes
+
+
+def _load(cfg: Config):
+    d = cfg.data
+    problems = []
+    if d.max_length < 16:
+        problems.append(f"data.max_length={d.max_length}: must be at least 16")
+    for name in ("max_train_rows", "max_eval_rows", "generations", "max_new_tokens"):
+        if getattr(d, name) < 0:
+            problems.append(f"data.{name}={getattr(d, name)}: must be 0 or more")
+    if problems:
+        raise ConfigError(problems)
+    train, kind, notes = _read(d.train, "data.train", d)
+    if d.max_train_rows:
+        train = train.select(range(min(d.max_train_rows, len(train))))
+    evaluation = eval_kind = None
+    if d.eval:
+        evaluation, eval_kind, more = _read(d.eval, "data.eval", d)
+        notes += more
+        if d.max_eval_rows:
+            evaluation = evaluation.select(range(min(d.max_eval_rows, len(evaluation))))
+    return train, kind, evaluation, eval_kind, notes
+
+
+def check(cfg: Config) -> None:
+    """Everything about the data and settings that can be wrong, before any worker starts."""
+    from launcher.models import RANDOM, SHAPES, is_random
+
+    if cfg.tokenizer not in ("auto", "train") and not os.path.isdir(cfg.tokenizer):
+        raise ConfigError(f"tokenizer={cfg.tokenizer}: use auto, train or a tokenizer folder")
+    if cfg.tokenizer_vocab < 300:
+        raise ConfigError(f"tokenizer_vocab={cfg.tokenizer_vocab}: must be at least 300 (256 bytes and specials)")
+    if is_random(cfg.model):
+        limit = SHAPES[cfg.model[len(RANDOM) :]]["max_position_embeddings"]
+        if cfg.data.max_length > limit:
+            raise ConfigError(f"data.max_length={cfg.data.max_length}: {cfg.model} has {limit} positions")
+    _load(cfg)
+
+
+def _texts(table, kind: str, d: SftData):
+    for row in table:
+        if kind == "chat":
+            yield "\n".join(t["content"] for t in row[d.messages_field])
+        else:
+            yield "\n".join(str(row.get(f) or "") for f in (d.instruction_field, d.input_field, d.output_field))
+
+
+def build_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    from launcher import datacache
+    from launcher.models import is_random, resolve_model
+    from launcher.vocab import bpe_tokenizer, cached_tokenizer
+
+    if cfg.tokenizer == "train" or (cfg.tokenizer == "auto" and is_random(cfg.model)):
+        d = cfg.data
+        train, kind, _ = _read(d.train, "data.train", d)
+        if d.max_train_rows:
+            train = train.select(range(min(d.max_train_rows, len(train))))
+
+        def build():
+            return bpe_tokenizer(_texts(train, kind, d), cfg.tokenizer_vocab)
+
+        if not d.cache:
+            return build()
+        key = {
+            "tokenizer": "bpe",
+            "vocab": cfg.tokenizer_vocab,
+            "data": datacache.file_digest(d.train),
+            "rows": len(train),
+        }
+        return cached_tokenizer(key, build, d.cache_dir or datacache.default_dir())
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else resolve_model(cfg.model))
+    if tok.pad_token is None:  # Llama-style tokenizers have none; padding is never learnt (label IGNORE)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def build_task(cfg: Config, tokenizer) -> Task:
+    from launcher import sft
+
+    d = cfg.data
+    train, kind, evaluation, eval_kind, notes = _load(cfg)
+
+    def encoder(fmt: str):
+        def encode(rows):
+            out = {"input_ids": [], "labels": []}
+            n = len(next(iter(rows.values())))
+            for i in range(n):
+                if fmt == "chat":
+                    ids, labels = sft.encode_chat(tokenizer, rows[d.messages_field][i])
+                else:
+                    inp = rows[d.input_field][i] if d.input_field in rows else None
+                    ids, labels = sft.encode_alpaca(
+                        tokenizer, rows[d.instruction_field][i], inp, rows[d.output_field][i]
+                    )
+                ids, labels = sft.truncate(ids, labels, d.max_length)
+                if any(x != sft.IGNORE for x in labels[1:]):  # a response truncated away teaches nothing
+                    out["input_ids"].append(ids)
+                    out["labels"].append(labels)
+            return out
+
+        return encode
+
+    def prepare(table, fmt, source, split):
+        settings = {"data": data_settings(d), "format": fmt, "tokenizer_vocab": cfg.tokenizer_vocab}
+        rows = len(table)
+        table, told = tokenize(
+            table,
+            encoder(fmt),
+            data=d,
+            source=source,
+            split=split,
+            tokenizer=tokenizer,
+            settings=settings,
+            code=__file__,
+        )
+        if len(table) < rows:
+            told.append(f"{split}: {rows - len(table)} rows dropped: prompt longer than data.max_length={d.max_length}")
+        return table, told
+
+    train, told = prepare(train, kind, d.train, "train")
+    notes += told
+    if len(train) == 0:
+        raise ConfigError(f"data.train={d.train}: no row keeps a response within data.max_length={d.max_length}")
+    lengths = list(train["length"])
+    if d.packing:
+        groups = sft.pack(lengths, d.max_length)
+        ids, labels = train["input_ids"][:], train["labels"][:]
+        train = [sft.packed_row([(ids[i], labels[i]) for i in group]) for group in groups]
+        lengths = [len(r["input_ids"]) for r in train]
+        notes.append(
+            f"train: packed {len(ids):,} examples into {len(train):,} rows of up to {d.max_length} tokens "
+            f"({100 * sum(lengths) / (len(train) * d.max_length):.0f}% full)"
+        )
+    prompts = []
+    if evaluation is not None:
+        raw = evaluation
+        evaluation, told = prepare(evaluation, eval_kind, d.eval, "eval")
+        notes += told
+        for row in raw.select(range(min(d.generations, len(raw)))):
+            if eval_kind == "chat":
+                turns = row[d.messages_field]
+                last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+                prompt_ids, reference = sft.chat_prompt_ids(tokenizer, turns[:last]), turns[last]["content"]
+            else:
+                prompt_text = sft.alpaca_prompt(row[d.instruction_field], row.get(d.input_field))
+                prompt_ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + tokenizer(
+                    prompt_text, add_special_tokens=False
+                )["input_ids"]
+                reference = row[d.output_field]
+            prompts.append(
+                {
+                    "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
+                    "ids": prompt_ids,
+                    "reference": reference,
+                }
+            )
+
+    pad = tokenizer.pad_token_id
+
+    def collate(rows):
+        if "position_ids" in rows[0]:
+            return sft.collate_packed(rows, pad)
+        return sft.collate_padded(rows, pad)
+
+    return Task(
+        train=train,
+        eval=evaluation,
+        collate=collate,
+        peft_task_type="CAUSAL_LM",
+        heads=[],
+        info={
+            "vocab_size": len(tokenizer),
+            "pad_token_id": pad,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "prompts": prompts,
+            "tokenizer": tokenizer,
+        },
+        lengths=lengths,
+        notes=notes,
+        # Padding is the only pad-id token: packed rows carry no attention mask to count with.
+        count_tokens=lambda batch: int((batch["input_ids"] != pad).sum()),
+    )
+
+
+# ------------------------------------------------------------------------------------------ model
+
+
+def build_model(cfg: Config, task: Task):
+    from transformers import AutoModelForCausalLM
+
+    from launcher.models import is_random, random_config, resolve_model
+
+    info = task.info
+    if is_random(cfg.model):
+        config = random_config(
+            cfg.model,
+            vocab_size=info["vocab_size"],
+            pad_token_id=info["pad_token_id"],
+            bos_token_id=info["bos_token_id"],
+            eos_token_id=info["eos_token_id"],
+        )
+        model = AutoModelForCausalLM.from_config(config)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model))
+    # No KV cache in training: with a cache object present transformers ignores packed position ids.
+    model.config.use_cache = False
+    return model
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def eval_outputs(outputs, batch) -> dict:
+    from launcher.sft import token_losses
+
+    nll, count = token_losses(outputs.logits, batch["labels"])
+    return {"nll": nll, "tokens": count}
+
+
+def compute_metrics(gathered: dict, task: Task) -> dict[str, float]:
+    tokens = gathered["tokens"].sum().item()
+    loss = gathered["nll"].double().sum().item() / max(tokens, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def finish(engine, task: Task, cfg: Config, ranks) -> None:
+    """Greedy generations from the first eval prompts, on every rank (forwards are collective under sharding);
+    rank 0 writes them to generations.jsonl."""
+    from launcher.plan import write_atomic
+    from launcher.sft import greedy
+
+    prompts = task.info["prompts"]
+    if not prompts:
+        return
+    engine.train(False)
+    with torch.no_grad():
+        new = [
+            greedy(engine.forward, p["ids"], cfg.data.max_new_tokens, task.info["eos_token_id"], engine.device)
+            for p in prompts
+        ]
+    engine.train(True)
+    if ranks.is_main:
+        decode = task.info["tokenizer"].decode
+        lines = [
+            json.dumps(
+                {"prompt": p["prompt"], "reference": p["reference"], "generated": decode(ids, skip_special_tokens=True)}
+            )
+            for p, ids in zip(prompts, new)
+        ]
+        write_atomic(os.path.join(cfg.output_dir, "generations.jsonl"), "\n".join(lines) + "\n")
+
+
+def main() -> None:
+    launcher.run_recipe(sys.modules[__name__])
+
+
+if __name__ == "__main__":
+    main()
