@@ -178,14 +178,20 @@ def _texts(table, kind: str, d: SftData):
             yield "\n".join(str(row.get(f) or "") for f in (d.instruction_field, d.input_field, d.output_field))
 
 
+def _learns_tokenizer(cfg: Config) -> bool:
+    from launcher.models import is_random
+
+    return cfg.tokenizer == "train" or (cfg.tokenizer == "auto" and is_random(cfg.model))
+
+
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     from launcher import datacache
-    from launcher.models import is_random, resolve_model
+    from launcher.models import resolve_model
     from launcher.vocab import bpe_tokenizer, cached_tokenizer
 
-    if cfg.tokenizer == "train" or (cfg.tokenizer == "auto" and is_random(cfg.model)):
+    if _learns_tokenizer(cfg):
         d = cfg.data
         train, kind, _ = _read(d.train, "data.train", d)
         if d.max_train_rows:
@@ -302,7 +308,9 @@ def build_task(cfg: Config, tokenizer) -> Task:
         eval=evaluation,
         collate=collate,
         peft_task_type="CAUSAL_LM",
-        heads=[],
+        # A vocabulary learnt from the data has no trained embeddings anywhere: train them and the output layer
+        # in full (with a pretrained model and its own tokenizer they stay frozen, as usual for LoRA).
+        heads=["embed_tokens", "lm_head"] if _learns_tokenizer(cfg) else [],
         info={
             "vocab_size": len(tokenizer),
             "pad_token_id": pad,

@@ -6,6 +6,7 @@ import faulthandler
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -120,7 +121,7 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
     import transformers
     from transformers import AutoTokenizer
 
-    from launcher.worker import loop
+    from launcher.worker import dist, loop
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.export import save_model
     from launcher.worker.optim import build_optimizer, build_scheduler
@@ -189,8 +190,11 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
     log.close()
     saved = save_model(engine, cfg, task, tokenizer, ranks)
     elapsed = time.time() - t_start
+    # Every rank's peak resident memory (ru_maxrss is KiB on Linux): the memory a run really needed per rank.
+    peak = [round(kib / 1024, 1) for kib in dist.gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)]
     summary = {
         "metrics": metrics,
+        "peak_rss_mib_per_rank": peak,
         **progress,
         "seconds": round(elapsed, 1),
         "world_size": ranks.world_size,

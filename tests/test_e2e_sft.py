@@ -1,0 +1,56 @@
+"""End to end on real data: Alpaca, a tiny random-weight Llama with a BPE tokenizer learnt from the data, QLoRA
+(the recipe's default), packing, 2 ranks; the eval loss must fall by at least 30%."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import ROOT, SHARED, run
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (SHARED / "alpaca").is_dir(),
+        reason=f"{SHARED / 'alpaca'} is absent (it sits beside the project on dev machines and CI; "
+        "a user's clone has no copy)",
+    ),
+]
+
+
+def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):
+    # Seeded: these settings took the eval loss from 8.358 to 5.275 (-36.9%) in about 2 minutes here.
+    out = tmp_path / "run"
+    data = SHARED / "alpaca"
+    settings = [
+        f"data.train={data / 'train.jsonl'}",
+        f"data.eval={data / 'test.jsonl'}",
+        "data.max_eval_rows=100",
+        "data.max_length=256",
+        "tokenizer_vocab=4000",
+        "train.max_steps=250",
+        "train.micro_batch_size=4",
+        "train.lr=2e-3",
+        "train.eval_at_start=true",
+        f"output_dir={out}",
+    ]
+    proc = run(
+        ["launcher", "run", str(ROOT / "recipes" / "qlora_sft.py"), "--nproc", "2", *settings],
+        cwd=tmp_path,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "packed 4,496 examples into" in proc.stdout
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [e["step"] for e in evals] == [0, 250]
+    start, end = evals[0]["loss"], evals[-1]["loss"]
+    assert end <= 0.7 * start, f"eval loss {start:.3f} -> {end:.3f} ({100 * (1 - end / start):.1f}% lower)"
+    assert evals[-1]["perplexity"] == pytest.approx(math.exp(end), rel=1e-6)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["adapter"] == "qlora" and summary["world_size"] == 2 and summary["train_tokens_per_s"] > 0
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 4 and all(
+        g["prompt"].endswith("### Response:\n") and g["reference"] for g in generations
+    )
