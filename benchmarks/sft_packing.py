@@ -69,7 +69,7 @@ def main() -> None:
         f"\nAlpaca, {args.model} + {args.adapter}, {args.nproc} ranks, micro-batch {args.batch} rows, "
         f"max_length {args.max_length}, {args.steps} steps"
     )
-    print(f"{'case':16} {'real tokens/s':>14} {'samples/s':>10} {'real tokens':>12} {'peak RSS MiB/rank':>20}")
+    print(f"{'case':16} {'real tokens/s':>14} {'rows/s':>10} {'real tokens':>12} {'peak RSS MiB/rank':>20}")
     for name, s in results.items():
         rss = "/".join(f"{x:.0f}" for x in s["peak_rss_mib_per_rank"])
         print(
