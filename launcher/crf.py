@@ -9,19 +9,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from launcher.spans import split_bio
+
 # Score added to disallowed moves. Large and finite rather than -inf: -inf turns into NaN as soon as two of them meet in
 # a subtraction (logsumexp over an all-disallowed column, gradients), while -1e4 simply makes those paths vanish.
 DISALLOWED_SCORE = -1e4
-
-
-def _parse_bio(label: str) -> tuple[str, str]:
-    """Split a tag into (prefix, type): "O" -> ("O", ""), "B-PER" -> ("B", "PER")."""
-    if label == "O":
-        return "O", ""
-    prefix, sep, kind = label.partition("-")
-    if sep and prefix in ("B", "I") and kind:
-        return prefix, kind
-    raise ValueError(f"tag {label!r} is not BIO (expected 'O', 'B-<type>' or 'I-<type>')")
 
 
 def bio_constraints(labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,7 +21,7 @@ def bio_constraints(labels: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
 
     `I-X` may only follow `B-X` or `I-X`, and no sequence starts with `I-X`; everything else is allowed.
     """
-    parsed = [_parse_bio(label) for label in labels]
+    parsed = [split_bio(label) for label in labels]
     n = len(labels)
     allowed = torch.ones(n, n, dtype=torch.bool)
     allowed_start = torch.ones(n, dtype=torch.bool)

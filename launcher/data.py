@@ -108,9 +108,11 @@ def is_empty(value: Any) -> bool:
 def check_rows(table, path: str, setting: str, fields: dict[str, tuple[str, str]]) -> tuple[Any, list[str]]:
     """Check every row's mapped fields. `fields` maps a setting (data.text_field) to (column, kind in KINDS).
 
-    A value of the wrong type is an error naming the row, the setting and what the row holds. Rows with an
+    Missing columns are an error listing the columns that exist (`require_columns`). A value of the wrong type
+    is an error naming the row, the setting and what the row holds. Rows with an
     empty field (missing, "", []) are dropped and counted in the returned notes: one bad line in a million
     should not stop a run, but the user must hear about it. Rows are numbered from 1 (= line of a JSONL file)."""
+    require_columns(table, path, {name: column for name, (column, _) in fields.items()})
     empty: set[int] = set()
     wrong: list[str] = []
     for name, (column, kind) in fields.items():
@@ -183,8 +185,7 @@ def tokenize(
         return table.map(with_length, batched=True, remove_columns=table.column_names), list(notes or [])
 
     if not data.cache:
-        built, told = build()
-        return built, told
+        return build()
     key = {
         "split": split,
         "data": datacache.file_digest(source),

@@ -25,15 +25,6 @@ SHAPES: dict[str, dict] = {
         num_key_value_heads=2,
         max_position_embeddings=2048,
     ),
-    "qwen2-tiny": dict(
-        model_type="qwen2",
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    ),
     "llama-3-8b": dict(
         model_type="llama",
         hidden_size=4096,
@@ -45,6 +36,9 @@ SHAPES: dict[str, dict] = {
         rope_theta=500000.0,
     ),
 }
+
+
+SHAPES["qwen2-tiny"] = {**SHAPES["llama-tiny"], "model_type": "qwen2"}
 
 
 def is_random(name: str) -> bool:

@@ -50,9 +50,14 @@ def _bos(tokenizer: Any) -> list[int]:
     return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
 
 
+def alpaca_prompt_ids(tokenizer: Any, instruction: str, input_text: str | None) -> list[int]:
+    """BOS + the Alpaca prompt: what the response follows, in training and in generation."""
+    return _bos(tokenizer) + _ids(tokenizer, alpaca_prompt(instruction, input_text))
+
+
 def encode_alpaca(tokenizer: Any, instruction: str, input_text: str | None, output: str) -> tuple[list[int], list[int]]:
     """(input_ids, labels): BOS + prompt (unlabelled) + response + EOS (labelled)."""
-    prompt = _bos(tokenizer) + _ids(tokenizer, alpaca_prompt(instruction, input_text))
+    prompt = alpaca_prompt_ids(tokenizer, instruction, input_text)
     response = _ids(tokenizer, output) + [tokenizer.eos_token_id]
     return prompt + response, [IGNORE] * len(prompt) + response
 

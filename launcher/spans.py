@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 
-def _split(tag: str) -> tuple[str, str]:
+def split_bio(tag: str) -> tuple[str, str]:
     """("O", "") for outside, else (prefix, type) for "B-X" / "I-X"."""
     if tag == "O":
         return "O", ""
@@ -25,7 +25,7 @@ def bio_spans(tags: list[str]) -> set[tuple[str, int, int]]:
     open_start = 0
     # A trailing "O" closes whatever chunk is still open at the end of the sentence.
     for i, tag in enumerate([*tags, "O"]):
-        prefix, kind = _split(tag)
+        prefix, kind = split_bio(tag)
         if open_type is not None and (prefix != "I" or kind != open_type):
             spans.add((open_type, open_start, i))
             open_type = None

@@ -15,6 +15,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from launcher.crf import CRF, bio_constraints
+from launcher.spans import split_bio
 
 IGNORE = -100
 """The label of positions no loss is taken on (torch's cross-entropy default)."""
@@ -57,7 +58,12 @@ def repair_bio(tags: list[str]) -> tuple[list[str], int]:
 
 def check_bio(tags: list[str]) -> str | None:
     """Why `tags` is not a BIO tag set (None when it is)."""
-    bad = [t for t in tags if not (t == "O" or (t[:2] in ("B-", "I-") and len(t) > 2))]
+    bad = []
+    for tag in tags:
+        try:
+            split_bio(tag)
+        except ValueError:
+            bad.append(tag)
     return f"tags {', '.join(bad[:5])} are not BIO (O, B-TYPE, I-TYPE)" if bad else None
 
 

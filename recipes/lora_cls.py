@@ -23,7 +23,7 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import check_rows, data_settings, load_table, pad_batch, require_columns, tokenize
+from launcher.data import check_rows, data_settings, load_table, pad_batch, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -73,9 +73,7 @@ def _fields(data: ClsData) -> dict[str, tuple[str, str]]:
 
 
 def _read(path: str, setting: str, data: ClsData):
-    table = load_table(path, setting)
-    require_columns(table, path, {k: column for k, (column, _) in _fields(data).items()})
-    return check_rows(table, path, setting, _fields(data))
+    return check_rows(load_table(path, setting), path, setting, _fields(data))
 
 
 def _load(cfg: Config):

@@ -24,7 +24,7 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import check_rows, data_settings, load_table, pad_batch, require_columns, tokenize
+from launcher.data import check_rows, data_settings, load_table, pad_batch, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -76,9 +76,7 @@ def _read(path: str, setting: str, d: NerData):
     from launcher.tagger import repair_bio
 
     fields = {"data.tokens_field": (d.tokens_field, "words"), "data.tags_field": (d.tags_field, "words")}
-    table = load_table(path, setting)
-    require_columns(table, path, {k: column for k, (column, _) in fields.items()})
-    table, notes = check_rows(table, path, setting, fields)
+    table, notes = check_rows(load_table(path, setting), path, setting, fields)
     uneven = [
         f"row {i + 1}: {len(w)} words but {len(t)} tags"
         for i, (w, t) in enumerate(zip(table[d.tokens_field], table[d.tags_field]))
@@ -257,13 +255,14 @@ def compute_metrics(gathered: dict, task: Task) -> dict[str, float]:
     from launcher.spans import span_scores
 
     labels, gold, kept = task.info["labels"], task.info["gold"], task.info["kept"]
+    order = gathered["index"].tolist()
     predicted = []
-    for i, row in zip(gathered["index"].tolist(), gathered["pred"].tolist()):
+    for i, row in zip(order, gathered["pred"].tolist()):
         tags = ["O"] * len(gold[i])
         for word, label in zip(kept[i], row):
             tags[word] = labels[label]
         predicted.append(tags)
-    scores = span_scores([gold[i] for i in gathered["index"].tolist()], predicted)
+    scores = span_scores([gold[i] for i in order], predicted)
     overall = scores.pop("overall")
     out = {"f1": overall["f1"], "precision": overall["precision"], "recall": overall["recall"]}
     out.update({f"f1_{kind}": s["f1"] for kind, s in scores.items()})

@@ -30,7 +30,7 @@ import torch
 
 import launcher
 from launcher.config import Adapter, DataConfig, QLora, RunConfig
-from launcher.data import check_rows, data_settings, load_table, require_columns, tokenize
+from launcher.data import check_rows, data_settings, load_table, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -117,7 +117,6 @@ def _read(path: str, setting: str, d: SftData):
             "data.instruction_field": (d.instruction_field, "text"),
             "data.output_field": (d.output_field, "text"),
         }
-    require_columns(table, path, {k: c for k, (c, _) in fields.items()})
     table, notes = check_rows(table, path, setting, fields)
     if kind == "chat":
         bad = []
@@ -215,6 +214,23 @@ def build_tokenizer(cfg: Config):
     return tok
 
 
+def _generation_prompts(rows, kind: str, d: SftData, tokenizer) -> list[dict]:
+    """Prompt ids (up to the last assistant turn / the Alpaca response) and the reference answer of `rows`."""
+    from launcher import sft
+
+    prompts = []
+    for row in rows:
+        if kind == "chat":
+            turns = row[d.messages_field]
+            last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+            ids, reference = sft.chat_prompt_ids(tokenizer, turns[:last]), turns[last]["content"]
+        else:
+            ids = sft.alpaca_prompt_ids(tokenizer, row[d.instruction_field], row.get(d.input_field))
+            reference = row[d.output_field]
+        prompts.append({"prompt": tokenizer.decode(ids, skip_special_tokens=True), "ids": ids, "reference": reference})
+    return prompts
+
+
 def build_task(cfg: Config, tokenizer) -> Task:
     from launcher import sft
 
@@ -274,27 +290,11 @@ def build_task(cfg: Config, tokenizer) -> Task:
         )
     prompts = []
     if evaluation is not None:
-        raw = evaluation
+        prompts = _generation_prompts(
+            evaluation.select(range(min(d.generations, len(evaluation)))), eval_kind, d, tokenizer
+        )
         evaluation, told = prepare(evaluation, eval_kind, d.eval, "eval")
         notes += told
-        for row in raw.select(range(min(d.generations, len(raw)))):
-            if eval_kind == "chat":
-                turns = row[d.messages_field]
-                last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
-                prompt_ids, reference = sft.chat_prompt_ids(tokenizer, turns[:last]), turns[last]["content"]
-            else:
-                prompt_text = sft.alpaca_prompt(row[d.instruction_field], row.get(d.input_field))
-                prompt_ids = ([tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []) + tokenizer(
-                    prompt_text, add_special_tokens=False
-                )["input_ids"]
-                reference = row[d.output_field]
-            prompts.append(
-                {
-                    "prompt": tokenizer.decode(prompt_ids, skip_special_tokens=True),
-                    "ids": prompt_ids,
-                    "reference": reference,
-                }
-            )
 
     pad = tokenizer.pad_token_id
 
