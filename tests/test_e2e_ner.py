@@ -19,7 +19,7 @@ pytestmark = [
 
 
 def test_conll2003_crf_reaches_060_entity_f1(tmp_path):
-    # Seeded: these settings gave test F1 0.80 under ZeRO-3 (softmax head under DDP: 0.76) in about 2-3 minutes.
+    # Seeded: these settings gave test F1 0.8004 in 80 s (the same 0.8004 under ZeRO-3; softmax head: 0.76).
     out = tmp_path / "run"
     data = SHARED / "conll2003"
     settings = [
