@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import json
 import logging
 import os
@@ -96,6 +97,7 @@ def run_recipe(recipe: ModuleType, argv: list[str] | None = None) -> None:
     from launcher.worker import dist
 
     ranks = dist.init()
+    code = 0
     try:
         # One plan for every rank: rank 0's resolution (its timestamped run directory, say) wins.
         cfg = from_dict(recipe.Config, dist.broadcast_object(to_dict(cfg)))
@@ -103,9 +105,28 @@ def run_recipe(recipe: ModuleType, argv: list[str] | None = None) -> None:
     except ConfigError as e:  # found only once the model exists (e.g. target modules it lacks): same on every rank
         if ranks.is_main:
             print(e.render(), file=sys.stderr)
-        sys.exit(USAGE_EXIT_CODE)
+        code = USAGE_EXIT_CODE
     finally:
+        # Free the engine (kept alive by reference cycles) while its process groups still exist.
+        gc.collect()
         dist.shutdown()
+    _exit(code, ranks.world_size)
+
+
+def _exit(code: int, world_size: int) -> None:
+    """End a finished rank without running the interpreter's teardown when it shared a process group.
+
+    Every file is written (atomically) and the group destroyed by now. Yet gloo/DeepSpeed C++ objects can
+    still be freed during interpreter finalization, and now and then that aborts the process ("terminate
+    called without an active exception", exit -6) after a run that succeeded; its launcher then kills the
+    other ranks and reports failure. A rank that is done skips that teardown.
+    """
+    if world_size == 1:
+        sys.exit(code)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _set_threads() -> None:
