@@ -230,6 +230,10 @@ class DataConfig:
     """Keep tokenized data on disk, keyed by a fingerprint of data, tokenizer, settings and recipe; reuse it."""
     cache_dir: str = ""
     """Where tokenized data is kept; empty means $LAUNCHER_CACHE/tokenized or ~/.cache/launcher/tokenized."""
+    max_train_rows: int = 0
+    """Use only the first N valid training rows; 0 uses them all."""
+    max_eval_rows: int = 0
+    """Evaluate on the first N valid eval rows; 0 uses them all."""
 
 
 @dataclass(kw_only=True)

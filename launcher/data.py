@@ -150,6 +150,11 @@ def _show(value: Any) -> str:
 NOT_TOKENIZATION = ("group_by_length", "cache", "cache_dir")
 
 
+def first_rows(table, n: int):
+    """The first `n` rows of a table (`data.max_train_rows` / `data.max_eval_rows`); all of them when n is 0."""
+    return table.select(range(min(n, len(table)))) if n else table
+
+
 def data_settings(data: DataConfig) -> dict[str, Any]:
     """The data section as a cache-key part: every setting except those in NOT_TOKENIZATION."""
     from launcher.overrides import to_dict

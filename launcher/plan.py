@@ -92,6 +92,9 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
     if t.eval_every < 0:
         problems.append(f"train.eval_every={t.eval_every}: use 0 to evaluate only at the end")
+    for name in ("max_train_rows", "max_eval_rows"):
+        if getattr(cfg.data, name) < 0:
+            problems.append(f"data.{name}={getattr(cfg.data, name)}: use 0 for all rows")
     if t.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm={t.max_grad_norm}: use 0 to disable clipping")
     if isinstance(cfg.strategy, Zero) and cfg.strategy.stage not in (0, 1, 2, 3):

@@ -23,7 +23,7 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import check_rows, data_settings, load_table, pad_batch, tokenize
+from launcher.data import check_rows, data_settings, first_rows, load_table, pad_batch, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -46,8 +46,6 @@ class ClsData(DataConfig):
     """Column holding the label (integers or strings)."""
     max_length: int = 128
     """Tokens per example after truncation."""
-    max_train_rows: int = 0
-    """Use only the first N training rows; 0 uses them all."""
 
 
 @dataclass(kw_only=True)
@@ -83,13 +81,10 @@ def _load(cfg: Config):
     problems = []
     if d.max_length < 2:
         problems.append(f"data.max_length={d.max_length}: must be at least 2")
-    if d.max_train_rows < 0:
-        problems.append(f"data.max_train_rows={d.max_train_rows}: use 0 for all rows")
     if problems:
         raise ConfigError(problems)
     train, notes = _read(d.train, "data.train", d)
-    if d.max_train_rows:
-        train = train.select(range(min(d.max_train_rows, len(train))))
+    train = first_rows(train, d.max_train_rows)
     labels = sorted(set(train[d.label_field]), key=lambda v: (str(type(v)), v))
     if len(labels) < 2:
         raise ConfigError(
@@ -99,6 +94,7 @@ def _load(cfg: Config):
     evaluation = None
     if d.eval:
         evaluation, eval_notes = _read(d.eval, "data.eval", d)
+        evaluation = first_rows(evaluation, d.max_eval_rows)
         notes += eval_notes
         unseen = sorted({str(v) for v in evaluation[d.label_field]} - {str(v) for v in labels})
         if unseen:

@@ -24,7 +24,7 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import check_rows, data_settings, load_table, pad_batch, tokenize
+from launcher.data import check_rows, data_settings, first_rows, load_table, pad_batch, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -45,8 +45,6 @@ class NerData(DataConfig):
     """Column holding the list of BIO tags (O, B-TYPE, I-TYPE), one per word."""
     max_length: int = 256
     """Word pieces per sentence after truncation; words cut off are scored as predicted O."""
-    max_train_rows: int = 0
-    """Use only the first N training rows; 0 uses them all."""
 
 
 @dataclass(kw_only=True)
@@ -113,17 +111,15 @@ def _load(cfg: Config):
     problems = []
     if d.max_length < 3:
         problems.append(f"data.max_length={d.max_length}: must be at least 3 (two special tokens and a word)")
-    if d.max_train_rows < 0:
-        problems.append(f"data.max_train_rows={d.max_train_rows}: use 0 for all rows")
     if problems:
         raise ConfigError(problems)
     train, notes = _read(d.train, "data.train", d)
-    if d.max_train_rows:
-        train = train.select(range(min(d.max_train_rows, len(train))))
+    train = first_rows(train, d.max_train_rows)
     labels = _labels(train[d.tags_field])
     evaluation = None
     if d.eval:
         evaluation, more = _read(d.eval, "data.eval", d)
+        evaluation = first_rows(evaluation, d.max_eval_rows)
         notes += more
         unseen = sorted({t for tags in evaluation[d.tags_field] for t in tags} - set(labels))
         if unseen:

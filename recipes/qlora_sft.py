@@ -30,7 +30,7 @@ import torch
 
 import launcher
 from launcher.config import Adapter, DataConfig, QLora, RunConfig
-from launcher.data import check_rows, data_settings, load_table, tokenize
+from launcher.data import check_rows, data_settings, first_rows, load_table, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -59,10 +59,6 @@ class SftData(DataConfig):
     """Tokens per example after truncation, and per packed row."""
     packing: bool = True
     """Pack several examples into each row of max_length tokens (no padding between them)."""
-    max_train_rows: int = 0
-    """Use only the first N training rows; 0 uses them all."""
-    max_eval_rows: int = 0
-    """Evaluate on the first N eval rows; 0 uses them all."""
     generations: int = 4
     """Greedy generations from the first N eval prompts, written to generations.jsonl; 0 skips them."""
     max_new_tokens: int = 64
@@ -137,20 +133,18 @@ def _load(cfg: Config):
     problems = []
     if d.max_length < 16:
         problems.append(f"data.max_length={d.max_length}: must be at least 16")
-    for name in ("max_train_rows", "max_eval_rows", "generations", "max_new_tokens"):
+    for name in ("generations", "max_new_tokens"):
         if getattr(d, name) < 0:
             problems.append(f"data.{name}={getattr(d, name)}: must be 0 or more")
     if problems:
         raise ConfigError(problems)
     train, kind, notes = _read(d.train, "data.train", d)
-    if d.max_train_rows:
-        train = train.select(range(min(d.max_train_rows, len(train))))
+    train = first_rows(train, d.max_train_rows)
     evaluation = eval_kind = None
     if d.eval:
         evaluation, eval_kind, more = _read(d.eval, "data.eval", d)
         notes += more
-        if d.max_eval_rows:
-            evaluation = evaluation.select(range(min(d.max_eval_rows, len(evaluation))))
+        evaluation = first_rows(evaluation, d.max_eval_rows)
     return train, kind, evaluation, eval_kind, notes
 
 
@@ -192,20 +186,20 @@ def build_tokenizer(cfg: Config):
 
     if _learns_tokenizer(cfg):
         d = cfg.data
-        train, kind, _ = _read(d.train, "data.train", d)
-        if d.max_train_rows:
-            train = train.select(range(min(d.max_train_rows, len(train))))
 
         def build():
-            return bpe_tokenizer(_texts(train, kind, d), cfg.tokenizer_vocab)
+            train, kind, _ = _read(d.train, "data.train", d)
+            return bpe_tokenizer(_texts(first_rows(train, d.max_train_rows), kind, d), cfg.tokenizer_vocab)
 
         if not d.cache:
             return build()
+        # What the vocabulary is learnt from: the file's content and which of its rows and columns are read.
+        read = ("format", "instruction_field", "input_field", "output_field", "messages_field", "max_train_rows")
         key = {
             "tokenizer": "bpe",
             "vocab": cfg.tokenizer_vocab,
             "data": datacache.file_digest(d.train),
-            "rows": len(train),
+            **{name: getattr(d, name) for name in read},
         }
         return cached_tokenizer(key, build, d.cache_dir or datacache.default_dir())
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else resolve_model(cfg.model))

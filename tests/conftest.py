@@ -16,6 +16,16 @@ SHARED = ROOT.parent / "shared" / "datasets"
 RECIPE = str(ROOT / "recipes" / "lora_cls.py")
 BIN = Path(sys.executable).parent
 
+
+def needs_dataset(name: str):
+    """Skip a real-data test when `../shared/datasets/NAME` is absent, saying why."""
+    return pytest.mark.skipif(
+        not (SHARED / name).is_dir(),
+        reason=f"{SHARED / name} is absent (it sits beside the project on dev machines and CI; "
+        "a user's clone has no copy)",
+    )
+
+
 # No hub on this network: every lookup would wait for a timeout. Tokenized-data caches go to a folder of this
 # session, not the user's ~/.cache (tests that check reuse give their own data.cache_dir).
 os.environ.update(

@@ -154,9 +154,13 @@ def test_validate_collects_every_problem(recipe):
             "adapter.r=0",
             "strategy=zero2",
             "strategy.stage=5",
+            "data.max_train_rows=-1",
+            "data.max_eval_rows=-2",
         ],
     )
     problems = validate(cfg)
+    assert "data.max_train_rows=-1: use 0 for all rows" in problems
+    assert "data.max_eval_rows=-2: use 0 for all rows" in problems
     assert any(p.startswith("train.lr=0.0") for p in problems)
     assert any(p.startswith("train.micro_batch_size=0") for p in problems)
     assert any(p.startswith("train.warmup_ratio=1.5") for p in problems)

@@ -204,6 +204,20 @@ def test_recipe_second_run_does_not_retokenize(tmp_path, tiny_model, tiny_data, 
     assert len(maps) == 4
 
 
+@pytest.mark.parametrize("name,eval_at", [("lora_cls", 1), ("lora_ner", 1), ("qlora_sft", 2)])
+def test_every_recipe_cuts_both_splits_to_max_rows(name, eval_at):
+    """data.max_train_rows / data.max_eval_rows are DataConfig settings every recipe honours (its packaged sample);
+    `_load` returns (train, ..., eval at `eval_at`, ...)."""
+    from launcher.overrides import apply_overrides
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"))
+    full = recipe._load(recipe.Config())
+    cut = recipe._load(apply_overrides(recipe.Config(), ["data.max_train_rows=7", "data.max_eval_rows=5"]))
+    assert len(full[0]) > 7 and len(cut[0]) == 7 and cut[0][0] == full[0][0]
+    assert len(full[eval_at]) > 5 and len(cut[eval_at]) == 5 and cut[eval_at][0] == full[eval_at][0]
+
+
 # ------------------------------------------------------------------------------------------ sampler
 
 

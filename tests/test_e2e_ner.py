@@ -6,16 +6,9 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, SHARED, run
+from tests.conftest import ROOT, SHARED, needs_dataset, run
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (SHARED / "conll2003").is_dir(),
-        reason=f"{SHARED / 'conll2003'} is absent (it sits beside the project on dev machines and CI; "
-        "a user's clone has no copy)",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_dataset("conll2003")]
 
 
 def test_conll2003_crf_reaches_060_entity_f1(tmp_path):

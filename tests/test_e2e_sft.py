@@ -8,16 +8,9 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT, SHARED, run
+from tests.conftest import ROOT, SHARED, needs_dataset, run
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (SHARED / "alpaca").is_dir(),
-        reason=f"{SHARED / 'alpaca'} is absent (it sits beside the project on dev machines and CI; "
-        "a user's clone has no copy)",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_dataset("alpaca")]
 
 
 def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):

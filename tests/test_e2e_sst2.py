@@ -7,16 +7,9 @@ import json
 import pytest
 import torch
 
-from tests.conftest import RECIPE, SHARED, run
+from tests.conftest import RECIPE, SHARED, needs_dataset, run
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(
-        not (SHARED / "sst2").is_dir(),
-        reason=f"{SHARED / 'sst2'} is absent (it sits beside the "
-        "project on dev machines and CI; a user's clone has no copy)",
-    ),
-]
+pytestmark = [pytest.mark.slow, needs_dataset("sst2")]
 
 
 def test_sst2_zero2_reaches_080_and_adapter_reloads_to_the_same_predictions(tmp_path):

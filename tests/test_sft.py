@@ -179,6 +179,24 @@ def test_bpe_tokenizer_is_cached_and_identical(tmp_path):
     assert (second.pad_token, second.bos_token, second.eos_token) == ("<pad>", "<s>", "</s>")
 
 
+def test_recipe_tokenizer_reused_without_reading_the_data_and_relearnt_when_the_rows_change(tmp_path, monkeypatch):
+    from launcher.overrides import apply_overrides
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(str(ROOT / "recipes" / "qlora_sft.py"))
+    reads = []
+    real_read = recipe._read
+    monkeypatch.setattr(recipe, "_read", lambda *a: reads.append(1) or real_read(*a))
+    cfg = apply_overrides(recipe.Config(), [f"data.cache_dir={tmp_path}", "tokenizer_vocab=400"])
+    first = recipe.build_tokenizer(cfg)
+    assert len(reads) == 1
+    second = recipe.build_tokenizer(cfg)
+    assert len(reads) == 1, "a cached tokenizer must not read the data again"
+    assert second.get_vocab() == first.get_vocab()
+    recipe.build_tokenizer(apply_overrides(cfg, ["data.max_train_rows=50"]))
+    assert len(reads) == 2, "other rows: another vocabulary"
+
+
 def _rows(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
