@@ -80,10 +80,10 @@ def measure(model_args: dict, overrides: list[str]) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from launcher.config import RunConfig
+    from launcher.environment import quiet_libraries
     from launcher.overrides import apply_overrides
     from launcher.worker import dist
     from launcher.worker.adapters import apply_adapter
-    from launcher.worker.main import quiet_libraries
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.strategies import EngineInputs, build_engine
 

@@ -30,8 +30,8 @@ def peer(rows: int, batch: int, max_length: int, lr: float) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from launcher.environment import quiet_libraries
     from launcher.models import resolve_model
-    from launcher.worker.main import quiet_libraries
 
     quiet_libraries()
     transformers.utils.logging.disable_progress_bar()

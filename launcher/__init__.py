@@ -8,3 +8,12 @@ def run_recipe(recipe, argv=None) -> None:
     from launcher.worker.main import run_recipe as _run
 
     _run(recipe, argv)
+
+
+def _install_moved_paths() -> None:
+    from launcher._moved import install
+
+    install()
+
+
+_install_moved_paths()

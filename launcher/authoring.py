@@ -8,7 +8,7 @@ import os
 import re
 
 from launcher.errors import ConfigError
-from launcher.plan import write_atomic
+from launcher.files import write_atomic
 
 _RECIPE_NAME = re.compile(r'^(\s*recipe:\s*ClassVar\[str\]\s*=\s*)"([^"]*)"', re.MULTILINE)
 

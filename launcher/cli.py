@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -117,12 +116,12 @@ def cmd_new(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from launcher.worker.main import quiet_libraries
+    from launcher.environment import quiet_libraries
 
     quiet_libraries()
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give at least 1 process")
-    from launcher.overrides import apply_overrides, to_dict
+    from launcher.overrides import apply_overrides
     from launcher.plan import check, make_plan, resolve
     from launcher.recipe import load_recipe
 
@@ -140,16 +139,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe.check(cfg)
 
     from launcher.launch.commands import local_commands, render
-    from launcher.launch.execute import free_port
+    from launcher.net import free_port
 
     plan = make_plan(args.recipe, cfg, args.nproc)
     plan_path = os.path.join(os.path.abspath(cfg.output_dir), "plan.json")
     commands = local_commands(plan.recipe, plan_path, args.nproc, free_port())
     if args.dry_run:
-        print_dry_run(to_dict(cfg), plan_path, [render(c) for c in commands], cfg, args.nproc, env.cuda)
+        from launcher.views import print_dry_run
+        from launcher.worker.strategies import dry_run_sections
+
+        sections = dry_run_sections(cfg, args.nproc, env.cuda)
+        print_dry_run(plan.to_json(), plan_path, [render(c) for c in commands], args.nproc, sections)
         return 0
+    from launcher.files import write_atomic
     from launcher.launch.execute import run_local
-    from launcher.plan import write_atomic
 
     write_atomic(plan_path, plan.to_json())
     return run_local(commands)
@@ -159,43 +162,6 @@ def check_nproc(nproc: int, gpus: int) -> None:
     """One process per GPU: more processes than GPUs would share devices (CPU machines take any number)."""
     if gpus and nproc > gpus:
         raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPU(s); use --nproc {gpus} or fewer")
-
-
-def print_dry_run(config: dict, plan_path: str, lines: list[str], cfg, nproc: int, cuda: bool = False) -> None:
-    from rich.console import Console
-    from rich.syntax import Syntax
-
-    from launcher.config import Zero
-
-    console = Console(highlight=False)
-    console.print("[bold]resolved configuration[/]")
-    console.print(Syntax(json.dumps(config, indent=2), "json", theme="ansi_dark", background_color="default"))
-    console.print(f"[bold]commands[/] ({nproc} process(es); each reads the plan written to {plan_path})")
-    for line in lines:
-        console.print(line, soft_wrap=True)
-    if isinstance(cfg.strategy, Zero):
-        from launcher.worker.strategies.zero_config import deepspeed_config
-
-        console.print("[bold]DeepSpeed config[/]")
-        ds = json.dumps(deepspeed_config(cfg, nproc, cuda=cuda), indent=2)
-        console.print(Syntax(ds, "json", theme="ansi_dark", background_color="default"))
-    console.print("[dim]dry run: nothing was started or written[/]")
-
-
-def print_settings(cfg) -> None:
-    """Every setting of a recipe's config with its default and docstring (a recipe's --help)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from launcher.overrides import describe
-
-    table = Table(title=f"settings of {type(cfg).recipe} (override as key=value)", title_justify="left")
-    table.add_column("setting", style="bold cyan", no_wrap=True)
-    table.add_column("default")
-    table.add_column("meaning")
-    for path, value, doc in describe(cfg):
-        table.add_row(path, value, doc)
-    Console().print(table)
 
 
 if __name__ == "__main__":

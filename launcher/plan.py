@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,17 +159,11 @@ def make_plan(recipe_path: str, cfg: RunConfig, world_size: int) -> Plan:
     return Plan(recipe=os.path.abspath(recipe_path), world_size=world_size, config=to_dict(cfg))
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def __getattr__(name: str):
+    if name == "write_atomic":  # moved in 0.2; recipes users copied import it from here
+        from launcher._moved import warn_moved
+        from launcher.files import write_atomic
+
+        warn_moved("launcher.plan.write_atomic", "launcher.files.write_atomic")
+        return write_atomic
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -178,7 +178,7 @@ def eval_outputs(outputs, batch) -> dict:
 
 
 def compute_metrics(gathered: dict, task: Task) -> dict[str, float]:
-    from launcher.worker.metrics import accuracy, macro_f1
+    from launcher.tasks.metrics import accuracy, macro_f1
 
     pred, label = gathered["pred"].long(), gathered["label"].long()
     return {"accuracy": accuracy(pred, label), "f1": macro_f1(pred, label, len(task.info["labels"]))}

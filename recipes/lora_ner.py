@@ -71,7 +71,7 @@ class Config(RunConfig):
 
 def _read(path: str, setting: str, d: NerData):
     """A table of valid rows: words and tags lists of equal length, BIO tags repaired to IOB2."""
-    from launcher.tagger import repair_bio
+    from launcher.tasks.tagging import repair_bio
 
     fields = {"data.tokens_field": (d.tokens_field, "words"), "data.tags_field": (d.tags_field, "words")}
     table, notes = check_rows(load_table(path, setting), path, setting, fields)
@@ -97,7 +97,7 @@ def _read(path: str, setting: str, d: NerData):
 
 def _labels(tag_lists) -> list[str]:
     """O first, then per type B before I, so label ids are stable across runs."""
-    from launcher.tagger import check_bio
+    from launcher.tasks.tagging import check_bio
 
     seen = {t for tags in tag_lists for t in tags}
     problem = check_bio(sorted(seen))
@@ -146,7 +146,7 @@ def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     from launcher.models import resolve_model
-    from launcher.vocab import char_tokenizer
+    from launcher.tasks.vocab import char_tokenizer
 
     if cfg.tokenizer == "chars":
         train = load_table(cfg.data.train, "data.train")
@@ -155,7 +155,7 @@ def build_tokenizer(cfg: Config):
 
 
 def build_task(cfg: Config, tokenizer) -> Task:
-    from launcher.tagger import IGNORE, first_subtokens
+    from launcher.tasks.tagging import IGNORE, first_subtokens
 
     d = cfg.data
     train, evaluation, labels, notes = _load(cfg)
@@ -220,7 +220,7 @@ def build_model(cfg: Config, task: Task):
     from transformers import AutoConfig, AutoModelForTokenClassification
 
     from launcher.models import resolve_model
-    from launcher.tagger import TokenTagger
+    from launcher.tasks.tagging import TokenTagger
 
     labels = task.info["labels"]
     names = {
@@ -248,7 +248,7 @@ def eval_outputs(outputs, batch) -> dict:
 
 
 def compute_metrics(gathered: dict, task: Task) -> dict[str, float]:
-    from launcher.spans import span_scores
+    from launcher.tasks.spans import span_scores
 
     labels, gold, kept = task.info["labels"], task.info["gold"], task.info["kept"]
     order = gathered["index"].tolist()

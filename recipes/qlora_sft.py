@@ -8,7 +8,7 @@ Runs unchanged under every launcher; settings are key=value overrides:
 
 Data: Alpaca rows (`instruction`, optional `input`, `output`) in the Stanford Alpaca prompt, or chat rows
 (`messages`: a list of {role: system|user|assistant, content}) in the tokenizer's chat template, or the built-in
-one (`<|role|>` lines, see launcher/sft.py) when it has none. Only response tokens are learnt. With packing,
+one (`<|role|>` lines, see launcher/tasks/sft.py) when it has none. Only response tokens are learnt. With packing,
 examples share fixed-length rows; position ids restart per example and the model builds a block-diagonal mask
 from them, so no example attends to another. Evaluation: loss and perplexity on the eval set, and greedy
 generations from the first eval prompts written to generations.jsonl in the run directory.
@@ -102,7 +102,7 @@ def _format(table, d: SftData, path: str) -> str:
 
 def _read(path: str, setting: str, d: SftData):
     """(table of valid rows, its format, notes)."""
-    from launcher.sft import ROLES
+    from launcher.tasks.sft import ROLES
 
     table = load_table(path, setting)
     kind = _format(table, d, path)
@@ -180,9 +180,9 @@ def _learns_tokenizer(cfg: Config) -> bool:
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    from launcher import datacache
+    from launcher.data import cache as datacache
     from launcher.models import resolve_model
-    from launcher.vocab import bpe_tokenizer, cached_tokenizer
+    from launcher.tasks.vocab import bpe_tokenizer, cached_tokenizer
 
     if _learns_tokenizer(cfg):
         d = cfg.data
@@ -210,7 +210,7 @@ def build_tokenizer(cfg: Config):
 
 def _generation_prompts(rows, kind: str, d: SftData, tokenizer) -> list[dict]:
     """Prompt ids (up to the last assistant turn / the Alpaca response) and the reference answer of `rows`."""
-    from launcher import sft
+    from launcher.tasks import sft
 
     prompts = []
     for row in rows:
@@ -226,7 +226,7 @@ def _generation_prompts(rows, kind: str, d: SftData, tokenizer) -> list[dict]:
 
 
 def build_task(cfg: Config, tokenizer) -> Task:
-    from launcher import sft
+    from launcher.tasks import sft
 
     d = cfg.data
     train, kind, evaluation, eval_kind, notes = _load(cfg)
@@ -349,7 +349,7 @@ def build_model(cfg: Config, task: Task):
 
 
 def eval_outputs(outputs, batch) -> dict:
-    from launcher.sft import token_losses
+    from launcher.tasks.sft import token_losses
 
     nll, count = token_losses(outputs.logits, batch["labels"])
     return {"nll": nll, "tokens": count}
@@ -364,8 +364,8 @@ def compute_metrics(gathered: dict, task: Task) -> dict[str, float]:
 def finish(engine, task: Task, cfg: Config, ranks) -> None:
     """Greedy generations from the first eval prompts, on every rank (forwards are collective under sharding);
     rank 0 writes them to generations.jsonl."""
-    from launcher.plan import write_atomic
-    from launcher.sft import greedy
+    from launcher.files import write_atomic
+    from launcher.tasks.sft import greedy
 
     prompts = task.info["prompts"]
     if not prompts:

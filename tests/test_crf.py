@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from launcher.crf import CRF, DISALLOWED_SCORE, bio_constraints
+from launcher.tasks.crf import CRF, DISALLOWED_SCORE, bio_constraints
 
 BIO4 = ["O", "B-PER", "I-PER", "B-LOC"]
 BIO5 = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]

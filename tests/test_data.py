@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import datacache
+from launcher.data import cache as datacache
 from launcher.data import check_rows, load_table
+from launcher.data.sampling import DistributedBatchSampler, global_batches
 from launcher.errors import ConfigError
-from launcher.sampling import DistributedBatchSampler, global_batches
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:

@@ -63,7 +63,7 @@ def test_dry_run_prints_config_commands_and_deepspeed_json_and_writes_nothing(ti
     )
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
-    assert '"name": "zero3"' in text and "resolved configuration" in text
+    assert '"name": "zero3"' in text and "resolved plan" in text and '"world_size": 2' in text
     assert text.count("--plan") == 2 and "RANK=1" in text and "MASTER_PORT=" in text
     assert '"stage": 3' in text and '"train_micro_batch_size_per_gpu": 8' in text
     assert not out.exists() and list(tmp_path.iterdir()) == []

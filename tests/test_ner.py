@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.tagger import IGNORE, TokenTagger, align_labels, check_bio, first_subtokens, repair_bio
+from launcher.tasks.tagging import IGNORE, TokenTagger, align_labels, check_bio, first_subtokens, repair_bio
 from tests.conftest import ROOT, run
 
 RECIPE = str(ROOT / "recipes" / "lora_ner.py")
@@ -57,7 +57,7 @@ def test_bio_repair_and_check():
 def test_char_tokenizer_is_deterministic_and_one_token_per_char(tmp_path):
     from transformers import AutoTokenizer
 
-    from launcher.vocab import char_tokenizer
+    from launcher.tasks.vocab import char_tokenizer
 
     data = [["刘", "家", "本"], ["家", "人"]]
     tok = char_tokenizer(data)

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from launcher import sft
-from launcher.sft import IGNORE
+from launcher.tasks import sft
+from launcher.tasks.sft import IGNORE
 from tests.conftest import ROOT, run
 
 RECIPE = str(ROOT / "recipes" / "qlora_sft.py")
@@ -21,7 +21,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def tok():
-    from launcher.vocab import bpe_tokenizer
+    from launcher.tasks.vocab import bpe_tokenizer
 
     return bpe_tokenizer(TEXTS, 400)
 
@@ -164,7 +164,7 @@ def test_greedy_runs_every_step_and_cuts_at_eos():
 
 
 def test_bpe_tokenizer_is_cached_and_identical(tmp_path):
-    from launcher.vocab import bpe_tokenizer, cached_tokenizer
+    from launcher.tasks.vocab import bpe_tokenizer, cached_tokenizer
 
     built = []
 

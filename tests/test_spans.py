@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.spans import bio_spans, span_scores
+from launcher.tasks.spans import bio_spans, span_scores
 
 
 def test_bio_spans_basic_and_conlleval_chunking():

@@ -13,7 +13,7 @@ import torch
 from launcher.data import EvalShard
 from launcher.launch.commands import RankCommand, local_commands, render
 from launcher.launch.execute import run_local
-from launcher.worker.metrics import accuracy, macro_f1
+from launcher.tasks.metrics import accuracy, macro_f1
 from launcher.worker.optim import lr_factor, param_groups
 from tests.conftest import ROOT
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,13 +12,6 @@ import time
 from launcher.launch.commands import RankCommand
 
 GRACE_SECONDS = 10.0
-
-
-def free_port() -> int:
-    """A TCP port free on this machine right now (for the rendezvous of a local job)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_local(commands: list[RankCommand]) -> int:

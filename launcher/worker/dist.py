@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from launcher.launch.execute import free_port
+from launcher.net import free_port
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from launcher.config import RunConfig
 from launcher.data import EvalShard
-from launcher.sampling import DistributedBatchSampler
+from launcher.data.sampling import DistributedBatchSampler
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.runlog import RunLog

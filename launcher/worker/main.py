@@ -11,61 +11,23 @@ import resource
 import signal
 import sys
 import time
-import warnings
 from types import ModuleType
 
 from launcher.config import Lora, RunConfig, choice_name
+from launcher.environment import quiet_libraries
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
+from launcher.files import write_atomic
 from launcher.models import resolve_model
 from launcher.overrides import apply_overrides, from_dict, to_dict
-from launcher.plan import Plan, check, make_plan, resolve, write_atomic
+from launcher.plan import Plan, check, make_plan, resolve
 from launcher.recipe import parse_worker_argv
-
-
-def quiet_libraries() -> None:
-    """No hub lookups for local files, one copy of each warning, no per-library progress bars."""
-    # Local files need no hub, and a hub lookup on a closed network waits for a timeout. HF_HUB_OFFLINE=0
-    # lets workers download models by hub id.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("once", category=UserWarning)
-    # bitsandbytes' CPU backend probes for an optional hub kernel package on import and warns when absent.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    # ... and its 8-bit matmul logs the same cast warning on every call: show each such message once.
-    once = logging.getLogger("bitsandbytes.autograd._functions")
-    if not any(isinstance(f, OncePerMessage) for f in once.filters):
-        once.addFilter(OncePerMessage())
-
-
-class OncePerMessage(logging.Filter):
-    """Let each distinct log message through the first time only."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: set[str] = set()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if message in self.seen:
-            return False
-        self.seen.add(message)
-        return True
-
-
-def _has_nvidia() -> bool:
-    return os.path.exists("/dev/nvidiactl")
 
 
 def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
     """The resolved, validated config for this rank (raises ConfigError)."""
     args = parse_worker_argv(argv)
     if args.help:
-        from launcher.cli import print_settings
+        from launcher.views import print_settings
 
         print_settings(recipe.Config())
         sys.exit(0)

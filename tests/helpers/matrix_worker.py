@@ -19,12 +19,12 @@ import traceback
 import torch
 
 from launcher.config import RunConfig
+from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.adapters import apply_adapter
 from launcher.worker.export import save_model
-from launcher.worker.main import quiet_libraries
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
 

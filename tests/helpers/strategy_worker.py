@@ -12,11 +12,11 @@ import sys
 
 import torch
 
+from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.recipe import load_recipe
 from launcher.worker import dist
 from launcher.worker.adapters import apply_adapter
-from launcher.worker.main import quiet_libraries
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from launcher.spans import split_bio
+from launcher.tasks.spans import split_bio
 
 # Score added to disallowed moves. Large and finite rather than -inf: -inf turns into NaN as soon as two of them meet in
 # a subtraction (logsumexp over an all-disallowed column, gradients), while -1e4 simply makes those paths vanish.

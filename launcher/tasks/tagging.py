@@ -14,8 +14,8 @@ from torch import nn
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from launcher.crf import CRF, bio_constraints
-from launcher.spans import split_bio
+from launcher.tasks.crf import CRF, bio_constraints
+from launcher.tasks.spans import split_bio
 
 IGNORE = -100
 """The label of positions no loss is taken on (torch's cross-entropy default)."""

@@ -66,11 +66,11 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int):
 
 
 def cached_tokenizer(key: dict, build, cache_dir: str):
-    """A tokenizer built once per node (file lock, see launcher.datacache) and read by every rank: all ranks get
+    """A tokenizer built once per node (file lock, see launcher.data.cache) and read by every rank: all ranks get
     byte-identical vocabularies, and the next run reuses it (which keeps the tokenized-data cache valid)."""
     from transformers import AutoTokenizer
 
-    from launcher import datacache
+    from launcher.data import cache as datacache
 
     entry = datacache.cached(
         key,

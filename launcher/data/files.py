@@ -1,13 +1,11 @@
-"""Reading local data files with precise errors, and the samplers and padding every recipe shares."""
+"""Reading local data files and checking their rows, with errors that name the setting, the row and the fix."""
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from launcher.config import DataConfig
 from launcher.errors import ConfigError
 
 # extension -> (datasets builder, its options)
@@ -146,89 +144,6 @@ def _show(value: Any) -> str:
     return f"{text[:40]}... ({type(value).__name__})" if len(text) > 40 else f"{text} ({type(value).__name__})"
 
 
-# Data settings that change how batches are drawn or where the cache lives, not what tokenization produces.
-NOT_TOKENIZATION = ("group_by_length", "cache", "cache_dir")
-
-
 def first_rows(table, n: int):
     """The first `n` rows of a table (`data.max_train_rows` / `data.max_eval_rows`); all of them when n is 0."""
     return table.select(range(min(n, len(table)))) if n else table
-
-
-def data_settings(data: DataConfig) -> dict[str, Any]:
-    """The data section as a cache-key part: every setting except those in NOT_TOKENIZATION."""
-    from launcher.overrides import to_dict
-
-    return {k: v for k, v in to_dict(data).items() if k not in NOT_TOKENIZATION}
-
-
-def tokenize(
-    table,
-    encode: Callable[[dict[str, list]], dict[str, list]],
-    *,
-    data: DataConfig,
-    source: str,
-    split: str,
-    tokenizer: Any,
-    settings: dict[str, Any],
-    code: str,
-    notes: list[str] | None = None,
-):
-    """`table.map(encode, batched=True)` plus a `length` column, done once and cached (see launcher.datacache).
-
-    The cache key is the content of `source` (the file or folder the rows came from), the tokenizer, `settings`
-    (everything the recipe's encoding depends on: fields, max length, label names...) and the recipe file `code`.
-    Returns (tokenized table, notes for the run log)."""
-    from launcher import datacache
-
-    def with_length(rows):
-        out = encode(rows)
-        out["length"] = [len(ids) for ids in out["input_ids"]]
-        return out
-
-    def build():
-        return table.map(with_length, batched=True, remove_columns=table.column_names), list(notes or [])
-
-    if not data.cache:
-        return build()
-    key = {
-        "split": split,
-        "data": datacache.file_digest(source),
-        "rows": len(table),
-        "tokenizer": datacache.tokenizer_digest(tokenizer),
-        "settings": settings,
-        "code": datacache.file_digest(code),
-    }
-    entry = datacache.cached(key, build, data.cache_dir or datacache.default_dir(), wait_message=f"tokenizing {split}")
-    how = "reused" if entry.reused else "tokenized and cached"
-    return entry.table, [*entry.notes, f"{split}: {how} {len(entry.table):,} rows ({entry.path})"]
-
-
-def pad_batch(rows: list[dict[str, list[int]]], pad_id: int, keys: tuple[str, ...]) -> dict[str, Any]:
-    """Right-pad the token lists in `keys` to the longest row (dynamic padding)."""
-    import torch
-
-    longest = max(len(r["input_ids"]) for r in rows)
-    out = {}
-    for key in keys:
-        if key not in rows[0]:
-            continue
-        fill = pad_id if key == "input_ids" else 0
-        out[key] = torch.tensor([r[key] + [fill] * (longest - len(r[key])) for r in rows], dtype=torch.long)
-    return out
-
-
-class EvalShard:
-    """This rank's slice of the eval set (`rank::world`), padded with -1 so every rank runs the same number
-    of batches: sharded strategies (ZeRO-3, FSDP) need every rank in every forward. -1 rows are dropped."""
-
-    def __init__(self, size: int, rank: int, world: int):
-        self.indices = list(range(rank, size, world))
-        self.length = math.ceil(size / world)
-
-    def __iter__(self) -> Iterator[int]:
-        yield from self.indices
-        yield from [-1] * (self.length - len(self.indices))
-
-    def __len__(self) -> int:
-        return self.length

@@ -1,0 +1,50 @@
+"""The process environment every launcher process and rank shares: offline hub, quiet libraries, one copy of
+each warning."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    """No hub lookups for local files, one copy of each warning, no per-library progress bars."""
+    # Local files need no hub, and a hub lookup on a closed network waits for a timeout. HF_HUB_OFFLINE=0
+    # lets workers download models by hub id.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("once", category=UserWarning)
+    from launcher._moved import MovedWarning
+
+    warnings.filterwarnings("default", category=MovedWarning)  # an old import path: the user must hear of it
+    # bitsandbytes' CPU backend probes for an optional hub kernel package on import and warns when absent.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # ... and its 8-bit matmul logs the same cast warning on every call: show each such message once.
+    once = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, OncePerMessage) for f in once.filters):
+        once.addFilter(OncePerMessage())
+
+
+class OncePerMessage(logging.Filter):
+    """Let each distinct log message through the first time only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _has_nvidia() -> bool:
+    return os.path.exists("/dev/nvidiactl")

@@ -1,0 +1,124 @@
+"""The package layout: one-way imports between launcher's modules, and the old import paths of moved modules."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGE = ROOT / "launcher"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """launcher module -> the launcher modules it imports anywhere in its body (function-level imports too)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name] = deps
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                found.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    return found
+
+
+def test_no_module_of_the_package_imports_itself_back():
+    graph = import_graph()
+    # A package's __init__ re-exporting its submodules is not a circle: drop edges from a package to its children.
+    graph = {m: {d for d in deps if not d.startswith(m + ".")} for m, deps in graph.items()}
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
+
+
+def test_deciders_and_the_data_layer_never_import_the_worker_or_the_spawner():
+    graph = import_graph()
+    for module, deps in graph.items():
+        if module.startswith(("launcher.worker", "launcher.launch")) or module in ("launcher.cli", "launcher"):
+            continue
+        bad = {d for d in deps if d.startswith(("launcher.worker", "launcher.launch"))}
+        assert not bad, f"{module} imports {bad}"
+
+
+MOVED = [
+    ("launcher.tagger", "launcher.tasks.tagging", "TokenTagger"),
+    ("launcher.crf", "launcher.tasks.crf", "CRF"),
+    ("launcher.spans", "launcher.tasks.spans", "span_scores"),
+    ("launcher.sft", "launcher.tasks.sft", "pack"),
+    ("launcher.vocab", "launcher.tasks.vocab", "char_tokenizer"),
+    ("launcher.datacache", "launcher.data.cache", "cached"),
+    ("launcher.sampling", "launcher.data.sampling", "DistributedBatchSampler"),
+    ("launcher.worker.metrics", "launcher.tasks.metrics", "accuracy"),
+]
+
+
+@pytest.mark.parametrize("old,new,name", MOVED)
+def test_old_import_paths_still_work_and_say_where_the_module_went(old, new, name):
+    code = (
+        "import warnings, importlib\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        f"    from {old} import {name} as a\n"
+        f"from {new} import {name} as b\n"
+        f"assert a is b and importlib.import_module({old!r}) is importlib.import_module({new!r})\n"
+        f"assert importlib.import_module({new!r}).__spec__.name == {new!r}\n"
+        "print([str(w.message) for w in seen])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{old} moved to {new}; import it from there" in proc.stdout
+
+
+def test_write_atomic_at_its_old_path_warns_and_works(tmp_path):
+    code = (
+        "import warnings\nwarnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    from launcher.plan import write_atomic\n"
+        f"write_atomic({str(tmp_path / 'x.txt')!r}, 'hi')\n"
+        "print([str(w.message) for w in seen])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "launcher.plan.write_atomic moved to launcher.files.write_atomic" in proc.stdout
+    assert (tmp_path / "x.txt").read_text() == "hi"
+
+
+def test_a_recipe_on_an_old_path_shows_the_warning_in_a_run(tmp_path):
+    """quiet_libraries hides FutureWarnings from libraries, but not ours about a moved path."""
+    code = "from launcher.environment import quiet_libraries\nquiet_libraries()\nimport launcher.spans\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "launcher.spans moved to launcher.tasks.spans" in proc.stderr, proc.stderr
