@@ -121,47 +121,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give at least 1 process")
-    from launcher.overrides import apply_overrides
-    from launcher.plan import check, make_plan, resolve
-    from launcher.recipe import load_recipe
-
-    recipe = load_recipe(args.recipe)
-    cfg = apply_overrides(recipe.Config(), args.overrides)
-    from launcher.worker.dist import launch_env
-
-    env = launch_env(args.nproc)
-    if env.cuda:
-        import torch
-
-        check_nproc(args.nproc, torch.cuda.device_count())
-    cfg = resolve(cfg, env)
-    check(cfg, env)
-    recipe.check(cfg)
-
+    from launcher.job import Job, has_cuda, launch_env
     from launcher.launch.commands import local_commands, render
     from launcher.net import free_port
+    from launcher.plan import PLAN_FILE, build_plan
+    from launcher.recipe import Recipe
 
-    plan = make_plan(args.recipe, cfg, args.nproc)
-    plan_path = os.path.join(os.path.abspath(cfg.output_dir), "plan.json")
+    recipe = Recipe.load(args.recipe)
+    job = Job(world_size=args.nproc, local_world_size=args.nproc, cuda=has_cuda())
+    plan = build_plan(recipe, args.overrides, launch_env(job))
+    plan_path = os.path.join(os.path.abspath(plan.config.output_dir), PLAN_FILE)
     commands = local_commands(plan.recipe, plan_path, args.nproc, free_port())
     if args.dry_run:
         from launcher.views import print_dry_run
         from launcher.worker.strategies import dry_run_sections
 
-        sections = dry_run_sections(cfg, args.nproc, env.cuda)
+        sections = dry_run_sections(plan.config, args.nproc, job.cuda)
         print_dry_run(plan.to_json(), plan_path, [render(c) for c in commands], args.nproc, sections)
         return 0
     from launcher.files import write_atomic
     from launcher.launch.execute import run_local
 
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
     write_atomic(plan_path, plan.to_json())
     return run_local(commands)
-
-
-def check_nproc(nproc: int, gpus: int) -> None:
-    """One process per GPU: more processes than GPUs would share devices (CPU machines take any number)."""
-    if gpus and nproc > gpus:
-        raise ConfigError(f"--nproc {nproc}: this machine has {gpus} GPU(s); use --nproc {gpus} or fewer")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""From a user's config to the one resolved Plan every rank reads.
+"""From a recipe and the user's settings to the one Plan every rank reads and checks.
 
-`resolve` fills in everything that depends on where the job runs (auto strategy, auto precision,
-the run directory) and `validate` collects every problem at once. Both are pure: the launch
-environment is passed in, so tests need no processes.
+`build_plan` is the only way a Plan is made, by `launcher run`, by the direct forms (`python`, `torchrun`,
+`deepspeed`) and by `--dry-run`: overrides -> `resolve` (auto strategy, auto precision, the run directory) ->
+`validate` (every problem at once, the compatibility rules included) -> what this machine cannot run -> the
+recipe's own data checks. The launch environment is passed in, so tests need no processes. A rank that is handed
+a Plan checks it against the job it is in (`check_job`) and never resolves it again.
 """
 
 from __future__ import annotations
@@ -11,53 +13,66 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, default_output_dir
 from launcher.errors import ConfigError
+from launcher.job import Job, LaunchEnv
 from launcher.overrides import from_dict, to_dict
 
+if TYPE_CHECKING:
+    from launcher.recipe import Recipe
 
-@dataclass(frozen=True, kw_only=True)
-class LaunchEnv:
-    """What the job can see of where it runs."""
+__all__ = ["LaunchEnv", "Plan", "build_plan", "check_job", "read_plan", "resolve", "validate"]
 
-    world_size: int = 1
-    """Processes in the job."""
-    local_world_size: int = 1
-    """Processes on this node."""
-    deepspeed_runner: bool = False
-    """Started by DeepSpeed's own runner (`deepspeed ...`), which appends --local_rank."""
-    cuda: bool = False
-    """CUDA devices are present."""
-    bf16_supported: bool = False
-    """The devices compute bf16 natively."""
-    libaio: bool = False
-    """libaio is installed (DeepSpeed's asynchronous NVMe I/O needs it)."""
-    now: float | None = None
-    """Wall-clock time used for the default run directory name (None: the current time)."""
+
+PLAN_FILE = "config.json"
+"""The Plan's name in a run directory: written once, by whoever built the plan, before any rank trains."""
 
 
 @dataclass(kw_only=True)
 class Plan:
-    """The resolved run: what every rank executes. Serialized to `output_dir/config.json`."""
+    """The resolved run: what every rank executes and what it checks the job it finds itself in against."""
 
     recipe: str
-    """Path of the recipe module."""
+    """Absolute path of the recipe module."""
+    name: str
+    """The recipe's name (`Config.recipe`): a plan is refused by any other recipe."""
     world_size: int
     """Processes in the job."""
-    config: dict[str, Any]
-    """The resolved configuration, as `to_dict` writes it."""
+    local_world_size: int
+    """Processes per node."""
+    nodes: int = 1
+    """Nodes in the job."""
+    hosts: list[str] = dataclasses.field(default_factory=list)
+    """Host names of the nodes, in node-rank order (multi-node launches fill it; empty on one node)."""
+    device: str = "cpu"
+    """Device kind every rank must see: cpu or cuda."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the user should hear before the run starts (e.g. a setting that is ignored)."""
+    config: Any = None
+    """The resolved configuration: an instance of the recipe's Config."""
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return json.dumps({**fields, "config": to_dict(self.config)}, indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        return cls(**json.loads(text))
-
-    def build_config(self, config_cls: type) -> Any:
-        return from_dict(config_cls, self.config)
+    def from_json(cls, text: str, config_cls: type) -> Plan:
+        """Rebuild a plan written by `to_json`; `config_cls` is the recipe's Config."""
+        data = json.loads(text)
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        ]
+        if missing or not isinstance(data.get("config"), dict):
+            raise ValueError(f"not a plan: {', '.join(missing) or 'config'} missing")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(
+            **{k: v for k, v in data.items() if k in known and k != "config"},
+            config=from_dict(config_cls, data["config"]),
+        )
 
 
 def resolve(cfg: RunConfig, env: LaunchEnv) -> RunConfig:
@@ -135,6 +150,11 @@ def environment_problems(cfg: RunConfig, env: LaunchEnv) -> list[str]:
             "precision=fp16 under DeepSpeed needs GPUs: its CPU accelerator has no fp16; "
             "use precision=bf16 or fp32 here, or strategy=ddp / strategy=fsdp (torch's loss scaler runs on CPUs)"
         )
+    if env.cuda and env.gpus and env.local_world_size > env.gpus:
+        problems.append(
+            f"{env.local_world_size} processes on this node, but it has {env.gpus} GPU(s): one process per GPU; "
+            f"use --nproc {env.gpus} or fewer"
+        )
     if cfg.precision == "bf16" and env.cuda and not env.bf16_supported:
         problems.append("precision=bf16: these GPUs do not compute bf16; use precision=fp16 (or fp32)")
     return problems
@@ -155,8 +175,111 @@ def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
         raise ConfigError(problems)
 
 
-def make_plan(recipe_path: str, cfg: RunConfig, world_size: int) -> Plan:
-    return Plan(recipe=os.path.abspath(recipe_path), world_size=world_size, config=to_dict(cfg))
+def ignored_settings(cfg: RunConfig, given: set[str]) -> list[str]:
+    """Settings the user gave (`given`: dotted keys) that this configuration never reads, each with the reason."""
+    t, d = cfg.train, cfg.data
+    rules = [
+        ("train.epochs", t.max_steps > 0, f"train.max_steps={t.max_steps} sets the length of the run"),
+        ("train.eval_every", not d.eval, "there is no eval set (data.eval is empty)"),
+        ("train.eval_at_start", not d.eval, "there is no eval set (data.eval is empty)"),
+        ("data.max_eval_rows", not d.eval, "there is no eval set (data.eval is empty)"),
+        ("data.cache_dir", not d.cache, "data.cache=false: nothing is cached"),
+        ("train.warmup_ratio", t.lr <= 0, "the learning rate is not positive"),
+    ]
+    s = cfg.strategy
+    if isinstance(s, Zero):
+        rules.append(
+            (
+                "strategy.offload_dir",
+                "nvme" not in (s.offload_optimizer, s.offload_params),
+                "nothing is offloaded to nvme",
+            )
+        )
+    if isinstance(s, Fsdp):
+        rules.append(
+            ("strategy.shard_group_size", s.shard != "hybrid", "strategy.shard=full shards over every process")
+        )
+    out = []
+    for key, ignored, reason in rules:
+        if key in given and ignored:
+            out.append(f"{key}={_value(cfg, key)} is ignored: {reason}")
+    return out
+
+
+def _value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
+    """The one way to make a Plan: overrides -> resolve -> validate (settings, compatibility, this machine, the
+    model) -> the recipe's data checks. Raises ConfigError with every problem found."""
+    from launcher.overrides import apply_overrides, split_override
+
+    cfg = resolve(apply_overrides(recipe.Config(), overrides), env)
+    check(cfg, env)
+    recipe.check(cfg)
+    return Plan(
+        recipe=recipe.path,
+        name=type(cfg).recipe,
+        world_size=env.world_size,
+        local_world_size=env.local_world_size,
+        nodes=max(1, env.world_size // max(1, env.local_world_size)),
+        device="cuda" if env.cuda else "cpu",
+        notes=ignored_settings(cfg, {split_override(o)[0] for o in overrides}),
+        config=cfg,
+    )
+
+
+def check_job(plan: Plan, job: Job, source: str) -> list[str]:
+    """What differs between the job a plan was made for and the job this rank is in (empty: they agree).
+    `source` names where the plan came from, for the message."""
+    problems = []
+    recipe = _shown(plan.recipe)
+    fix = (
+        f"start it with {plan.world_size} process(es), {plan.local_world_size} per node (e.g. torchrun "
+        f"--nproc_per_node {plan.local_world_size} {recipe} --plan {source}), or plan for this job instead: "
+        f"launcher run {recipe} --nproc {job.local_world_size}"
+    )
+    if plan.world_size != job.world_size:
+        problems.append(f"{source} was written for {plan.world_size} process(es), this job has {job.world_size}: {fix}")
+    elif plan.local_world_size != job.local_world_size:
+        problems.append(
+            f"{source} was written for {plan.local_world_size} process(es) per node, this node runs "
+            f"{job.local_world_size}: {fix}"
+        )
+    if plan.device != job.device_kind:
+        problems.append(
+            f"{source} was written for {plan.device} devices, this rank sees {job.device_kind}: run it where "
+            f"{plan.device} devices are, or plan for this machine: launcher run {recipe} --nproc {job.local_world_size}"
+        )
+    return problems
+
+
+def _shown(path: str) -> str:
+    """A path as short as it reads well: relative to here when it lies below, else absolute."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def read_plan(path: str, recipe: Recipe) -> Plan:
+    """The plan in `path` (a plan file or a run directory), refused when it belongs to another recipe."""
+    if os.path.isdir(path):
+        path = os.path.join(path, PLAN_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--plan {path}: no such file; a run's plan is RUN_DIR/{PLAN_FILE} (or give RUN_DIR)")
+    try:
+        with open(path) as f:
+            plan = Plan.from_json(f.read(), recipe.Config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--plan {path}: not a plan written by launcher ({e}); give a run's {PLAN_FILE}") from None
+    if plan.name != recipe.Config.recipe:
+        raise ConfigError(
+            f"--plan {path} was made for recipe {plan.name}, not {recipe.Config.recipe}: "
+            f"run {plan.recipe} --plan {path}"
+        )
+    return plan
 
 
 def __getattr__(name: str):

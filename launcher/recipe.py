@@ -1,31 +1,40 @@
 """Loading recipe modules and reading a rank's command line.
 
-A recipe is a plain module that defines:
+A recipe is a plain module that defines (docs/recipes.md is the contract):
   - `Config`: a `RunConfig` subclass with the task's defaults (and `recipe = "<name>"`);
   - `check(cfg)`: validate the data before any worker starts (raise ConfigError);
   - `build_task(cfg, tokenizer)`: datasets, collate function and anything the model needs;
   - `build_model(cfg, task)`: the base model (the launcher applies the adapter);
   - `eval_outputs(outputs, batch)`: per-example tensors to gather for metrics;
   - `compute_metrics(gathered, task)`: metrics over the whole eval set;
-and ends with `if __name__ == "__main__": main()` where `main` calls `launcher.run_recipe`.
-See docs/recipes.md.
+optionally the hooks in OPTIONAL, and ends with `if __name__ == "__main__": main()` where `main` calls
+`launcher.run_recipe`. `Recipe` is the checked view of such a module the rest of the launcher uses.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import Any
 
 from launcher.errors import ConfigError
 
 REQUIRED = ("Config", "check", "build_task", "build_model", "eval_outputs", "compute_metrics")
+OPTIONAL = {
+    "build_tokenizer": "build_tokenizer(cfg) -> the tokenizer, when it is not the model folder's",
+    "finish": "finish(engine, task, cfg, ranks): after the final evaluation, on every rank",
+}
+"""Optional hooks: name -> what it is. A recipe function with a name close to one of these is a misspelling."""
 
 
 def load_recipe(path: str) -> ModuleType:
-    """Import a recipe file by path without running its `main`."""
+    """Import a recipe file by path without running its `main`; its contract is checked."""
     if not os.path.isfile(path):
         raise ConfigError(f"recipe '{path}' does not exist: give the path of a recipe file, e.g. recipes/lora_cls.py")
     name = "launcher_recipe_" + os.path.splitext(os.path.basename(path))[0]
@@ -40,9 +49,61 @@ def load_recipe(path: str) -> ModuleType:
 
 
 def check_contract(module: ModuleType, path: str) -> None:
+    """Required names present; no function whose name is a near miss of a hook (it would silently never run)."""
+    problems = []
     missing = [n for n in REQUIRED if not hasattr(module, n)]
     if missing:
-        raise ConfigError(f"recipe '{path}' does not define {', '.join(missing)}: see docs/recipes.md")
+        problems.append(f"recipe '{path}' does not define {', '.join(missing)}: see docs/recipes.md")
+    hooks = [*REQUIRED, *OPTIONAL]
+    for name, value in vars(module).items():
+        if name.startswith("_") or name in hooks or name == "main" or not inspect.isfunction(value):
+            continue
+        if value.__module__ != module.__name__:
+            continue  # imported, not the recipe's own
+        close = difflib.get_close_matches(name, hooks, n=1, cutoff=0.8)
+        if close:
+            problems.append(
+                f"recipe '{path}' defines {name}(), which is not a recipe hook and would never be called: "
+                f"did you mean {close[0]}? (hooks: {', '.join(hooks)}; see docs/recipes.md)"
+            )
+    if problems:
+        raise ConfigError(problems)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A recipe module, checked: its required functions, and its optional hooks or None."""
+
+    module: ModuleType
+    path: str
+    """Absolute path of the recipe file."""
+    Config: type
+    check: Callable[[Any], None]
+    build_task: Callable[..., Any]
+    build_model: Callable[..., Any]
+    eval_outputs: Callable[..., dict]
+    compute_metrics: Callable[..., dict]
+    build_tokenizer: Callable[[Any], Any] | None = None
+    finish: Callable[..., None] | None = None
+
+    @classmethod
+    def of(cls, module: ModuleType) -> Recipe:
+        path = os.path.abspath(getattr(module, "__file__", None) or module.__name__)
+        check_contract(module, path)
+        return cls(
+            module=module,
+            path=path,
+            **{n: getattr(module, n) for n in REQUIRED},
+            **{n: getattr(module, n, None) for n in OPTIONAL},
+        )
+
+    @classmethod
+    def load(cls, path: str) -> Recipe:
+        return cls.of(load_recipe(path))
+
+    @property
+    def name(self) -> str:
+        return self.Config.recipe
 
 
 @dataclass

@@ -106,8 +106,9 @@ def test_json_round_trip_keeps_choices_and_recipe_fields(recipe):
     cfg = apply_overrides(recipe.Config(), ["strategy=zero3", "adapter.r=8", "data.max_length=64"])
     again = from_dict(recipe.Config, to_dict(cfg))
     assert again == cfg and again.strategy == Zero(stage=3)
-    plan = Plan(recipe=RECIPE, world_size=2, config=to_dict(cfg))
-    assert Plan.from_json(plan.to_json()).build_config(recipe.Config) == cfg
+    plan = Plan(recipe=RECIPE, name="lora_cls", world_size=2, local_world_size=2, config=cfg)
+    again = Plan.from_json(plan.to_json(), recipe.Config)
+    assert again == plan and again.config == cfg and isinstance(again.config, recipe.Config)
 
 
 def _all_config_classes(recipe):

@@ -5,10 +5,6 @@ from __future__ import annotations
 import json
 import sys
 
-import pytest
-
-from launcher.cli import check_nproc
-from launcher.errors import ConfigError
 from tests.conftest import RECIPE, run, tiny_args
 
 
@@ -65,11 +61,15 @@ def test_direct_python_form_refuses_the_same_way(tiny_model, tiny_data, tmp_path
     assert "strategy=zero9: unknown strategy" in err
 
 
-def test_nproc_beyond_the_gpus_is_refused():
-    check_nproc(4, gpus=0)  # CPU machines run any number of processes
-    check_nproc(2, gpus=2)
-    with pytest.raises(ConfigError, match=r"--nproc 4: this machine has 2 GPU\(s\); use --nproc 2 or fewer"):
-        check_nproc(4, gpus=2)
+def test_nproc_beyond_the_gpus_is_refused(tiny_model):
+    from launcher.config import RunConfig
+    from launcher.plan import LaunchEnv, environment_problems
+
+    cfg = RunConfig(model=str(tiny_model))
+    assert environment_problems(cfg, LaunchEnv(world_size=4, local_world_size=4)) == []  # CPUs take any number
+    assert environment_problems(cfg, LaunchEnv(world_size=2, local_world_size=2, cuda=True, gpus=2)) == []
+    problems = environment_problems(cfg, LaunchEnv(world_size=4, local_world_size=4, cuda=True, gpus=2))
+    assert problems == ["4 processes on this node, but it has 2 GPU(s): one process per GPU; use --nproc 2 or fewer"]
 
 
 def test_unknown_cli_flag_is_a_usage_error(tmp_path):

@@ -190,7 +190,7 @@ def reload_predictions(run_dir: Path) -> list[list[int]]:
     from launcher.recipe import load_recipe
 
     recipe = load_recipe(RECIPE)
-    cfg = Plan.from_json((run_dir / "config.json").read_text()).build_config(recipe.Config)
+    cfg = Plan.from_json((run_dir / "config.json").read_text(), recipe.Config).config
     task = recipe.build_task(cfg, recipe.build_tokenizer(cfg))
     model = PeftModel.from_pretrained(recipe.build_model(cfg, task), str(run_dir / "adapter")).eval()
     preds = []

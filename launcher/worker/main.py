@@ -13,57 +13,61 @@ import sys
 import time
 from types import ModuleType
 
-from launcher.config import Lora, RunConfig, choice_name
+from launcher.config import Lora, choice_name
 from launcher.environment import quiet_libraries
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
 from launcher.files import write_atomic
+from launcher.job import Job, job_from_environ, launch_env
 from launcher.models import resolve_model
-from launcher.overrides import apply_overrides, from_dict, to_dict
-from launcher.plan import Plan, check, make_plan, resolve
-from launcher.recipe import parse_worker_argv
+from launcher.plan import PLAN_FILE, Plan, build_plan, check_job, read_plan
+from launcher.recipe import Recipe, parse_worker_argv
 
 
-def configure(recipe: ModuleType, argv: list[str]) -> RunConfig:
-    """The resolved, validated config for this rank (raises ConfigError)."""
+def plan_for_rank(recipe: Recipe, argv: list[str], job: Job) -> tuple[Plan, str | None]:
+    """This rank's plan and the file it came from: read from --plan (and checked against the job, never
+    resolved again), or built from the overrides by `build_plan` (source None). Raises ConfigError."""
     args = parse_worker_argv(argv)
     if args.help:
         from launcher.views import print_settings
 
         print_settings(recipe.Config())
         sys.exit(0)
-    if args.plan_path:  # `launcher run` already validated; every rank reads the same file
-        with open(args.plan_path) as f:
-            return Plan.from_json(f.read()).build_config(recipe.Config)
-    from launcher.worker.dist import launch_env, ranks_from_environ
+    if args.plan_path:
+        if args.overrides:
+            raise ConfigError(
+                f"settings ({' '.join(args.overrides)}) given with --plan {args.plan_path}: a plan is already "
+                f"resolved; drop the settings, or drop --plan to plan anew with them"
+            )
+        plan = read_plan(args.plan_path, recipe)
+        problems = check_job(plan, job, args.plan_path)
+        if problems:
+            raise ConfigError(problems)
+        return plan, args.plan_path
+    return build_plan(recipe, args.overrides, launch_env(job, deepspeed_runner=args.deepspeed_runner)), None
 
-    env = launch_env(ranks_from_environ()[2], deepspeed_runner=args.deepspeed_runner)
-    cfg = resolve(apply_overrides(recipe.Config(), args.overrides), env)
-    check(cfg, env)
-    recipe.check(cfg)
-    return cfg
 
-
-def run_recipe(recipe: ModuleType, argv: list[str] | None = None) -> None:
+def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     """Entry point of every recipe's `main()`, under any launcher."""
     quiet_libraries()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank is
     argv = sys.argv[1:] if argv is None else argv
-    rank = int(os.environ.get("RANK", "0"))
+    job = job_from_environ()
     try:
-        cfg = configure(recipe, argv)
+        recipe = Recipe.of(module)
+        plan, source = plan_for_rank(recipe, argv, job)
     except ConfigError as e:
-        if rank == 0:
+        if job.is_main:
             print(e.render(), file=sys.stderr)
         sys.exit(USAGE_EXIT_CODE)
-    _set_threads()
+    _set_threads(plan)
     from launcher.worker import dist
 
-    ranks = dist.init()
+    ranks = dist.init(job)
     code = 0
     try:
-        # One plan for every rank: rank 0's resolution (its timestamped run directory, say) wins.
-        cfg = from_dict(recipe.Config, dist.broadcast_object(to_dict(cfg)))
-        run(recipe, cfg, ranks)
+        if source is None:
+            plan = _agree(plan, recipe, job, ranks)
+        run(recipe, plan, ranks)
     except ConfigError as e:  # found only once the model exists (e.g. target modules it lacks): same on every rank
         if ranks.is_main:
             print(e.render(), file=sys.stderr)
@@ -73,6 +77,23 @@ def run_recipe(recipe: ModuleType, argv: list[str] | None = None) -> None:
         gc.collect()
         dist.shutdown()
     _exit(code, ranks.world_size)
+
+
+def _agree(plan: Plan, recipe: Recipe, job: Job, ranks) -> Plan:
+    """Direct forms (python, torchrun, deepspeed): every rank built a plan; rank 0's wins (its timestamped run
+    directory, say), every rank checks it against its own job, and rank 0 writes it, once."""
+    from launcher.worker import dist
+
+    if ranks.world_size > 1:
+        plan = Plan.from_json(dist.broadcast_object(plan.to_json()), recipe.Config)
+    problems = [
+        p for rank_problems in dist.gather_objects(check_job(plan, job, "rank 0's plan")) for p in rank_problems
+    ]
+    if problems:
+        raise ConfigError(sorted(set(problems)))
+    if ranks.is_main:
+        write_atomic(os.path.join(plan.config.output_dir, PLAN_FILE), plan.to_json())
+    return plan
 
 
 def _exit(code: int, world_size: int) -> None:
@@ -91,15 +112,14 @@ def _exit(code: int, world_size: int) -> None:
     os._exit(code)
 
 
-def _set_threads() -> None:
+def _set_threads(plan: Plan) -> None:
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if "OMP_NUM_THREADS" not in os.environ:  # the ranks of a node share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.local_world_size))
 
 
-def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
+def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -113,7 +133,8 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
 
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
-    if hasattr(recipe, "build_tokenizer"):  # e.g. one trained on the data, for a model built from a config
+    cfg = plan.config
+    if recipe.build_tokenizer is not None:  # e.g. one trained on the data, for a model built from a config
         tokenizer = recipe.build_tokenizer(cfg)
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
@@ -133,12 +154,16 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
         return opt, build_scheduler(opt, cfg.train, total)
 
     engine = build_engine(
-        EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=block_types)
+        EngineInputs(
+            model=model,
+            cfg=cfg,
+            device=ranks.device,
+            make_optimizer=make_optimizer,
+            block_types=block_types,
+            local_world_size=plan.local_world_size,
+        )
     )
     log = RunLog(cfg.output_dir, active=ranks.is_main, total_steps=total, log_every=cfg.train.log_every)
-    if ranks.is_main:
-        plan = make_plan(recipe.__file__, cfg, ranks.world_size)  # the same form as launcher run's plan.json
-        write_atomic(os.path.join(cfg.output_dir, "config.json"), plan.to_json())
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
     log.table(
         f"{type(cfg).recipe}: starting",
@@ -157,7 +182,7 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
             ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
             ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
             ("output", cfg.output_dir),
-            *[("note", note) for note in task.notes],
+            *[("note", note) for note in [*plan.notes, *task.notes]],
         ],
     )
 
@@ -168,7 +193,7 @@ def run(recipe: ModuleType, cfg: RunConfig, ranks) -> dict:
         log.eval(progress["steps"], metrics)
         if ranks.is_main:
             _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
-    if hasattr(recipe, "finish"):  # e.g. generations from the trained model; on every rank (collective forwards)
+    if recipe.finish is not None:  # e.g. generations from the trained model; on every rank (collective forwards)
         recipe.finish(engine, task, cfg, ranks)
     log.close()
     saved = save_model(engine, cfg, task, tokenizer, ranks)

@@ -29,6 +29,8 @@ class EngineInputs:
     """Called once with the module whose parameters the optimizer should own."""
     block_types: tuple[type, ...]
     """Transformer block classes (FSDP shards each one separately)."""
+    local_world_size: int = 1
+    """Processes per node, from the plan (FSDP's hybrid shard groups default to one node)."""
 
 
 @dataclass

@@ -6,8 +6,6 @@ all-reduced across groups). CPU offload keeps shards, gradients and the optimize
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -17,14 +15,14 @@ from launcher.config import Fsdp
 from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype
 
 
-def shard_group_size(strategy: Fsdp, world: int) -> int:
+def shard_group_size(strategy: Fsdp, world: int, local_world: int) -> int:
     if strategy.shard == "full":
         return world
-    return strategy.shard_group_size or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    return strategy.shard_group_size or local_world
 
 
-def device_mesh(strategy: Fsdp, device_type: str, world: int) -> DeviceMesh:
-    group = shard_group_size(strategy, world)
+def device_mesh(strategy: Fsdp, device_type: str, world: int, local_world: int) -> DeviceMesh:
+    group = shard_group_size(strategy, world, local_world)
     if strategy.shard == "full":
         return init_device_mesh(device_type, (world,))
     return init_device_mesh(device_type, (world // group, group), mesh_dim_names=("replicate", "shard"))
@@ -39,7 +37,7 @@ class FsdpEngine(Engine):
         offload = strategy.offload_params == "cpu"
         # Offloaded shards stay on the CPU; FSDP copies each block to the device for its forward and backward.
         self.module = inputs.model if offload else inputs.model.to(self.device)
-        mesh = device_mesh(strategy, self.device.type, torch.distributed.get_world_size())
+        mesh = device_mesh(strategy, self.device.type, torch.distributed.get_world_size(), inputs.local_world_size)
         dtype = compute_dtype(cfg.precision)
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
         policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offload else OffloadPolicy()

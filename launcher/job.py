@@ -1,0 +1,93 @@
+"""What a process can see of the job it runs in, read in this one place: the rank variables that `launcher run`,
+torchrun or DeepSpeed's runner set (none for a plain `python recipe.py`), and the devices of this machine.
+Everything else takes launch facts from a `Job` or from the plan."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchEnv:
+    """What the job can see of where it runs."""
+
+    world_size: int = 1
+    """Processes in the job."""
+    local_world_size: int = 1
+    """Processes on this node."""
+    deepspeed_runner: bool = False
+    """Started by DeepSpeed's own runner (`deepspeed ...`), which appends --local_rank."""
+    cuda: bool = False
+    """CUDA devices are present."""
+    gpus: int = 0
+    """CUDA devices on this machine."""
+    bf16_supported: bool = False
+    """The devices compute bf16 natively."""
+    libaio: bool = False
+    """libaio is installed (DeepSpeed's asynchronous NVMe I/O needs it)."""
+    now: float | None = None
+    """Wall-clock time used for the default run directory name (None: the current time)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """One process's view of its job."""
+
+    rank: int = 0
+    """Global rank (RANK)."""
+    local_rank: int = 0
+    """Rank on this node (LOCAL_RANK): the GPU it uses."""
+    world_size: int = 1
+    """Processes in the job (WORLD_SIZE)."""
+    local_world_size: int = 1
+    """Processes on this node (LOCAL_WORLD_SIZE from torchrun and ours, LOCAL_SIZE from DeepSpeed's runner)."""
+    cuda: bool = False
+    """This process sees CUDA devices."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if self.cuda else "cpu"
+
+
+def job_from_environ(environ: Mapping[str, str] | None = None, *, cuda: bool | None = None) -> Job:
+    """The Job described by the rank variables in `environ` (default: this process's); a job of one without them."""
+    env = os.environ if environ is None else environ
+    world = int(env.get("WORLD_SIZE", "1"))
+    rank = int(env.get("RANK", "0"))
+    return Job(
+        rank=rank,
+        local_rank=int(env.get("LOCAL_RANK", str(rank))),
+        world_size=world,
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world),
+        cuda=has_cuda() if cuda is None else cuda,
+    )
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def launch_env(job: Job, *, deepspeed_runner: bool = False) -> LaunchEnv:
+    """What this machine offers `job` (the input of `plan.build_plan`), probing the devices and libraries."""
+    import ctypes.util
+
+    import torch
+
+    return LaunchEnv(
+        world_size=job.world_size,
+        local_world_size=job.local_world_size,
+        deepspeed_runner=deepspeed_runner,
+        cuda=job.cuda,
+        gpus=torch.cuda.device_count() if job.cuda else 0,
+        bf16_supported=job.cuda and torch.cuda.is_bf16_supported(),
+        # DeepSpeed's NVMe offload does its I/O through libaio; without the library its aio op cannot build.
+        libaio=ctypes.util.find_library("aio") is not None,
+    )
