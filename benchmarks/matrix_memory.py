@@ -110,8 +110,8 @@ def measure(model_args: dict, overrides: list[str]) -> dict:
     blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
     model = apply_adapter(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device)
 
-    def make_optimizer(module):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer)
+    def make_optimizer(module, plain_groups=None):
+        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
         return opt, build_scheduler(opt, cfg.train, 10)
 
     engine = build_engine(

@@ -221,7 +221,8 @@ class DataConfig:
     """Where the data lives. Recipes subclass this with their own fields."""
 
     train: str = ""
-    """Training file (.jsonl, .json, .csv, .tsv or .parquet)."""
+    """Training file (.jsonl, .json, .csv, .tsv or .parquet), a saved-dataset folder, or sample:NAME (a sample
+    shipped with the launcher)."""
     eval: str = ""
     """Evaluation file, same formats; empty skips evaluation."""
     group_by_length: bool = True
@@ -263,6 +264,13 @@ class RunConfig:
     """Seed for model initialisation, LoRA initialisation and data shuffling."""
     output_dir: str = ""
     """Run directory; empty means runs/<recipe>-<date>-<time>."""
+
+    @property
+    def model_path(self) -> str:
+        """What `from_pretrained` loads for `model`: a folder (a packaged model's, by name), or `model` itself."""
+        from launcher.models import resolve_model
+
+        return resolve_model(self.model)
 
 
 # Fields whose value is a whole sub-configuration picked by name.

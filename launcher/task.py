@@ -26,6 +26,6 @@ class Task:
     lengths: list[int] | None = None
     """Token count of each training example; given, batches group examples of similar length."""
     notes: list[str] = field(default_factory=list)
-    """What the run log should tell the user about the data (skipped rows, cache reuse)."""
+    """Extra lines for the run log (the data layer notes skipped rows and cache reuse itself: launcher.data.note)."""
     count_tokens: Callable[[dict], int] | None = None
     """Real (non-padding) tokens in a batch, for tokens/s; default: the attention mask's sum."""

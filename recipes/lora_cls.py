@@ -14,7 +14,6 @@ file and saved beside the adapter as labels.json.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -23,20 +22,19 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import check_rows, data_settings, first_rows, load_table, pad_batch, tokenize
+from launcher.data import pad_batch, read_split, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
-
-SAMPLES = os.path.join(os.path.dirname(launcher.__file__), "samples", "sst2")
 
 
 @dataclass(kw_only=True)
 class ClsData(DataConfig):
     """Classification data: one text (or text pair) and one label per row."""
 
-    train: str = os.path.join(SAMPLES, "train.jsonl")
-    """Training file (.jsonl, .json, .csv, .tsv or .parquet); defaults to the packaged SST-2 sample."""
-    eval: str = os.path.join(SAMPLES, "test.jsonl")
+    train: str = "sample:sst2"
+    """Training file (.jsonl, .json, .csv, .tsv or .parquet) or saved-dataset folder; defaults to a packaged
+    3,000-row SST-2 sample."""
+    eval: str = "sample:sst2"
     """Evaluation file; empty skips evaluation. Defaults to the SST-2 validation set."""
     text_field: str = "text"
     """Column holding the text."""
@@ -62,40 +60,24 @@ class Config(RunConfig):
 # ------------------------------------------------------------------------------------------ data
 
 
-def _fields(data: ClsData) -> dict[str, tuple[str, str]]:
-    """Setting -> (column, what it must hold)."""
-    wanted = {"data.text_field": (data.text_field, "text"), "data.label_field": (data.label_field, "label")}
-    if data.text_pair_field:
-        wanted["data.text_pair_field"] = (data.text_pair_field, "text")
-    return wanted
-
-
-def _read(path: str, setting: str, data: ClsData):
-    return check_rows(load_table(path, setting), path, setting, _fields(data))
-
-
 def _load(cfg: Config):
-    """Both tables, checked: columns exist, values have the right types, labels are known.
-    Returns (train, eval or None, label names, notes about skipped rows)."""
+    """Both splits, checked: columns exist, values have the right types, eval labels occur in training.
+    Returns (train, eval or None, label names)."""
     d = cfg.data
-    problems = []
     if d.max_length < 2:
-        problems.append(f"data.max_length={d.max_length}: must be at least 2")
-    if problems:
-        raise ConfigError(problems)
-    train, notes = _read(d.train, "data.train", d)
-    train = first_rows(train, d.max_train_rows)
+        raise ConfigError(f"data.max_length={d.max_length}: must be at least 2")
+    fields = {"data.text_field": (d.text_field, "text"), "data.label_field": (d.label_field, "label")}
+    if d.text_pair_field:
+        fields["data.text_pair_field"] = (d.text_pair_field, "text")
+    train = read_split(d, "train", fields)
     labels = sorted(set(train[d.label_field]), key=lambda v: (str(type(v)), v))
     if len(labels) < 2:
         raise ConfigError(
             f"data.train={d.train}: column '{d.label_field}' has a single label {labels}; "
             f"classification needs at least two"
         )
-    evaluation = None
-    if d.eval:
-        evaluation, eval_notes = _read(d.eval, "data.eval", d)
-        evaluation = first_rows(evaluation, d.max_eval_rows)
-        notes += eval_notes
+    evaluation = read_split(d, "eval", fields) if d.eval else None
+    if evaluation is not None:
         unseen = sorted({str(v) for v in evaluation[d.label_field]} - {str(v) for v in labels})
         if unseen:
             raise ConfigError(
@@ -103,7 +85,7 @@ def _load(cfg: Config):
                 f"(which has {', '.join(map(str, labels))}): the model cannot learn them; "
                 f"fix the eval file or add training rows with those labels"
             )
-    return train, evaluation, labels, notes
+    return train, evaluation, [str(v) for v in labels]
 
 
 def check(cfg: Config) -> None:
@@ -113,9 +95,8 @@ def check(cfg: Config) -> None:
 
 def build_task(cfg: Config, tokenizer) -> Task:
     d = cfg.data
-    train, evaluation, labels, notes = _load(cfg)
-    label_id = {str(v): i for i, v in enumerate(labels)}
-    names = [str(v) for v in labels]
+    train, evaluation, names = _load(cfg)
+    label_id = {n: i for i, n in enumerate(names)}
 
     def encode(rows):
         pair = rows[d.text_pair_field] if d.text_pair_field else None
@@ -123,33 +104,23 @@ def build_task(cfg: Config, tokenizer) -> Task:
         enc["labels"] = [label_id[str(v)] for v in rows[d.label_field]]
         return enc
 
-    settings = {"data": data_settings(d), "labels": names}
-
-    def prepare(table, source, split):
-        return tokenize(
-            table, encode, data=d, source=source, split=split, tokenizer=tokenizer, settings=settings, code=__file__
-        )
-
     def collate(rows):
         batch = pad_batch(rows, tokenizer.pad_token_id, ("input_ids", "attention_mask", "token_type_ids"))
         batch["labels"] = torch.tensor([r["labels"] for r in rows])
         return batch
 
-    train, told = prepare(train, d.train, "train")
-    notes = notes + told
+    train = tokenize(train, encode, cfg, split="train", tokenizer=tokenizer)
     if evaluation is not None:
-        evaluation, told = prepare(evaluation, d.eval, "eval")
-        notes += told
+        evaluation = tokenize(evaluation, encode, cfg, split="eval", tokenizer=tokenizer)
     return Task(
         train=train,
         eval=evaluation,
         collate=collate,
         peft_task_type="SEQ_CLS",
         heads=["classifier", "score"],
-        files={"labels.json": {"labels": names, "label2id": {n: i for i, n in enumerate(names)}}},
+        files={"labels.json": {"labels": names, "label2id": label_id}},
         info={"labels": names},
         lengths=list(train["length"]),
-        notes=notes,
     )
 
 
@@ -159,11 +130,9 @@ def build_task(cfg: Config, tokenizer) -> Task:
 def build_model(cfg: Config, task: Task):
     from transformers import AutoModelForSequenceClassification
 
-    from launcher.models import resolve_model
-
     names = task.info["labels"]
     return AutoModelForSequenceClassification.from_pretrained(
-        resolve_model(cfg.model),
+        cfg.model_path,
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},

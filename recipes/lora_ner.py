@@ -24,20 +24,18 @@ import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import check_rows, data_settings, first_rows, load_table, pad_batch, tokenize
+from launcher.data import load_table, note, pad_batch, read_split, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
-
-SAMPLES = os.path.join(os.path.dirname(launcher.__file__), "samples", "ner")
 
 
 @dataclass(kw_only=True)
 class NerData(DataConfig):
     """Tagging data: one sentence per row, as words and their BIO tags."""
 
-    train: str = os.path.join(SAMPLES, "train.jsonl")
+    train: str = "sample:ner"
     """Training file or saved-dataset folder; defaults to the packaged synthetic sample."""
-    eval: str = os.path.join(SAMPLES, "test.jsonl")
+    eval: str = "sample:ner"
     """Evaluation file; empty skips evaluation."""
     tokens_field: str = "tokens"
     """Column holding the list of words (or characters)."""
@@ -69,12 +67,13 @@ class Config(RunConfig):
 # ------------------------------------------------------------------------------------------ data
 
 
-def _read(path: str, setting: str, d: NerData):
-    """A table of valid rows: words and tags lists of equal length, BIO tags repaired to IOB2."""
+def _read(split: str, d: NerData):
+    """A split's valid rows: words and tags lists of equal length, BIO tags repaired to IOB2."""
     from launcher.tasks.tagging import repair_bio
 
+    setting, path = f"data.{split}", getattr(d, split)
     fields = {"data.tokens_field": (d.tokens_field, "words"), "data.tags_field": (d.tags_field, "words")}
-    table, notes = check_rows(load_table(path, setting), path, setting, fields)
+    table = read_split(d, split, fields)
     uneven = [
         f"row {i + 1}: {len(w)} words but {len(t)} tags"
         for i, (w, t) in enumerate(zip(table[d.tokens_field], table[d.tags_field]))
@@ -84,15 +83,13 @@ def _read(path: str, setting: str, d: NerData):
         raise ConfigError(
             [f"{setting}={path} {u}" for u in uneven[:5]] + [f"{setting}={path}: every word needs exactly one tag"]
         )
-    tags = table[d.tags_field][:]
-    repaired = [repair_bio(t) for t in tags]
+    repaired = [repair_bio(t) for t in table[d.tags_field][:]]
     changed = sum(n for _, n in repaired)
     if changed:
         # I-X after O (IOB1 style, or a data slip) starts a span in CoNLL scoring; as B-X the CRF can learn it.
-        notes.append(f"{setting}={path}: {changed} I-X tags that did not continue an X span were read as B-X")
-        column = [t for t, _ in repaired]
-        table = table.remove_columns(d.tags_field).add_column(d.tags_field, column)
-    return table, notes
+        note(f"{setting}={path}: {changed} I-X tags that did not continue an X span were read as B-X")
+        table = table.remove_columns(d.tags_field).add_column(d.tags_field, [t for t, _ in repaired])
+    return table
 
 
 def _labels(tag_lists) -> list[str]:
@@ -107,27 +104,21 @@ def _labels(tag_lists) -> list[str]:
 
 
 def _load(cfg: Config):
+    """(train, eval or None, tag labels)."""
     d = cfg.data
-    problems = []
     if d.max_length < 3:
-        problems.append(f"data.max_length={d.max_length}: must be at least 3 (two special tokens and a word)")
-    if problems:
-        raise ConfigError(problems)
-    train, notes = _read(d.train, "data.train", d)
-    train = first_rows(train, d.max_train_rows)
+        raise ConfigError(f"data.max_length={d.max_length}: must be at least 3 (two special tokens and a word)")
+    train = _read("train", d)
     labels = _labels(train[d.tags_field])
-    evaluation = None
-    if d.eval:
-        evaluation, more = _read(d.eval, "data.eval", d)
-        evaluation = first_rows(evaluation, d.max_eval_rows)
-        notes += more
+    evaluation = _read("eval", d) if d.eval else None
+    if evaluation is not None:
         unseen = sorted({t for tags in evaluation[d.tags_field] for t in tags} - set(labels))
         if unseen:
             raise ConfigError(
                 f"data.eval={d.eval}: tags {', '.join(unseen)} never occur in data.train: the model cannot learn "
                 f"them; fix the eval file or add training rows with those tags"
             )
-    return train, evaluation, labels, notes
+    return train, evaluation, labels
 
 
 def check(cfg: Config) -> None:
@@ -145,20 +136,18 @@ def check(cfg: Config) -> None:
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    from launcher.models import resolve_model
     from launcher.tasks.vocab import char_tokenizer
 
-    if cfg.tokenizer == "chars":
-        train = load_table(cfg.data.train, "data.train")
-        return char_tokenizer(train[cfg.data.tokens_field])
-    return AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else resolve_model(cfg.model))
+    if cfg.tokenizer == "chars":  # every character of the training file, not only of the rows trained on
+        return char_tokenizer(load_table(cfg.data.train, "data.train")[cfg.data.tokens_field])
+    return AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else cfg.model_path)
 
 
 def build_task(cfg: Config, tokenizer) -> Task:
     from launcher.tasks.tagging import IGNORE, first_subtokens
 
     d = cfg.data
-    train, evaluation, labels, notes = _load(cfg)
+    train, evaluation, labels = _load(cfg)
     tag_id = {t: i for i, t in enumerate(labels)}
 
     def encode(rows):
@@ -171,12 +160,6 @@ def build_task(cfg: Config, tokenizer) -> Task:
             enc["labels"].append([tag_id[tags[w]] for w in words])
         return enc
 
-    def prepare(table, source, split):
-        settings = {"data": data_settings(d), "labels": labels}
-        return tokenize(
-            table, encode, data=d, source=source, split=split, tokenizer=tokenizer, settings=settings, code=__file__
-        )
-
     def collate(rows):
         batch = pad_batch(rows, tokenizer.pad_token_id, ("input_ids", "attention_mask", "token_type_ids"))
         width = max(len(r["word_pos"]) for r in rows)
@@ -186,14 +169,12 @@ def build_task(cfg: Config, tokenizer) -> Task:
         return batch
 
     gold = evaluation[d.tags_field][:] if evaluation is not None else []
-    train, told = prepare(train, d.train, "train")
-    notes += told
+    train = tokenize(train, encode, cfg, split="train", tokenizer=tokenizer)
     if evaluation is not None:
-        evaluation, told = prepare(evaluation, d.eval, "eval")
-        notes += told
+        evaluation = tokenize(evaluation, encode, cfg, split="eval", tokenizer=tokenizer)
         cut = sum(len(g) - len(w) for g, w in zip(gold, evaluation["words"]))
         if cut:
-            notes.append(f"eval: {cut} words lost to data.max_length={d.max_length} count as predicted O")
+            note(f"eval: {cut} words lost to data.max_length={d.max_length} count as predicted O")
     return Task(
         train=train,
         eval=evaluation,
@@ -209,7 +190,6 @@ def build_task(cfg: Config, tokenizer) -> Task:
             "pad_token_id": tokenizer.pad_token_id,
         },
         lengths=list(train["length"]),
-        notes=notes,
     )
 
 
@@ -219,7 +199,6 @@ def build_task(cfg: Config, tokenizer) -> Task:
 def build_model(cfg: Config, task: Task):
     from transformers import AutoConfig, AutoModelForTokenClassification
 
-    from launcher.models import resolve_model
     from launcher.tasks.tagging import TokenTagger
 
     labels = task.info["labels"]
@@ -228,7 +207,7 @@ def build_model(cfg: Config, task: Task):
         "id2label": dict(enumerate(labels)),
         "label2id": {t: i for i, t in enumerate(labels)},
     }
-    path = resolve_model(cfg.model)
+    path = cfg.model_path
     if cfg.model_init == "pretrained":
         # A folder saved with another head (e.g. a classifier of another size) still gives its encoder.
         hf = AutoModelForTokenClassification.from_pretrained(path, ignore_mismatched_sizes=True, **names)

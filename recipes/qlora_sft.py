@@ -30,20 +30,18 @@ import torch
 
 import launcher
 from launcher.config import Adapter, DataConfig, QLora, RunConfig
-from launcher.data import check_rows, data_settings, first_rows, load_table, tokenize
+from launcher.data import note, read_split, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
-
-SAMPLES = os.path.join(os.path.dirname(launcher.__file__), "samples", "sft")
 
 
 @dataclass(kw_only=True)
 class SftData(DataConfig):
     """Instruction data: Alpaca fields or chat messages."""
 
-    train: str = os.path.join(SAMPLES, "train.jsonl")
+    train: str = "sample:sft"
     """Training file or saved-dataset folder; defaults to the packaged synthetic sample."""
-    eval: str = os.path.join(SAMPLES, "test.jsonl")
+    eval: str = "sample:sft"
     """Evaluation file (loss, perplexity, generations); empty skips evaluation."""
     format: Literal["auto", "alpaca", "chat"] = "auto"
     """alpaca (instruction/input/output), chat (messages) or auto (chat when the messages field exists)."""
@@ -100,20 +98,19 @@ def _format(table, d: SftData, path: str) -> str:
     )
 
 
-def _read(path: str, setting: str, d: SftData):
-    """(table of valid rows, its format, notes)."""
+def _read(split: str, d: SftData):
+    """(a split's valid rows, their format)."""
     from launcher.tasks.sft import ROLES
 
-    table = load_table(path, setting)
+    setting, path = f"data.{split}", getattr(d, split)
+
+    def fields(table):
+        if _format(table, d, path) == "chat":
+            return {"data.messages_field": (d.messages_field, "messages")}
+        return {"data.instruction_field": (d.instruction_field, "text"), "data.output_field": (d.output_field, "text")}
+
+    table = read_split(d, split, fields)
     kind = _format(table, d, path)
-    if kind == "chat":
-        fields = {"data.messages_field": (d.messages_field, "messages")}
-    else:
-        fields = {
-            "data.instruction_field": (d.instruction_field, "text"),
-            "data.output_field": (d.output_field, "text"),
-        }
-    table, notes = check_rows(table, path, setting, fields)
     if kind == "chat":
         bad = []
         for i, turns in enumerate(table[d.messages_field]):
@@ -125,10 +122,11 @@ def _read(path: str, setting: str, d: SftData):
                 [f"{setting}={path} {b}" for b in bad[:5]]
                 + [f"{setting}={path}: roles must be {', '.join(ROLES)}, with at least one assistant turn per row"]
             )
-    return table, kind, notes
+    return table, kind
 
 
 def _load(cfg: Config):
+    """(train, its format, eval or None, its format)."""
     d = cfg.data
     problems = []
     if d.max_length < 16:
@@ -138,14 +136,9 @@ def _load(cfg: Config):
             problems.append(f"data.{name}={getattr(d, name)}: must be 0 or more")
     if problems:
         raise ConfigError(problems)
-    train, kind, notes = _read(d.train, "data.train", d)
-    train = first_rows(train, d.max_train_rows)
-    evaluation = eval_kind = None
-    if d.eval:
-        evaluation, eval_kind, more = _read(d.eval, "data.eval", d)
-        notes += more
-        evaluation = first_rows(evaluation, d.max_eval_rows)
-    return train, kind, evaluation, eval_kind, notes
+    train, kind = _read("train", d)
+    evaluation, eval_kind = _read("eval", d) if d.eval else (None, None)
+    return train, kind, evaluation, eval_kind
 
 
 def check(cfg: Config) -> None:
@@ -181,15 +174,15 @@ def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
     from launcher.data import cache as datacache
-    from launcher.models import resolve_model
+    from launcher.data import source_path
     from launcher.tasks.vocab import bpe_tokenizer, cached_tokenizer
 
     if _learns_tokenizer(cfg):
         d = cfg.data
 
         def build():
-            train, kind, _ = _read(d.train, "data.train", d)
-            return bpe_tokenizer(_texts(first_rows(train, d.max_train_rows), kind, d), cfg.tokenizer_vocab)
+            train, kind = _read("train", d)
+            return bpe_tokenizer(_texts(train, kind, d), cfg.tokenizer_vocab)
 
         if not d.cache:
             return build()
@@ -198,11 +191,11 @@ def build_tokenizer(cfg: Config):
         key = {
             "tokenizer": "bpe",
             "vocab": cfg.tokenizer_vocab,
-            "data": datacache.file_digest(d.train),
+            "data": datacache.file_digest(source_path(d.train, "data.train")),
             **{name: getattr(d, name) for name in read},
         }
         return cached_tokenizer(key, build, d.cache_dir or datacache.default_dir())
-    tok = AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else resolve_model(cfg.model))
+    tok = AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else cfg.model_path)
     if tok.pad_token is None:  # Llama-style tokenizers have none; padding is never learnt (label IGNORE)
         tok.pad_token = tok.eos_token
     return tok
@@ -229,7 +222,7 @@ def build_task(cfg: Config, tokenizer) -> Task:
     from launcher.tasks import sft
 
     d = cfg.data
-    train, kind, evaluation, eval_kind, notes = _load(cfg)
+    train, kind, evaluation, eval_kind = _load(cfg)
 
     def encoder(fmt: str):
         def encode(rows):
@@ -251,25 +244,14 @@ def build_task(cfg: Config, tokenizer) -> Task:
 
         return encode
 
-    def prepare(table, fmt, source, split):
-        settings = {"data": data_settings(d), "format": fmt, "tokenizer_vocab": cfg.tokenizer_vocab}
+    def prepare(table, fmt, split):
         rows = len(table)
-        table, told = tokenize(
-            table,
-            encoder(fmt),
-            data=d,
-            source=source,
-            split=split,
-            tokenizer=tokenizer,
-            settings=settings,
-            code=__file__,
-        )
+        table = tokenize(table, encoder(fmt), cfg, split=split, tokenizer=tokenizer)
         if len(table) < rows:
-            told.append(f"{split}: {rows - len(table)} rows dropped: prompt longer than data.max_length={d.max_length}")
-        return table, told
+            note(f"{split}: {rows - len(table)} rows dropped: prompt longer than data.max_length={d.max_length}")
+        return table
 
-    train, told = prepare(train, kind, d.train, "train")
-    notes += told
+    train = prepare(train, kind, "train")
     if len(train) == 0:
         raise ConfigError(f"data.train={d.train}: no row keeps a response within data.max_length={d.max_length}")
     lengths = list(train["length"])
@@ -278,7 +260,7 @@ def build_task(cfg: Config, tokenizer) -> Task:
         ids, labels = train["input_ids"][:], train["labels"][:]
         train = [sft.packed_row([(ids[i], labels[i]) for i in group]) for group in groups]
         lengths = [len(r["input_ids"]) for r in train]
-        notes.append(
+        note(
             f"train: packed {len(ids):,} examples into {len(train):,} rows of up to {d.max_length} tokens "
             f"({100 * sum(lengths) / (len(train) * d.max_length):.0f}% full)"
         )
@@ -287,8 +269,7 @@ def build_task(cfg: Config, tokenizer) -> Task:
         prompts = _generation_prompts(
             evaluation.select(range(min(d.generations, len(evaluation)))), eval_kind, d, tokenizer
         )
-        evaluation, told = prepare(evaluation, eval_kind, d.eval, "eval")
-        notes += told
+        evaluation = prepare(evaluation, eval_kind, "eval")
 
     pad = tokenizer.pad_token_id
 
@@ -314,7 +295,6 @@ def build_task(cfg: Config, tokenizer) -> Task:
             "tokenizer": tokenizer,
         },
         lengths=lengths,
-        notes=notes,
         # Padding is the only pad-id token: packed rows carry no attention mask to count with.
         count_tokens=lambda batch: int((batch["input_ids"] != pad).sum()),
     )
@@ -326,7 +306,7 @@ def build_task(cfg: Config, tokenizer) -> Task:
 def build_model(cfg: Config, task: Task):
     from transformers import AutoModelForCausalLM
 
-    from launcher.models import is_random, random_config, resolve_model
+    from launcher.models import is_random, random_config
 
     info = task.info
     if is_random(cfg.model):
@@ -339,7 +319,7 @@ def build_model(cfg: Config, task: Task):
         )
         model = AutoModelForCausalLM.from_config(config)
     else:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(cfg.model))
+        model = AutoModelForCausalLM.from_pretrained(cfg.model_path)
     # No KV cache in training: with a cache object present transformers ignores packed position ids.
     model.config.use_cache = False
     return model

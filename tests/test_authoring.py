@@ -6,7 +6,11 @@ import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from launcher.data import load_table
+from launcher.tasks.metrics import accuracy
 from tests.conftest import ROOT, run
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if not p.name.startswith("_"))
@@ -27,7 +31,7 @@ def test_every_shipped_recipe_validates_and_dry_runs(recipe, tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resolved configuration" in proc.stdout and proc.stdout.count("--plan") == 2
+    assert "resolved plan" in proc.stdout and proc.stdout.count("--plan") == 2
     assert not out.exists()
 
 
@@ -75,5 +79,17 @@ def test_the_docs_complete_example_runs(tmp_path, tiny_model):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    assert summary["steps"] == 2 and set(summary["metrics"]) == {"accuracy"}
+    # The accuracy is that of the written predictions: every row of the (default) eval file once, its own label.
+    eval_source = json.loads((out / "config.json").read_text())["config"]["data"]["eval"]
+    truth = load_table(eval_source, "data.eval")["label"]
+    preds = [json.loads(x) for x in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(truth) == 872 and sorted(p["index"] for p in preds) == list(range(len(truth)))
+    assert all(set(p) == {"index", "pred", "label"} and p["pred"] in (0, 1) for p in preds)
+    assert all(p["label"] == truth[p["index"]] for p in preds)
+    pred, label = torch.tensor([p["pred"] for p in preds]), torch.tensor([p["label"] for p in preds])
+    assert summary["metrics"]["accuracy"] == accuracy(pred, label)
+    assert summary["metrics"]["accuracy"] == pytest.approx(sum(p["pred"] == p["label"] for p in preds) / len(truth))
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k), sorted(adapter)  # it trained

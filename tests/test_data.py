@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launcher.data import cache as datacache
-from launcher.data import check_rows, load_table
+from launcher.data import check_rows, load_table, take_notes
 from launcher.data.sampling import DistributedBatchSampler, global_batches
 from launcher.errors import ConfigError
 
@@ -130,32 +130,84 @@ def test_a_failed_build_leaves_nothing(tmp_path):
     assert not datacache.cached({"k": 1}, lambda: (_table([5]), []), str(tmp_path)).reused
 
 
-def _racer(cache_dir: str, log: str, queue) -> None:
+def _wait_for(condition, what: str, seconds: float = 120.0) -> None:
     import time
 
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {seconds:.0f}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _builder(cache_dir: str, folder: str, queue) -> None:
+    """Takes the lock and builds; inside build() it says so, then stays there until the waiter has found the lock
+    taken, so the two processes provably overlap."""
+    import time
+
+    root = Path(folder)
+
     def build():
-        with open(log, "a") as f:
-            f.write("built\n")
-        time.sleep(1.0)  # long enough for the other process to find the lock taken
+        with open(root / "builds", "a") as f:
+            f.write("builder\n")
+        (root / "building").write_text(str(time.time()))
+        _wait_for(lambda: "for another process to finish" in (root / "waiter.err").read_text(), "the waiter")
+        (root / "built").write_text(str(time.time()))
         return _table(list(range(10))), []
 
-    entry = datacache.cached({"k": "race"}, build, cache_dir, poll_seconds=0.05)
-    queue.put((entry.reused, entry.table["x"][:]))
+    try:
+        entry = datacache.cached({"k": "race"}, build, cache_dir, poll_seconds=0.05)
+        queue.put(("builder", entry.reused, entry.table["x"][:], time.time()))
+    except BaseException as e:
+        queue.put(("builder", "error", repr(e), time.time()))
+
+
+def _waiter(cache_dir: str, folder: str, queue) -> None:
+    """Asks for the same entry while the builder is inside build(); says (on stderr, every poll) that it waits."""
+    import sys
+    import time
+
+    root = Path(folder)
+    sys.stderr = open(root / "waiter.err", "w", buffering=1)
+
+    def build():
+        with open(root / "builds", "a") as f:
+            f.write("waiter\n")
+        return _table([-1]), []
+
+    try:
+        entry = datacache.cached({"k": "race"}, build, cache_dir, poll_seconds=0.05, say_every=0.0)
+        queue.put(("waiter", entry.reused, entry.table["x"][:], time.time()))
+    except BaseException as e:
+        queue.put(("waiter", "error", repr(e), time.time()))
 
 
 def test_one_process_builds_while_the_other_waits(tmp_path):
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    log = str(tmp_path / "log")
-    procs = [ctx.Process(target=_racer, args=(str(tmp_path / "c"), log, queue)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=120) for _ in procs]
-    for p in procs:
+    cache_dir = str(tmp_path / "c")
+    (tmp_path / "waiter.err").write_text("")
+    builder = ctx.Process(target=_builder, args=(cache_dir, str(tmp_path), queue))
+    builder.start()
+    # The waiter starts only once the builder holds the lock and is inside build().
+    _wait_for(lambda: (tmp_path / "building").exists() or not builder.is_alive(), "the builder to start building")
+    assert (tmp_path / "building").exists(), "the builder died before building"
+    waiter = ctx.Process(target=_waiter, args=(cache_dir, str(tmp_path), queue))
+    waiter.start()
+    results = {}
+    for _ in range(2):
+        name, reused, values, finished = queue.get(timeout=180)
+        results[name] = (reused, values, finished)
+    for p in (builder, waiter):
         p.join(timeout=60)
-    assert Path(log).read_text() == "built\n"  # exactly one build
-    assert sorted(r for r, _ in results) == [False, True]
-    assert all(values == list(range(10)) for _, values in results)
+    assert results["builder"][0] is False and results["waiter"][0] is True, results
+    assert (tmp_path / "builds").read_text() == "builder\n"  # exactly one build, by the builder
+    # The waiter found the lock taken (it said so while the builder was inside build()) and returned only after
+    # the build had ended.
+    assert "s for another process to finish tokenized data" in (tmp_path / "waiter.err").read_text()
+    assert results["waiter"][2] >= float((tmp_path / "built").read_text()) >= float((tmp_path / "building").read_text())
+    assert results["builder"][1] == results["waiter"][1] == list(range(10))
+    assert (builder.exitcode, waiter.exitcode) == (0, 0)
 
 
 def test_fingerprints_follow_content(tmp_path):
@@ -188,11 +240,12 @@ def test_recipe_second_run_does_not_retokenize(tmp_path, tiny_model, tiny_data, 
         return real_map(self, *args, **kwargs)
 
     monkeypatch.setattr(datasets.Dataset, "map", counting_map)
+    take_notes()
     first = recipe.build_task(cfg, tokenizer)
-    assert len(maps) == 2 and any("train: tokenized and cached 96 rows" in n for n in first.notes)
+    assert len(maps) == 2 and any("train: tokenized and cached 96 rows" in n for n in take_notes())
     second = recipe.build_task(cfg, tokenizer)
     assert len(maps) == 2, "the second build tokenized again"
-    assert any("train: reused 96 rows" in n for n in second.notes)
+    assert any("train: reused 96 rows" in n for n in take_notes())
     assert second.train["input_ids"][:] == first.train["input_ids"][:]
     assert second.lengths == [len(ids) for ids in first.train["input_ids"]]
 

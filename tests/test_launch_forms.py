@@ -5,24 +5,72 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from launcher.data import load_table
+from launcher.job import LaunchEnv
+from launcher.plan import build_plan
+from launcher.recipe import Recipe
+from launcher.tasks.metrics import accuracy, macro_f1
 from tests.conftest import RECIPE, run, tiny_args
 
 
 def _check_run(out, world: int, strategy: str) -> None:
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == world and summary["strategy"] == strategy and summary["steps"] == 3
-    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
     train = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train if r["split"] == "train"] == [1, 2, 3]
     assert any(r["split"] == "eval" and "f1" in r for r in train)
+    last_eval = [r for r in train if r["split"] == "eval"][-1]
+    assert {k: v for k, v in last_eval.items() if k not in ("step", "split", "time")} == summary["metrics"]
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any("lora_B" in k for k in adapter) and any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
-    assert json.loads((out / "adapter" / "labels.json").read_text())["labels"] == ["negative", "positive"]
-    assert json.loads((out / "config.json").read_text())["config"]["strategy"]["name"] == strategy
-    assert list((out / "tensorboard").iterdir()), "TensorBoard event files are written"
+    labels = json.loads((out / "adapter" / "labels.json").read_text())
+    assert labels["labels"] == ["negative", "positive"]
+    config = json.loads((out / "config.json").read_text())["config"]
+    assert config["strategy"]["name"] == strategy
+    _check_predictions(out, summary["metrics"], config["data"]["eval"], labels["label2id"])
+    _check_tensorboard(out, train)
+
+
+def _check_predictions(out, metrics: dict, eval_source: str, label2id: dict[str, int]) -> None:
+    """eval_predictions.jsonl holds every eval row exactly once, with its true label and the argmax of its logits,
+    and the summary's metrics are those of these predictions."""
+    truth = load_table(eval_source, "data.eval")["label"]  # the tiny eval set: 40 rows, string labels
+    preds = [json.loads(x) for x in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    assert len(truth) == 40 and sorted(p["index"] for p in preds) == list(range(len(truth)))
+    for p in preds:
+        assert set(p) == {"index", "pred", "label", "logits"} and len(p["logits"]) == 2, p
+        assert p["label"] == label2id[truth[p["index"]]], p
+        assert p["pred"] == max(range(2), key=p["logits"].__getitem__), p
+    pred = torch.tensor([p["pred"] for p in preds])
+    label = torch.tensor([p["label"] for p in preds])
+    assert set(metrics) == {"accuracy", "f1"}
+    assert metrics["accuracy"] == accuracy(pred, label)
+    assert metrics["accuracy"] == pytest.approx(sum(p["pred"] == p["label"] for p in preds) / len(preds))
+    assert metrics["f1"] == macro_f1(pred, label, 2)
+
+
+def _check_tensorboard(out, records: list[dict]) -> None:
+    """One event file, holding every number of metrics.jsonl (as float32) under split/name at its step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list((out / "tensorboard").iterdir())
+    assert len(files) == 1 and files[0].name.startswith("events.out.tfevents."), files
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for key, value in r.items():
+            if key not in ("step", "split", "epoch", "time"):
+                expected.setdefault(f"{r['split']}/{key}", []).append((r["step"], float(np.float32(value))))
+    assert sorted(events.Tags()["scalars"]) == sorted(expected)
+    assert {"train/loss", "eval/accuracy", "eval/f1"} <= set(expected)
+    for tag, points in expected.items():
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == points, tag
 
 
 FORMS = {
@@ -40,10 +88,15 @@ def test_launch_form_runs_lora_cls(form, tiny_model, tiny_data, tmp_path):
     extra = ["train.max_steps=3"]
     if form != "deepspeed":  # under DeepSpeed's runner, strategy=auto must resolve to zero2 by itself
         extra.append(f"strategy={strategy if form != 'python' else 'auto'}")
-    proc = run(make(tiny_args(tiny_model, tiny_data, out, *extra)), cwd=tmp_path)
+    args = tiny_args(tiny_model, tiny_data, out, *extra)
+    proc = run(make(args), cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _check_run(out, world, strategy)
     assert "done in" in proc.stdout
+    # Every form made its plan with the one build_plan: the same JSON as the pure function gives here, no process.
+    env = LaunchEnv(world_size=world, local_world_size=world, deepspeed_runner=form == "deepspeed")
+    expected = build_plan(Recipe.load(RECIPE), args, env)
+    assert json.loads((out / "config.json").read_text()) == json.loads(expected.to_json())
 
 
 def test_dry_run_prints_config_commands_and_deepspeed_json_and_writes_nothing(tiny_model, tiny_data, tmp_path):

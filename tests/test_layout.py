@@ -122,3 +122,35 @@ def test_a_recipe_on_an_old_path_shows_the_warning_in_a_run(tmp_path):
     code = "from launcher.environment import quiet_libraries\nquiet_libraries()\nimport launcher.spans\n"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "launcher.spans moved to launcher.tasks.spans" in proc.stderr, proc.stderr
+
+
+# Identifiers that belong to one strategy: its module alone may use them (names in code, not words in comments).
+QUIRKS = {
+    "launcher/worker/strategies/fsdp.py": {"DTensor", "_local_tensor", "full_tensor", "fully_shard"},
+    "launcher/worker/strategies/zero.py": {"ds_numel", "GatheredParameters", "deepspeed"},
+}
+
+
+def _identifiers(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {a.name.split(".")[0] for a in node.names} | {(getattr(node, "module", "") or "").split(".")[0]}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            names.add(node.value)  # getattr(p, "ds_numel")
+    return names
+
+
+def test_each_strategys_quirks_stay_inside_its_module():
+    owners = {name: owner for owner, names in QUIRKS.items() for name in names}
+    for path in PACKAGE.rglob("*.py"):
+        rel = str(path.relative_to(ROOT))
+        if rel.startswith("launcher/worker/strategies/zero_config"):
+            continue  # DeepSpeed's JSON, built without importing deepspeed
+        leaked = {n for n in _identifiers(path) & set(owners) if owners[n] != rel}
+        leaked -= {"deepspeed"} if rel.endswith("worker/optim.py") else set()  # DeepSpeed's CPU Adam is an optimizer
+        assert not leaked, f"{rel} uses {sorted(leaked)}, which belong to {sorted({owners[n] for n in leaked})}"

@@ -71,9 +71,19 @@ def test_fp16_with_dynamic_loss_scaling_trains(results, strategy):
     assert r["losses"][0] == pytest.approx(losses[0], rel=2e-2)  # the same model, rounded to fp16
     # A GradScaler scaled the loss; an overflowing step (fp16 gradients under FSDP's fp16 parameters) is
     # skipped and halves the scale from its initial 2**16, so training goes on instead of diverging.
-    assert r["fp16_loss_scale"] is not None and r["fp16_loss_scale"] <= 2**16
-    if strategy == "fsdp":
-        assert r["fp16_loss_scale"] < 2**16 and losses[1] == losses[0], (r["fp16_loss_scale"], losses)
+    scales, stepped = r["fp16_loss_scales"], r["fp16_stepped"]  # scale before step 1 and after each step
+    assert len(scales) == 6 and len(stepped) == 5 and scales[0] == 2**16, (scales, stepped)
+    assert r["fp16_loss_scale"] == scales[-1]
+    # Each step either updates the weights and keeps the scale (it grows only after 2000 good steps), or is
+    # skipped: every weight stays as it was, so the next loss on the same batch repeats, and the scale halves.
+    for i, took in enumerate(stepped):
+        assert scales[i + 1] == (scales[i] if took else scales[i] / 2), (i, scales, stepped)
+        assert took or losses[i + 1] == losses[i], (i, losses)
+    if strategy == "ddp":  # fp32 weights under fp16 autocast: no gradient overflows at 2**16 on this batch
+        assert stepped == [True] * 5 and scales == [2**16] * 6, (scales, stepped)
+    else:  # FSDP's fp16 parameters give fp16 gradients: the first step overflows, the rest train at 2**15
+        assert stepped == [False, True, True, True, True] and scales == [2**16] + [2**15] * 5, (scales, stepped)
+        assert losses[1] == losses[0], losses
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

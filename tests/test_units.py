@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -60,12 +60,35 @@ def test_local_commands_share_one_plan_and_quote_values():
     assert "hf_abc" not in secret and "HF_TOKEN='****'" in secret and "WANDB_API_KEY='****'" in secret
 
 
-def test_executor_propagates_the_failing_exit_code_and_stops_the_others():
-    sleeper = RankCommand(rank=0, argv=[sys.executable, "-c", "import time; time.sleep(60)"])
-    failing = RankCommand(rank=1, argv=[sys.executable, "-c", "import time; time.sleep(0.5); raise SystemExit(3)"])
-    t0 = time.time()
+def test_executor_propagates_the_failing_exit_code_and_stops_the_others(tmp_path):
+    pid_file, finished = tmp_path / "sleeper.pid", tmp_path / "sleeper.finished"
+    # Rank 0 announces itself, then would work for a minute and mark that it finished.
+    sleeper = RankCommand(
+        rank=0,
+        argv=[
+            sys.executable,
+            "-c",
+            "import os, sys, time; open(sys.argv[1] + '.tmp', 'w').write(str(os.getpid()));"
+            "os.replace(sys.argv[1] + '.tmp', sys.argv[1]); time.sleep(60); open(sys.argv[2], 'w').write('done')",
+            str(pid_file),
+            str(finished),
+        ],
+    )
+    # Rank 1 fails only once rank 0 is surely running.
+    failing = RankCommand(
+        rank=1,
+        argv=[
+            sys.executable,
+            "-c",
+            "import os, sys, time\nwhile not os.path.exists(sys.argv[1]): time.sleep(0.05)\nraise SystemExit(3)",
+            str(pid_file),
+        ],
+    )
     assert run_local([sleeper, failing]) == 3
-    assert time.time() - t0 < 30, "the surviving rank is stopped, not waited for"
+    pid = int(pid_file.read_text())
+    with pytest.raises(ProcessLookupError):  # the survivor was stopped and reaped (a zombie would still answer)
+        os.kill(pid, 0)
+    assert not finished.exists(), "the surviving rank was waited for instead of stopped"
 
 
 def test_executor_returns_zero_when_every_rank_succeeds(capfd):

@@ -27,8 +27,22 @@ def default_dir() -> str:
     return os.path.join(os.environ.get("LAUNCHER_CACHE") or os.path.expanduser("~/.cache/launcher"), "tokenized")
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def file_digest(path: str) -> str:
-    """Content hash of a data file, or of every file in a saved-dataset folder (names included)."""
+    """Content hash of a data file, or of every file in a saved-dataset folder (names included). A file's hash is
+    remembered for this process while its size and modification time stay the same."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+        if key not in _DIGESTS:
+            _DIGESTS[key] = _digest(path)
+        return _DIGESTS[key]
+    return _digest(path)
+
+
+def _digest(path: str) -> str:
     h = hashlib.sha256()
     files = (
         [path]

@@ -18,9 +18,27 @@ FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+SAMPLE = "sample:"
+"""`data.train=sample:NAME` names a sample shipped in launcher/samples/NAME (train.jsonl, and test.jsonl for eval)."""
+SAMPLE_FILES = {"data.train": "train.jsonl", "data.eval": "test.jsonl"}
+
+
+def source_path(path: str, setting: str) -> str:
+    """The file or folder `setting=path` reads: a packaged sample's file for `sample:NAME`, else `path` itself."""
+    if not path.startswith(SAMPLE):
+        return path
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "samples")
+    name = path[len(SAMPLE) :]
+    known = sorted(n for n in os.listdir(folder) if os.path.isdir(os.path.join(folder, n)))
+    if name not in known or setting not in SAMPLE_FILES:
+        raise ConfigError(f"{setting}={path}: no such packaged sample; samples: {', '.join(SAMPLE + n for n in known)}")
+    return os.path.join(folder, name, SAMPLE_FILES[setting])
+
+
 def load_table(path: str, setting: str):
-    """Load a local file, or a folder written by `datasets.save_to_disk`, as a `datasets.Dataset`; every failure
-    names `setting`, the path and the fix."""
+    """Load a local file, a folder written by `datasets.save_to_disk` or a packaged `sample:NAME`, as a
+    `datasets.Dataset`; every failure names `setting`, the path and the fix."""
+    path = source_path(path, setting)
     if not path:
         raise ConfigError(
             f"{setting} is empty: set {setting}=PATH to a .jsonl, .json, .csv, .tsv or .parquet file "
@@ -147,3 +165,40 @@ def _show(value: Any) -> str:
 def first_rows(table, n: int):
     """The first `n` rows of a table (`data.max_train_rows` / `data.max_eval_rows`); all of them when n is 0."""
     return table.select(range(min(n, len(table)))) if n else table
+
+
+# What a split's fields must hold: setting -> (column, kind in KINDS); or a function of the loaded table giving that
+# (when the columns decide the format, as qlora_sft's alpaca-or-chat).
+Fields = dict[str, tuple[str, str]] | Callable[[Any], dict[str, tuple[str, str]]]
+
+_READ: dict[str, tuple[tuple, Any, list[str]]] = {}  # split -> (what was read, table, notes): the last read only
+
+
+def read_split(data: Any, split: str, fields: Fields):
+    """The checked rows of one split (`split` is "train" or "eval"): `data.train` / `data.eval` loaded, every row's
+    fields checked (`check_rows`: wrong types stop the run, empty rows are skipped and noted), then cut to
+    `data.max_train_rows` / `data.max_eval_rows`. Remembered for this process, so a recipe's `check` and its
+    `build_task` read a file once."""
+    from launcher.data.notes import note
+
+    path = getattr(data, split)
+    setting = f"data.{split}"
+    limit = data.max_train_rows if split == "train" else data.max_eval_rows
+    source = source_path(path, setting)
+    stat = os.stat(source) if os.path.exists(source) else None
+    key = (
+        split,
+        os.path.abspath(source),
+        stat and (stat.st_mtime_ns, stat.st_size),
+        limit,
+        repr(fields) if not callable(fields) else (fields.__qualname__, repr(sorted(vars(data).items()))),
+    )
+    if _READ.get(split, (None,))[0] != key:
+        table = load_table(path, setting)
+        wanted = fields(table) if callable(fields) else fields
+        table, notes = check_rows(table, path, setting, wanted)
+        _READ[split] = (key, first_rows(table, limit), notes)
+    _, table, notes = _READ[split]
+    for line in notes:
+        note(line)
+    return table

@@ -1,12 +1,21 @@
-"""Tokenization through the on-disk cache: `table.map(encode)` plus a length column, done once per node."""
+"""Tokenization through the on-disk cache: `table.map(encode)` plus a length column, done once per node.
+
+The cache key is built here from the whole configuration, so a recipe cannot forget a setting that shapes its
+tokenized rows: every data file the run names (content), the tokenizer (state), every setting except those that
+only decide how the run trains (RUN_ONLY) or how batches are drawn (NOT_TOKENIZATION), and the recipe file."""
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 from launcher.config import DataConfig
 
+# Settings that decide how a run trains, not what its tokenized rows hold.
+RUN_ONLY = ("strategy", "adapter", "optimizer", "precision", "activation_checkpointing", "train", "seed", "output_dir")
 # Data settings that change how batches are drawn or where the cache lives, not what tokenization produces.
 NOT_TOKENIZATION = ("group_by_length", "cache", "cache_dir")
 
@@ -18,32 +27,94 @@ def data_settings(data: DataConfig) -> dict[str, Any]:
     return {k: v for k, v in to_dict(data).items() if k not in NOT_TOKENIZATION}
 
 
+def tokenization_settings(cfg: Any) -> dict[str, Any]:
+    """Every setting of a run that may shape its tokenized rows (the recipe's own ones included)."""
+    from launcher.overrides import to_dict
+
+    out = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
+    out["data"] = data_settings(cfg.data)
+    return out
+
+
+def recipe_file(cfg: Any) -> str:
+    """The recipe module that defines `cfg`'s class (its code shapes the encoding too)."""
+    return os.path.abspath(sys.modules[type(cfg).__module__].__file__)
+
+
+def cache_key(cfg: Any, split: str, rows: int, tokenizer: Any) -> dict[str, Any]:
+    from launcher.data import cache as datacache
+    from launcher.data.files import source_path
+
+    d = cfg.data
+    sources = {s: datacache.file_digest(source_path(getattr(d, s), f"data.{s}")) for s in ("train", "eval")}
+    return {
+        "split": split,
+        "data": {s: digest for s, digest in sources.items() if getattr(d, s)},
+        "rows": rows,
+        "tokenizer": datacache.tokenizer_digest(tokenizer),
+        "settings": tokenization_settings(cfg),
+        "code": datacache.file_digest(recipe_file(cfg)),
+    }
+
+
 def tokenize(
     table,
     encode: Callable[[dict[str, list]], dict[str, list]],
+    cfg: Any = None,
     *,
-    data: DataConfig,
-    source: str,
     split: str,
     tokenizer: Any,
-    settings: dict[str, Any],
-    code: str,
+    data: DataConfig | None = None,
+    source: str | None = None,
+    settings: dict[str, Any] | None = None,
+    code: str | None = None,
     notes: list[str] | None = None,
 ):
-    """`table.map(encode, batched=True)` plus a `length` column, done once and cached (see launcher.data.cache).
+    """`table.map(encode, batched=True)` plus a `length` column, done once and cached (see launcher.data.cache):
+    `tokenize(table, encode, cfg, split="train", tokenizer=tokenizer)` returns the tokenized table and notes
+    whether it was reused for the run log.
 
-    The cache key is the content of `source` (the file or folder the rows came from), the tokenizer, `settings`
-    (everything the recipe's encoding depends on: fields, max length, label names...) and the recipe file `code`.
-    Returns (tokenized table, notes for the run log)."""
+    The 0.1 form (`data=, source=, settings=, code=`, returning (table, notes)) works for one more release."""
     from launcher.data import cache as datacache
+    from launcher.data.notes import note
 
+    if cfg is None:
+        return _tokenize_01(table, encode, data, source, split, tokenizer, settings, code, notes)
+
+    def build():
+        return _map(table, encode), []
+
+    if not cfg.data.cache:
+        return build()[0]
+    key = cache_key(cfg, split, len(table), tokenizer)
+    folder = cfg.data.cache_dir or datacache.default_dir()
+    entry = datacache.cached(key, build, folder, wait_message=f"tokenizing {split}")
+    note(f"{split}: {'reused' if entry.reused else 'tokenized and cached'} {len(entry.table):,} rows ({entry.path})")
+    return entry.table
+
+
+def _map(table, encode):
     def with_length(rows):
         out = encode(rows)
         out["length"] = [len(ids) for ids in out["input_ids"]]
         return out
 
+    return table.map(with_length, batched=True, remove_columns=table.column_names)
+
+
+def _tokenize_01(table, encode, data, source, split, tokenizer, settings, code, notes):
+    from launcher._moved import MovedWarning
+    from launcher.data import cache as datacache
+
+    warnings.warn(
+        "tokenize(table, encode, data=, source=, settings=, code=) is the 0.1 form; call "
+        "tokenize(table, encode, cfg, split=..., tokenizer=...) (the cache key is built from cfg)",
+        MovedWarning,
+        stacklevel=3,
+    )
+
     def build():
-        return table.map(with_length, batched=True, remove_columns=table.column_names), list(notes or [])
+        return _map(table, encode), list(notes or [])
 
     if not data.cache:
         return build()

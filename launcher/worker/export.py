@@ -26,7 +26,7 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
         shutil.rmtree(tmp, ignore_errors=True)
         engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if is_lora:
-            _check_adapter(tmp, engine.module)
+            _check_adapter(tmp, engine.trainable_numel())
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in task.files.items():
@@ -38,10 +38,9 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
     return final
 
 
-def _check_adapter(folder: str, model: torch.nn.Module) -> None:
+def _check_adapter(folder: str, expected: int) -> None:
     """Refuse an adapter whose saved tensors are not the trained ones (e.g. ZeRO-3 placeholders)."""
     saved = load_file(os.path.join(folder, "adapter_model.safetensors"))
-    expected = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters() if p.requires_grad)
     got = sum(t.numel() for t in saved.values())
     if got != expected:
         raise RuntimeError(f"saved adapter holds {got} values but {expected} were trained: refusing a broken adapter")

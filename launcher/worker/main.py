@@ -124,6 +124,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     import transformers
     from transformers import AutoTokenizer
 
+    from launcher.data import take_notes
     from launcher.worker import dist, loop
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.export import save_model
@@ -139,6 +140,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     else:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
     task = recipe.build_task(cfg, tokenizer)
+    notes = [*plan.notes, *take_notes(), *task.notes]  # what the data layer and the recipe want the user to know
     loader = loop.train_loader(task, cfg, ranks)
     total = loop.total_steps(loader, cfg)
 
@@ -149,8 +151,8 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
     trainable, params = count_parameters(model)
 
-    def make_optimizer(module):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer)
+    def make_optimizer(module, plain_groups=None):
+        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
         return opt, build_scheduler(opt, cfg.train, total)
 
     engine = build_engine(
@@ -182,7 +184,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
             ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
             ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
             ("output", cfg.output_dir),
-            *[("note", note) for note in [*plan.notes, *task.notes]],
+            *[("note", note) for note in notes],
         ],
     )
 

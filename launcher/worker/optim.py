@@ -27,16 +27,26 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 BETAS, EPS = (0.9, 0.999), 1e-8
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, choice: Optimizer) -> torch.optim.Optimizer:
+# Rewrites param groups for an optimizer whose kernels take plain tensors only, returning the new groups and a
+# function to call with the built optimizer (e.g. to hand gradients over each step). Strategies whose parameters
+# are not plain tensors (FSDP2's DTensors) supply one; see EngineInputs.make_optimizer.
+PlainGroups = Callable[[list[dict]], tuple[list[dict], Callable[[torch.optim.Optimizer], None]]]
+
+
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, choice: Optimizer, plain_groups: PlainGroups | None = None
+) -> torch.optim.Optimizer:
     groups = param_groups(model, train.weight_decay)
     if isinstance(choice, AdamW8bit):
         import bitsandbytes as bnb
 
         cls = bnb.optim.PagedAdamW8bit if isinstance(choice, PagedAdamW8bit) else bnb.optim.AdamW8bit
-        groups, pairs = _local_shards(groups)
+        attach = None
+        if plain_groups is not None:  # bitsandbytes' 8-bit kernels take plain tensors only
+            groups, attach = plain_groups(groups)
         opt = cls(groups, lr=train.lr, betas=BETAS, eps=EPS, min_8bit_size=choice.min_8bit_size)
-        if pairs:
-            _hand_over_gradients(opt, pairs)
+        if attach is not None:
+            attach(opt)
         return opt
     if isinstance(choice, CpuAdam):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -45,43 +55,6 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, choice: Optimize
     # The fused kernel exists for CUDA tensors only; foreach is the fast path on CPU.
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=train.lr, betas=BETAS, eps=EPS, fused=fused or None)
-
-
-def _local_shards(groups: list[dict]) -> tuple[list[dict], list[tuple[torch.Tensor, torch.Tensor]]]:
-    """FSDP2 parameters are DTensors, which bitsandbytes' kernels cannot take. Give the optimizer plain
-    parameters sharing each local shard's storage instead (an update to one is an update to the other)."""
-    from torch.distributed.tensor import DTensor
-
-    pairs = []
-    out = []
-    for group in groups:
-        params = []
-        for p in group["params"]:
-            if isinstance(p, DTensor):
-                local = torch.nn.Parameter(p._local_tensor, requires_grad=True)
-                pairs.append((p, local))
-                params.append(local)
-            else:
-                params.append(p)
-        out.append({**group, "params": params})
-    return out, pairs
-
-
-def _hand_over_gradients(opt: torch.optim.Optimizer, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Before each step the local parameters get the (already clipped) local gradient shards; after it both are
-    cleared, since `zero_grad` only sees the optimizer's own parameters."""
-
-    def before(*_):
-        for sharded, local in pairs:
-            local.grad = sharded.grad._local_tensor if sharded.grad is not None else None
-
-    def after(*_):
-        for sharded, local in pairs:
-            sharded.grad = None
-            local.grad = None
-
-    opt.register_step_pre_hook(before)
-    opt.register_step_post_hook(after)
 
 
 def lr_factor(total_steps: int, warmup_steps: int, schedule: str) -> Callable[[int], float]:

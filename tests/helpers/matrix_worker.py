@@ -130,8 +130,8 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
     before = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
-    def make_optimizer(module):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer)
+    def make_optimizer(module, plain_groups=None):
+        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
         return opt, build_scheduler(opt, cfg.train, 100)
 
     engine = build_engine(

@@ -73,18 +73,29 @@ def one(
     before = {n: t.clone() for n, t in model.state_dict().items()}
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
 
-    def make_optimizer(module):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer)
+    def make_optimizer(module, plain_groups=None):
+        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
         return opt, build_scheduler(opt, cfg.train, 100)
 
     engine = build_engine(
         EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
     )
     engine.train(True)  # checkpointing only recomputes in train mode
+    scaler = getattr(engine, "scaler", None)
+    # With a loss scaler: the scale before the first step and after each step, and whether each step updated
+    # any trainable weight on any rank (a step the scaler skips for an overflow leaves every weight as it was).
+    scales = [scaler.get_scale()] if scaler is not None else None
+    stepped = [] if scaler is not None else None
+    params = [p for p in engine.module.parameters() if p.requires_grad]
     losses = []
     for _ in range(5):
+        snapshot = [_local(p).clone() for p in params] if scaler is not None else None
         result = engine.train_step([{k: v.to(ranks.device) for k, v in b.items()} for b in micro])
         losses.append(dist.mean_across_ranks(result.loss, ranks.device))
+        if scaler is not None:
+            scales.append(scaler.get_scale())
+            moved = any(not torch.equal(old, _local(p)) for old, p in zip(snapshot, params))
+            stepped.append(dist.mean_across_ranks(float(moved), ranks.device) > 0)
     after = engine.gathered_state_dict(trainable_only=False)
     changed = sorted(n for n in before if n in after and not torch.equal(before[n], after[n].to(before[n].dtype)))
     return {
@@ -94,8 +105,15 @@ def one(
         "trainable": trainable,
         "gathered": len(after),
         "block_calls_per_step": len(calls) / 5,
-        "loss_scale": engine.scaler.get_scale() if getattr(engine, "scaler", None) is not None else None,
+        "loss_scale": scaler.get_scale() if scaler is not None else None,
+        "loss_scales": scales,
+        "stepped": stepped,
     }
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter (its shard under FSDP, where parameters are DTensors)."""
+    return (p.to_local() if hasattr(p, "to_local") else p).detach()
 
 
 def main() -> None:
@@ -115,6 +133,8 @@ def main() -> None:
                 results[strategy][f"{name}_losses"] = variant["losses"]
                 results[strategy][f"{name}_block_calls_per_step"] = variant["block_calls_per_step"]
                 results[strategy][f"{name}_loss_scale"] = variant["loss_scale"]
+                results[strategy][f"{name}_loss_scales"] = variant["loss_scales"]
+                results[strategy][f"{name}_stepped"] = variant["stepped"]
         except Exception as e:  # report per strategy; the test shows which one broke and why
             results[strategy] = {"error": f"{type(e).__name__}: {e}"}
             raise

@@ -11,8 +11,10 @@ import torch
 
 from launcher.config import RunConfig
 
-# Builds (optimizer, scheduler) for the parameters the strategy hands it (sharded or not).
-OptimizerFactory = Callable[[torch.nn.Module], tuple[torch.optim.Optimizer, Any]]
+# Builds (optimizer, scheduler) for the parameters of the module the strategy hands it (sharded or not). A strategy
+# whose parameters are not plain tensors passes a second argument that turns param groups into plain ones for the
+# optimizers whose kernels need them (optim.PlainGroups).
+OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
 
 
 @dataclass
@@ -66,16 +68,17 @@ class Engine(ABC):
     def gathered_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """Full (unsharded) CPU tensors keyed by `module`'s parameter names. Collective: call on every rank."""
 
+    def trainable_numel(self) -> int:
+        """Elements of the trainable parameters, whole (not this rank's shard): what a saved adapter must hold."""
+        return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
+
 
 def clip_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
     """Clip to `max_norm` (0 disables clipping) and return the total norm before clipping."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
         return 0.0
-    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
-    if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
-        norm = norm.full_tensor()
-    return float(norm)
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")))
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -101,10 +104,12 @@ def accumulate_and_step(
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
     scaler: Any = None,
+    clip: Callable[[list[torch.nn.Parameter], float], float] = clip_norm,
 ) -> StepResult:
     """The step of the torch-native strategies: backward on each micro-batch with gradient communication only
     on the last (`set_sync`), then clip, optimizer step, schedule step. With fp16 a GradScaler scales the loss,
-    unscales before clipping and skips the step (and lowers the scale) when a gradient overflowed."""
+    unscales before clipping and skips the step (and lowers the scale) when a gradient overflowed. `clip` clips
+    and returns the global norm (a strategy with sharded gradients brings its own)."""
     losses = []
     for i, batch in enumerate(micro_batches):
         set_sync(i == len(micro_batches) - 1)
@@ -114,7 +119,7 @@ def accumulate_and_step(
         losses.append(loss.item())
     if scaler is not None:
         scaler.unscale_(optimizer)
-    norm = clip_norm(params, max_grad_norm)
+    norm = clip(params, max_grad_norm)
     lr = current_lr(optimizer)
     if scaler is not None:
         scaler.step(optimizer)

@@ -6,10 +6,13 @@ all-reduced across groups). CPU offload keeps shards, gradients and the optimize
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from launcher.config import Fsdp
 from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype
@@ -47,7 +50,8 @@ class FsdpEngine(Engine):
         for block in [m for m in self.module.modules() if isinstance(m, inputs.block_types)]:
             fully_shard(block, **kwargs)
         fully_shard(self.module, **kwargs)
-        self.optimizer, self.scheduler = inputs.make_optimizer(self.module)  # over the sharded parameters
+        # Over the sharded parameters; optimizers that take plain tensors only get views of the local shards.
+        self.optimizer, self.scheduler = inputs.make_optimizer(self.module, plain_local_shards)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.train.max_grad_norm
         self.scaler = None
@@ -70,6 +74,7 @@ class FsdpEngine(Engine):
             params=self.params,
             max_grad_norm=self.max_grad_norm,
             scaler=self.scaler,
+            clip=clip_sharded_norm,
         )
 
     def train(self, mode=True):
@@ -82,6 +87,51 @@ class FsdpEngine(Engine):
             return full
         wanted = {n for n, p in self.module.named_parameters() if p.requires_grad}
         return {n: t for n, t in full.items() if n in wanted}
+
+
+def clip_sharded_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """clip_norm over DTensor gradients: torch returns the global norm as a DTensor; make it a number."""
+    grads = [p for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
+def plain_local_shards(groups: list[dict]) -> tuple[list[dict], Callable[[torch.optim.Optimizer], None]]:
+    """FSDP2 parameters are DTensors, which bitsandbytes' 8-bit kernels cannot take. Give such an optimizer plain
+    parameters sharing each local shard's storage instead (an update to one is an update to the other); the returned
+    function, called with the built optimizer, hands it the local gradient shards each step."""
+    pairs = []
+    out = []
+    for group in groups:
+        params = []
+        for p in group["params"]:
+            if isinstance(p, DTensor):
+                local = torch.nn.Parameter(p._local_tensor, requires_grad=True)
+                pairs.append((p, local))
+                params.append(local)
+            else:
+                params.append(p)
+        out.append({**group, "params": params})
+    return out, lambda opt: _hand_over_gradients(opt, pairs) if pairs else None
+
+
+def _hand_over_gradients(opt: torch.optim.Optimizer, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Before each step the local parameters get the (already clipped) local gradient shards; after it both are
+    cleared, since `zero_grad` only sees the optimizer's own parameters."""
+
+    def before(*_):
+        for sharded, local in pairs:
+            local.grad = sharded.grad._local_tensor if sharded.grad is not None else None
+
+    def after(*_):
+        for sharded, local in pairs:
+            sharded.grad = None
+            local.grad = None
+
+    opt.register_step_pre_hook(before)
+    opt.register_step_post_hook(after)
 
 
 def wrap(inputs: EngineInputs) -> Engine:

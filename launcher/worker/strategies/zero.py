@@ -56,6 +56,10 @@ class ZeroEngine(Engine):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return local_state_dict(self.module, trainable_only)
 
+    def trainable_numel(self):
+        # ZeRO-3 leaves an empty placeholder in each parameter; ds_numel is its whole size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters() if p.requires_grad)
+
 
 def _hidden_size(module: torch.nn.Module) -> int | None:
     config = getattr(module, "config", None)
