@@ -14,13 +14,15 @@ setup:
 demo: setup
 	$(VENV)/launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 output_dir=runs/demo
 
-## The whole suite, real-data end-to-end runs included (what CI runs).
-test: setup
+## Lint, then the whole suite, real-data end-to-end runs included (what CI runs).
+test: lint
 	$(VENV)/python -m pytest -ra
 
 ## Everything but the slow real-data runs.
 test-fast: setup
 	$(VENV)/python -m pytest -ra -m "not slow"
 
+## ruff: lint rules and formatting (line length 120).
 lint: setup
 	$(VENV)/ruff check launcher recipes tests benchmarks
+	$(VENV)/ruff format --check launcher recipes tests benchmarks

@@ -53,6 +53,10 @@ def test_qlora_settings_reach_bitsandbytes_and_heads_stay_full_precision(quant_t
     out = model(**batch)
     out.loss.backward()
     assert torch.isfinite(out.loss) and head.weight.grad is not None
+    assert torch.isfinite(head.weight.grad).all() and head.weight.grad.abs().sum() > 0, "the head really learns"
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora_b)
+    assert any(p.grad.abs().sum() > 0 for p in lora_b), "gradients reach LoRA through the 4-bit base"
 
 
 def test_quant_storage_follows_the_strategy():

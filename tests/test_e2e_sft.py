@@ -42,7 +42,10 @@ def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):
     assert end <= 0.7 * start, f"eval loss {start:.3f} -> {end:.3f} ({100 * (1 - end / start):.1f}% lower)"
     assert evals[-1]["perplexity"] == pytest.approx(math.exp(end), rel=1e-6)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["adapter"] == "qlora" and summary["world_size"] == 2 and summary["train_tokens_per_s"] > 0
+    assert summary["adapter"] == "qlora" and summary["world_size"] == 2 and summary["train_tokens"] > 0
+    # Real (non-padding) tokens over the time spent in steps; packed rows hold at most 256 tokens, 4 per micro-batch.
+    assert summary["train_tokens_per_s"] == pytest.approx(summary["train_tokens"] / summary["train_seconds"], rel=1e-2)
+    assert summary["train_tokens"] <= summary["steps"] * 2 * 4 * 256
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 4 and all(
         g["prompt"].endswith("### Response:\n") and g["reference"] for g in generations

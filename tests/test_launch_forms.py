@@ -131,6 +131,10 @@ def test_eval_every_evaluates_during_training(tiny_model, tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "eval"] == [2, 3]
+    summary = json.loads((out / "summary.json").read_text())
+    labels = json.loads((out / "adapter" / "labels.json").read_text())
+    _check_predictions(out, summary["metrics"], str(tiny_data["test"]), labels["label2id"])  # the last evaluation
+    _check_tensorboard(out, records)
 
 
 MATRIX_CELLS = {
