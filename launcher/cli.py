@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -122,30 +123,50 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give at least 1 process")
     from launcher.job import Job, has_cuda, launch_env
-    from launcher.launch.commands import local_commands, render
-    from launcher.net import free_port
-    from launcher.plan import PLAN_FILE, build_plan
+    from launcher.plan import build_plan
     from launcher.recipe import Recipe
 
     recipe = Recipe.load(args.recipe)
     job = Job(world_size=args.nproc, local_world_size=args.nproc, cuda=has_cuda())
-    plan = build_plan(recipe, args.overrides, launch_env(job))
-    plan_path = os.path.join(os.path.abspath(plan.config.output_dir), PLAN_FILE)
-    commands = local_commands(plan.recipe, plan_path, args.nproc, free_port())
+    print(f"{recipe.name}: checking the settings and the data", flush=True)
     if args.dry_run:
+        from launcher.data.files import scratch_cache
+
+        with scratch_cache():  # the data is read and checked; nothing of it is kept
+            plan = build_plan(recipe, args.overrides, launch_env(job))
+    else:
+        plan = build_plan(recipe, args.overrides, launch_env(job))
+    if args.dry_run:
+        from launcher.launch.commands import render
         from launcher.views import print_dry_run
         from launcher.worker.strategies import dry_run_sections
 
+        path, commands = _rank_commands(plan, args.nproc)
         sections = dry_run_sections(plan.config, args.nproc, job.cuda)
-        print_dry_run(plan.to_json(), plan_path, [render(c) for c in commands], args.nproc, sections)
+        print_dry_run(plan.to_json(), path, [render(c) for c in commands], args.nproc, sections)
         return 0
-    from launcher.files import write_atomic
     from launcher.launch.execute import run_local
+    from launcher.rundir import claim
 
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
-    write_atomic(plan_path, plan.to_json())
-    return run_local(commands)
+    plan = claim(plan)  # held until this launcher exits; a default directory may get a -2 suffix
+    print(f"{recipe.name}: starting {args.nproc} process(es) in {plan.config.output_dir}", flush=True)
+    return run_local(_rank_commands(plan, args.nproc)[1])
+
+
+def _rank_commands(plan, nproc: int):
+    """(the plan file every rank reads, each rank's command)."""
+    from launcher.launch.commands import local_commands
+    from launcher.net import free_port
+    from launcher.plan import PLAN_FILE
+    from launcher.rundir import CLAIMED
+
+    folder = os.path.abspath(plan.config.output_dir)
+    path = os.path.join(folder, PLAN_FILE)
+    commands = local_commands(plan.recipe, path, nproc, free_port())
+    # The ranks run in the directory this launcher claimed (and holds): they must not claim it again.
+    return path, [dataclasses.replace(c, env={**c.env, CLAIMED: folder}) for c in commands]
 
 
 if __name__ == "__main__":

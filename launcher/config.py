@@ -263,7 +263,15 @@ class RunConfig:
     seed: int = 42
     """Seed for model initialisation, LoRA initialisation and data shuffling."""
     output_dir: str = ""
-    """Run directory; empty means runs/<recipe>-<date>-<time>."""
+    """Run directory; empty means runs/<recipe>-<date>-<time> (made unique). A directory that holds a run is
+    refused unless overwrite=true."""
+    overwrite: bool = False
+    """Replace the run already in output_dir (its files are deleted first; never while it is still running)."""
+
+    def model_needs(self) -> dict[str, bool]:
+        """What the model folder must hold for this configuration: weights (not when the recipe builds the model
+        from its config) and a tokenizer (not when the recipe builds its own). Recipes override it."""
+        return {"weights": True, "tokenizer": True}
 
     @property
     def model_path(self) -> str:

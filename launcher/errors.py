@@ -5,6 +5,15 @@ from __future__ import annotations
 USAGE_EXIT_CODE = 2
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. the loss became nan); the run ends with exit code 1 and saves nothing."""
+
+    exit_code = 1
+
+    def render(self) -> str:
+        return f"error: {self}"
+
+
 class ConfigError(Exception):
     """One or more problems with what the user asked for. All problems are reported together."""
 

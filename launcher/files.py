@@ -6,6 +6,25 @@ import os
 import tempfile
 
 
+def output_dir_problems(path: str) -> list[str]:
+    """Why `output_dir=path` cannot hold a run: it is a file, lies under a file, or its nearest existing folder
+    cannot be written (a probe folder is made and removed there: permission bits do not tell for root or for
+    read-only file systems)."""
+    full = os.path.abspath(path)
+    if os.path.exists(full) and not os.path.isdir(full):
+        return [f"output_dir={path}: this is a file, not a folder; give a folder for the run, e.g. output_dir=runs/x"]
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return [f"output_dir={path}: {existing} is a file, so no folder can be made under it; give another path"]
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".launcher-probe-"))
+    except OSError as e:
+        return [f"output_dir={path}: cannot write in {existing} ({e.strerror}); give a folder you can write"]
+    return []
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write via a temporary file in the same folder and rename, so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -63,6 +63,32 @@ def random_config(name: str, *, vocab_size: int, pad_token_id: int, bos_token_id
     )
 
 
+WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+def model_folder_problems(path: str, name: str, *, weights: bool, tokenizer: bool) -> list[str]:
+    """What a model folder lacks for a run: its config, its weights, its tokenizer (each only when needed)."""
+    present = set(os.listdir(path))
+    problems = []
+    if "config.json" not in present:
+        problems.append(
+            f"model={name}: {path} has no config.json, so it is not a model folder; give the folder that "
+            f"save_pretrained wrote"
+        )
+    elif weights and not present & set(WEIGHTS) and not any(f.endswith(".safetensors") for f in present):
+        problems.append(
+            f"model={name}: {path} has no weights ({' or '.join(WEIGHTS[::2])}); give a folder with them, or build "
+            f"the model from its config if the recipe can"
+        )
+    if tokenizer and not present & set(TOKENIZER):
+        problems.append(
+            f"model={name}: {path} has no tokenizer ({', '.join(TOKENIZER)}); save the tokenizer into it "
+            f"(tokenizer.save_pretrained) or give a tokenizer setting if the recipe has one"
+        )
+    return problems
+
+
 def resolve_model(name: str) -> str:
     """A local folder for `name` (`random:SHAPE` is returned as is); a hub id is passed through only when the
     hub may be used."""

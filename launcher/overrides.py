@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import difflib
 import inspect
+import math
 import textwrap
 import types
 import typing
@@ -35,6 +36,14 @@ def apply_overrides(cfg: Any, args: list[str]) -> Any:
     """Return a copy of `cfg` with every `key=value` in `args` applied; all problems reported at once."""
     cfg = copy.deepcopy(cfg)
     pairs = [split_override(a) for a in args]
+    given: dict[str, str] = {}
+    twice = []
+    for key, raw in pairs:
+        if key in given:
+            twice.append(f"{key} is given twice ({key}={given[key]} and {key}={raw}): keep the one you mean")
+        given.setdefault(key, raw)
+    if twice:
+        raise ConfigError(twice)
     # A choice (strategy=zero3) replaces a whole sub-config, so it goes before refinements of it.
     pairs.sort(key=lambda kv: 0 if kv[0] in CHOICES else 1)
     problems = []
@@ -118,9 +127,12 @@ def parse_value(raw: str, hint: Any, key: str) -> Any:
             raise ConfigError(f"{key}={raw}: expected a whole number, e.g. {key}=8") from None
     if hint is float:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise ConfigError(f"{key}={raw}: expected a number, e.g. {key}=1e-4") from None
+        if not math.isfinite(value):  # nan and inf pass every comparison check a setting has, then train garbage
+            raise ConfigError(f"{key}={raw}: expected a finite number, e.g. {key}=1e-4")
+        return value
     return raw
 
 

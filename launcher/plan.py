@@ -50,6 +50,8 @@ class Plan:
     """Device kind every rank must see: cpu or cuda."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """What the user should hear before the run starts (e.g. a setting that is ignored)."""
+    output_dir_given: bool = True
+    """The user named output_dir; False: a default name, which the run makes unique when it claims it."""
     config: Any = None
     """The resolved configuration: an instance of the recipe's Config."""
 
@@ -163,14 +165,22 @@ def environment_problems(cfg: RunConfig, env: LaunchEnv) -> list[str]:
 def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
     """Raise every problem with the settings at once, including a model that cannot be found and what the
     launch environment `env` cannot run."""
-    from launcher.models import resolve_model
+    from launcher.files import output_dir_problems
+    from launcher.models import model_folder_problems, resolve_model
 
     problems = validate(cfg) + (environment_problems(cfg, env) if env is not None else [])
     if cfg.model:
         try:
-            resolve_model(cfg.model)
+            path = resolve_model(cfg.model)
+            if os.path.isdir(path):
+                needs = cfg.model_needs()
+                problems += model_folder_problems(
+                    path, cfg.model, weights=needs["weights"], tokenizer=needs["tokenizer"]
+                )
         except ConfigError as e:
             problems += e.problems
+    if cfg.output_dir:
+        problems += output_dir_problems(cfg.output_dir)
     if problems:
         raise ConfigError(problems)
 
@@ -184,7 +194,7 @@ def ignored_settings(cfg: RunConfig, given: set[str]) -> list[str]:
         ("train.eval_at_start", not d.eval, "there is no eval set (data.eval is empty)"),
         ("data.max_eval_rows", not d.eval, "there is no eval set (data.eval is empty)"),
         ("data.cache_dir", not d.cache, "data.cache=false: nothing is cached"),
-        ("train.warmup_ratio", t.lr <= 0, "the learning rate is not positive"),
+        ("overwrite", "output_dir" not in given, "a default run directory is always a new one"),
     ]
     s = cfg.strategy
     if isinstance(s, Zero):
@@ -217,6 +227,7 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
     model) -> the recipe's data checks. Raises ConfigError with every problem found."""
     from launcher.overrides import apply_overrides, split_override
 
+    given = {split_override(o)[0] for o in overrides}
     cfg = resolve(apply_overrides(recipe.Config(), overrides), env)
     check(cfg, env)
     recipe.check(cfg)
@@ -227,7 +238,8 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         local_world_size=env.local_world_size,
         nodes=max(1, env.world_size // max(1, env.local_world_size)),
         device="cuda" if env.cuda else "cpu",
-        notes=ignored_settings(cfg, {split_override(o)[0] for o in overrides}),
+        notes=ignored_settings(cfg, given),
+        output_dir_given="output_dir" in given,
         config=cfg,
     )
 

@@ -63,6 +63,9 @@ class Config(RunConfig):
     data: NerData = field(default_factory=NerData)
     """Data files and fields."""
 
+    def model_needs(self) -> dict[str, bool]:
+        return {"weights": self.model_init == "pretrained", "tokenizer": self.tokenizer == "auto"}
+
 
 # ------------------------------------------------------------------------------------------ data
 

@@ -80,6 +80,9 @@ class Config(RunConfig):
     data: SftData = field(default_factory=SftData)
     """Data files and fields."""
 
+    def model_needs(self) -> dict[str, bool]:
+        return {"weights": True, "tokenizer": self.tokenizer == "auto"}
+
 
 # ------------------------------------------------------------------------------------------ data
 

@@ -85,12 +85,14 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
 
 
 def tiny_args(model: Path, data: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [
+    """Settings of a tiny run; a key in `extra` replaces the default one (a key given twice is an error)."""
+    defaults = [
         f"model={model}",
         f"data.train={data['train']}",
         f"data.eval={data['test']}",
         "train.micro_batch_size=8",
         "train.log_every=1",
         f"output_dir={out}",
-        *extra,
     ]
+    replaced = {e.split("=", 1)[0] for e in extra}
+    return [d for d in defaults if d.split("=", 1)[0] not in replaced] + list(extra)

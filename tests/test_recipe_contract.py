@@ -122,3 +122,25 @@ def test_recipes_read_top_to_bottom_without_infrastructure():
         source = Path(ROOT / "recipes" / f"{name}.py").read_text()
         for word in ("first_rows", "data_settings", "code=__file__", "notes=", "resolve_model", "hasattr("):
             assert word not in source, f"{name} still has {word}"
+
+
+def test_a_row_cut_reads_only_the_rows_it_keeps(tmp_path):
+    """data.max_train_rows=10 of a large file: rows past the cut are neither type-checked nor kept."""
+    rows = [{"text": f"t{i}", "label": i % 2} for i in range(5000)]
+    rows[4000]["label"] = [1, 2]  # a wrong type far past the cut
+    rows[3] = {"text": "", "label": 0}  # an empty row inside it: skipped, and one more row read instead
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = _recipe("lora_cls").Config().data
+    d.train, d.max_train_rows = str(path), 10
+    fields = {"data.text_field": ("text", "text"), "data.label_field": ("label", "label")}
+    take_notes()
+    table = read_split(d, "train", fields)
+    assert table["text"][:] == [f"t{i}" for i in range(11) if i != 3]
+    assert take_notes() == [
+        f"data.train={path}: skipped 1 of the first 1024 (of 5000) rows with an empty data.text_field=text, "
+        "data.label_field=label (rows 4)"
+    ]
+    d.max_train_rows = 0
+    with pytest.raises(ConfigError, match="row 4001: data.label_field=label holds"):
+        read_split(d, "train", fields)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +38,22 @@ def source_path(path: str, setting: str) -> str:
     return os.path.join(folder, name, SAMPLE_FILES[setting])
 
 
+_SCRATCH: list[str] = []  # while non-empty: where `datasets` may write its cache (a dry run writes nothing lasting)
+
+
+@contextlib.contextmanager
+def scratch_cache():
+    """Let `datasets` keep what it converts (its Arrow cache) in a temporary folder, deleted on exit: a dry run
+    reads and checks the data but leaves nothing behind."""
+    folder = tempfile.mkdtemp(prefix="launcher-dry-run-")
+    _SCRATCH.append(folder)
+    try:
+        yield folder
+    finally:
+        _SCRATCH.remove(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def load_table(path: str, setting: str):
     """Load a local file, a folder written by `datasets.save_to_disk` or a packaged `sample:NAME`, as a
     `datasets.Dataset`; every failure names `setting`, the path and the fix."""
@@ -58,7 +77,8 @@ def load_table(path: str, setting: str):
     datasets.disable_progress_bars()
     builder, options = FORMATS[ext]
     try:
-        table = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **options)
+        cache = {"cache_dir": _SCRATCH[-1]} if _SCRATCH else {}
+        table = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **options, **cache)
     except Exception as e:  # datasets raises many types for malformed files
         raise ConfigError(f"{setting}={path}: could not be read as {ext} ({type(e).__name__}: {e})") from None
     if len(table) == 0:
@@ -121,23 +141,32 @@ def is_empty(value: Any) -> bool:
     return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
 
 
-def check_rows(table, path: str, setting: str, fields: dict[str, tuple[str, str]]) -> tuple[Any, list[str]]:
-    """Check every row's mapped fields. `fields` maps a setting (data.text_field) to (column, kind in KINDS).
+def check_rows(
+    table, path: str, setting: str, fields: dict[str, tuple[str, str]], limit: int = 0
+) -> tuple[Any, list[str]]:
+    """Check the rows' mapped fields. `fields` maps a setting (data.text_field) to (column, kind in KINDS).
 
     Missing columns are an error listing the columns that exist (`require_columns`). A value of the wrong type
     is an error naming the row, the setting and what the row holds. Rows with an
     empty field (missing, "", []) are dropped and counted in the returned notes: one bad line in a million
-    should not stop a run, but the user must hear about it. Rows are numbered from 1 (= line of a JSONL file)."""
+    should not stop a run, but the user must hear about it. Rows are numbered from 1 (= line of a JSONL file).
+    With `limit`, only the rows needed for the first `limit` valid ones are read and checked (a cut of a large
+    file costs what the cut costs); the table returned holds at most `limit` rows."""
     require_columns(table, path, {name: column for name, (column, _) in fields.items()})
     empty: set[int] = set()
     wrong: list[str] = []
-    for name, (column, kind) in fields.items():
-        test, want = KINDS[kind]
-        for i, value in enumerate(table[column]):
-            if is_empty(value):
-                empty.add(i)
-            elif not test(value):
-                wrong.append(f"row {i + 1}: {name}={column} holds {_show(value)}, expected {want}")
+    read, step = 0, max(1024, 2 * limit)
+    while read < len(table) and (not limit or read - len(empty) < limit):
+        end = min(len(table), read + step)
+        part = table.select(range(read, end)) if (read, end) != (0, len(table)) else table
+        for name, (column, kind) in fields.items():
+            test, want = KINDS[kind]
+            for i, value in enumerate(part[column], start=read):
+                if is_empty(value):
+                    empty.add(i)
+                elif not test(value):
+                    wrong.append(f"row {i + 1}: {name}={column} holds {_show(value)}, expected {want}")
+        read = end
     if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
         raise ConfigError(
@@ -145,14 +174,16 @@ def check_rows(table, path: str, setting: str, fields: dict[str, tuple[str, str]
             + [f"{setting}={path}: {len(wrong)} value(s) of the wrong type{more}; fix those rows or map another field"]
         )
     notes = []
+    names = ", ".join(f"{n}={c}" for n, (c, _) in fields.items())
+    if len(empty) == read:
+        raise ConfigError(f"{setting}={path}: every one of its {read} rows has an empty {names}")
+    keep = [i for i in range(read) if i not in empty][: limit or None]
     if empty:
-        names = ", ".join(f"{n}={c}" for n, (c, _) in fields.items())
-        if len(empty) == len(table):
-            raise ConfigError(f"{setting}={path}: every one of its {len(table)} rows has an empty {names}")
         rows = sorted(empty)
         shown = ", ".join(str(i + 1) for i in rows[:10]) + (", ..." if len(rows) > 10 else "")
-        notes.append(f"{setting}={path}: skipped {len(rows)} of {len(table)} rows with an empty {names} (rows {shown})")
-        keep = sorted(set(range(len(table))) - empty)
+        of = f"{len(table)}" if read == len(table) else f"the first {read} (of {len(table)})"
+        notes.append(f"{setting}={path}: skipped {len(rows)} of {of} rows with an empty {names} (rows {shown})")
+    if len(keep) < len(table):
         table = table.select(keep)
     return table, notes
 
@@ -175,10 +206,10 @@ _READ: dict[str, tuple[tuple, Any, list[str]]] = {}  # split -> (what was read, 
 
 
 def read_split(data: Any, split: str, fields: Fields):
-    """The checked rows of one split (`split` is "train" or "eval"): `data.train` / `data.eval` loaded, every row's
-    fields checked (`check_rows`: wrong types stop the run, empty rows are skipped and noted), then cut to
-    `data.max_train_rows` / `data.max_eval_rows`. Remembered for this process, so a recipe's `check` and its
-    `build_task` read a file once."""
+    """The checked rows of one split (`split` is "train" or "eval"): `data.train` / `data.eval` loaded, the rows'
+    fields checked (`check_rows`: wrong types stop the run, empty rows are skipped and noted) up to the first
+    `data.max_train_rows` / `data.max_eval_rows` valid rows, which are all that is kept. Remembered for this
+    process, so a recipe's `check` and its `build_task` read a file once."""
     from launcher.data.notes import note
 
     path = getattr(data, split)
@@ -196,8 +227,8 @@ def read_split(data: Any, split: str, fields: Fields):
     if _READ.get(split, (None,))[0] != key:
         table = load_table(path, setting)
         wanted = fields(table) if callable(fields) else fields
-        table, notes = check_rows(table, path, setting, wanted)
-        _READ[split] = (key, first_rows(table, limit), notes)
+        table, notes = check_rows(table, path, setting, wanted, limit)
+        _READ[split] = (key, table, notes)
     _, table, notes = _READ[split]
     for line in notes:
         note(line)

@@ -43,6 +43,19 @@ def global_batches(
     return [batches[longest]] + [rest[k] for k in perm]
 
 
+def repeats(batches: list[list[int]]) -> set[tuple[int, int]]:
+    """(batch, position) of every example's second appearance in an epoch: the rows that complete the last batch.
+    Every rank computes the same set, so the job's sample count is each example once."""
+    seen: set[int] = set()
+    out = set()
+    for b, batch in enumerate(batches):
+        for k, i in enumerate(batch):
+            if i in seen:
+                out.add((b, k))
+            seen.add(i)
+    return out
+
+
 class DistributedBatchSampler:
     """This rank's micro-batches (lists of indices) for one epoch; a DataLoader `batch_sampler`."""
 
@@ -55,9 +68,12 @@ class DistributedBatchSampler:
         world_size: int,
         seed: int,
         lengths: Sequence[int] | None = None,
+        mark_repeats: bool = False,
     ):
         self.size, self.micro, self.rank, self.world, self.seed = size, micro_batch_size, rank, world_size, seed
         self.lengths = lengths
+        self.mark_repeats = mark_repeats
+        """Yield `i + size` for an example that completes the epoch's last batch a second time (see repeats())."""
         self.epoch = 0
         self.skip = 0
         """Micro-batches of the current epoch already trained (resume)."""
@@ -78,8 +94,10 @@ class DistributedBatchSampler:
         batches = global_batches(
             self.size, self.micro * self.world, seed=self.seed, epoch=self.epoch, lengths=self.lengths
         )
-        for g in batches[self.skip :]:
-            yield g[self.rank * self.micro : (self.rank + 1) * self.micro]
+        repeated = repeats(batches) if self.mark_repeats else set()
+        for b, g in enumerate(batches[self.skip :], start=self.skip):
+            lo = self.rank * self.micro
+            yield [i + self.size if (b, lo + k) in repeated else i for k, i in enumerate(g[lo : lo + self.micro])]
 
     def __len__(self) -> int:
         """Micro-batches in a whole epoch (a resumed epoch yields `skip` fewer)."""

@@ -1,43 +1,113 @@
-"""The one place that starts processes: run every rank, stream output, stop all when one fails."""
+"""The one place that starts processes: run every rank, stream its output, stop all of them when one fails.
+
+What `run_local` guarantees:
+- Rank 0 writes straight to this terminal (its progress bar stays live); the others' lines are prefixed.
+- The first rank to fail stops the others, and the launcher's last line names it, its pid and how it ended
+  ("rank 1 (pid 12345) was killed by SIGKILL", "rank 1 (pid 12345) exited with code 3"). The exit code follows
+  the shell's convention: 128 + the signal that killed the rank, else the rank's own code.
+- SIGTERM, SIGHUP or SIGINT to the launcher stop every rank and the launcher exits with 128 + that signal. SIGINT
+  works even when it was inherited as ignored (bash ignores it for `cmd &` in a script); an inherited ignored
+  SIGHUP is kept, so `nohup launcher run ...` still outlives its terminal.
+- Stopping means SIGTERM to each live rank, then SIGKILL to any rank still there GRACE_SECONDS later; every rank
+  is reaped before `run_local` returns.
+- On Linux a rank is SIGKILLed by the kernel when the launcher dies, even by SIGKILL, so no rank outlives it.
+"""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from launcher.launch.commands import RankCommand
 
 GRACE_SECONDS = 10.0
+"""How long a rank has to exit after SIGTERM before it gets SIGKILL."""
+POLL_SECONDS = 0.1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+@dataclass
+class Rank:
+    rank: int
+    proc: subprocess.Popen
+
+    def describe(self, code: int) -> str:
+        if code < 0:
+            return f"rank {self.rank} (pid {self.proc.pid}) was killed by {signal_name(-code)}"
+        return f"rank {self.rank} (pid {self.proc.pid}) exited with code {code}"
+
+
+@dataclass
+class Outcome:
+    code: int
+    message: str | None = None
+    """The launcher's last line; None when every rank succeeded."""
 
 
 def run_local(commands: list[RankCommand]) -> int:
-    """Run the ranks to completion. Rank 0 writes straight to this terminal (so its progress bar stays live);
-    the others' lines are prefixed with their rank. Returns the first non-zero exit code, else 0."""
-    procs: list[subprocess.Popen] = []
-    threads = []
-    try:
-        for cmd in commands:
-            env = {**os.environ, **cmd.env}
-            if cmd.rank == 0:
-                proc = subprocess.Popen(cmd.argv, env=env)
-            else:
-                proc = subprocess.Popen(cmd.argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                t = threading.Thread(target=_prefix, args=(proc, f"[rank{cmd.rank}] "), daemon=True)
-                t.start()
-                threads.append(t)
-            procs.append(proc)
-        return _wait(procs)
-    except KeyboardInterrupt:
-        _stop(procs)
-        return 130
-    finally:
-        _stop(procs)
-        for t in threads:
-            t.join(timeout=1.0)
+    """Run the ranks to completion; returns 0, or the exit code described in the module docstring."""
+    ranks: list[Rank] = []
+    readers: list[threading.Thread] = []
+    with StopSignals() as signals:
+        try:
+            ranks = _spawn(commands)
+            readers = [_start_reader(r) for r in ranks if r.proc.stdout is not None]
+            outcome = _wait(ranks, signals)
+        finally:
+            _stop(ranks)
+            for t in readers:
+                t.join(timeout=1.0)  # a rank's own child may hold its pipe open: don't wait on it
+    if outcome.message:
+        print(f"launcher: {outcome.message}", file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def _spawn(commands: list[RankCommand]) -> list[Rank]:
+    """Start every rank from this thread (PR_SET_PDEATHSIG fires when the thread that forked ends, and this one
+    outlives the ranks) and before any reader thread exists (a pre-exec hook runs in a child forked from a
+    snapshot of every thread's locks; with no other thread of ours, none is held)."""
+    arm = _die_with_launcher()
+    ranks = []
+    for cmd in commands:
+        env = {**os.environ, **cmd.env}
+        pipe = {} if cmd.rank == 0 else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+        try:
+            ranks.append(Rank(cmd.rank, subprocess.Popen(cmd.argv, env=env, preexec_fn=arm, **pipe)))
+        except BaseException:
+            _stop(ranks)  # the caller never sees a half-started job
+            raise
+    return ranks
+
+
+def _die_with_launcher() -> Callable[[], None] | None:
+    """A pre-exec hook asking the kernel to SIGKILL the rank when the launcher dies (Linux only; elsewhere a
+    launcher killed by SIGKILL cannot take its ranks along)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child should only make the call
+    launcher = os.getpid()
+
+    def arm() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        if os.getppid() != launcher:  # the launcher died before the request took effect: follow it now
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return arm
+
+
+def _start_reader(rank: Rank) -> threading.Thread:
+    t = threading.Thread(target=_prefix, args=(rank.proc, f"[rank{rank.rank}] "), daemon=True)
+    t.start()
+    return t
 
 
 def _prefix(proc: subprocess.Popen, prefix: str) -> None:
@@ -46,26 +116,77 @@ def _prefix(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def _wait(procs: list[subprocess.Popen]) -> int:
+def _wait(ranks: list[Rank], signals: StopSignals) -> Outcome:
+    """Until every rank succeeded, one failed, or the launcher was asked to stop (checked first: a Ctrl-C also
+    reaches the ranks, whose own exits are then no failure)."""
     while True:
-        codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed:
-            return failed[0]
-        if all(c == 0 for c in codes):
-            return 0
-        time.sleep(0.2)
+        if signals.received:
+            return Outcome(128 + signals.received, f"stopped every rank on {signal_name(signals.received)}")
+        for r in ranks:
+            code = r.proc.poll()
+            if code:
+                return Outcome(shell_code(code), r.describe(code))
+        if all(r.proc.returncode == 0 for r in ranks):
+            return Outcome(0)
+        time.sleep(POLL_SECONDS)
 
 
-def _stop(procs: list[subprocess.Popen]) -> None:
-    """SIGTERM the survivors, then SIGKILL whoever is still there after the grace period."""
-    alive = [p for p in procs if p.poll() is None]
-    for p in alive:
-        p.send_signal(signal.SIGTERM)
-    deadline = time.time() + GRACE_SECONDS
-    for p in alive:
+def _stop(ranks: list[Rank]) -> None:
+    """SIGTERM the live ranks, then SIGKILL whoever is still there after the grace period; reap them all."""
+    alive = [r for r in ranks if r.proc.poll() is None]
+    for r in alive:
+        r.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + GRACE_SECONDS
+    for r in alive:
         try:
-            p.wait(timeout=max(0.1, deadline - time.time()))
+            r.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+            print(
+                f"launcher: rank {r.rank} (pid {r.proc.pid}) still running {GRACE_SECONDS:g} s after SIGTERM; "
+                "sending SIGKILL",
+                file=sys.stderr,
+                flush=True,
+            )
+            r.proc.kill()
+            r.proc.wait()
+
+
+class StopSignals:
+    """While open, SIGTERM, SIGHUP and SIGINT are noted instead of killing the launcher, so it can stop its ranks
+    first; the previous handlers come back on exit. The handler only notes the signal: an exception raised in the
+    middle of starting a rank could leave that rank untracked."""
+
+    def __init__(self) -> None:
+        self.received: int = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # Python lets only the main thread set handlers; the caller's own handling applies
+        for sig in STOP_SIGNALS:
+            previous = signal.getsignal(sig)
+            if sig == signal.SIGHUP and previous == signal.SIG_IGN:
+                continue  # nohup: the user asked to outlive the terminal
+            self._previous[sig] = previous
+            signal.signal(sig, self._note)
+        return self
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.received = self.received or signum
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            # None: a handler set outside Python, which cannot be put back; the default is the nearest.
+            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
+
+
+def shell_code(returncode: int) -> int:
+    """A Popen return code as a shell reports it: 128 + N for a process killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -12,6 +13,7 @@ from torch.utils.data import DataLoader
 from launcher.config import RunConfig
 from launcher.data import EvalShard
 from launcher.data.sampling import DistributedBatchSampler
+from launcher.errors import TrainingStopped
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.runlog import RunLog
@@ -26,8 +28,33 @@ def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
         world_size=ranks.world_size,
         seed=cfg.seed,
         lengths=task.lengths if cfg.data.group_by_length else None,
+        mark_repeats=True,
     )
-    return DataLoader(task.train, batch_sampler=sampler, collate_fn=task.collate)
+    return DataLoader(_Marked(task.train), batch_sampler=sampler, collate_fn=_Collate(task.collate))
+
+
+class _Marked:
+    """The training set seen through a sampler that marks repeats: index i + len is example i again."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, j: int):
+        n = len(self.rows)
+        return self.rows[j % n], j < n
+
+
+class _Collate:
+    """(the recipe's batch, how many of its examples are not repeats): throughput counts each example once."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, items):
+        return self.collate([row for row, _ in items]), sum(fresh for _, fresh in items)
 
 
 def total_steps(loader: DataLoader, cfg: RunConfig) -> int:
@@ -64,14 +91,15 @@ def train(
         loader.batch_sampler.set_epoch(epoch)
         for micro in groups(loader, cfg.train.grad_accum):
             t0 = time.perf_counter()
-            micro = [to_device(b, engine.device) for b in micro]
-            samples = sum(len(b["labels"]) for b in micro)
+            samples = sum(fresh for _, fresh in micro)  # repeats completing the last batch are not counted twice
+            micro = [to_device(b, engine.device) for b, _ in micro]
             tokens = sum(count_tokens(b) for b in micro)
             result = engine.train_step(micro)
             # One small all-reduce: the logged loss and throughput are the whole job's, on every rank.
             stats = torch.tensor([result.loss, samples, tokens], dtype=torch.float64, device=engine.device)
             torch.distributed.all_reduce(stats)
             step += 1
+            _check_finite(step, stats[0].item() / ranks.world_size, result, cfg, log)
             elapsed = time.perf_counter() - t0
             seen, busy, real = seen + stats[1].item(), busy + elapsed, real + stats[2].item()
             log.step(
@@ -98,6 +126,22 @@ def train(
         "train_tokens": int(real),
         "train_tokens_per_s": round(real / busy, 2) if busy else 0.0,
     }
+
+
+def _check_finite(step: int, loss: float, result, cfg: RunConfig, log: RunLog) -> None:
+    """Stop when the job's loss or gradient norm is nan or inf. Every rank sees the same all-reduced loss and
+    the same global norm, so every rank stops at the same step. An fp16 step the loss scaler skipped (overflowing
+    gradients, scale lowered) is expected and goes on."""
+    norm = result.grad_norm
+    if math.isfinite(loss) and (result.skipped or norm is None or math.isfinite(norm)):
+        return
+    log.close()
+    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+    raise TrainingStopped(
+        f"step {step}: {what}: training diverged, so it stopped here and saved no weights; lower train.lr "
+        f"(now {cfg.train.lr:g}), keep train.max_grad_norm on (now {cfg.train.max_grad_norm:g}), or check the "
+        f"data of this step"
+    )
 
 
 def real_tokens(batch: dict[str, Any]) -> int:

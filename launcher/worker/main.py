@@ -15,11 +15,10 @@ from types import ModuleType
 
 from launcher.config import Lora, choice_name
 from launcher.environment import quiet_libraries
-from launcher.errors import USAGE_EXIT_CODE, ConfigError
+from launcher.errors import USAGE_EXIT_CODE, ConfigError, TrainingStopped
 from launcher.files import write_atomic
 from launcher.job import Job, job_from_environ, launch_env
-from launcher.models import resolve_model
-from launcher.plan import PLAN_FILE, Plan, build_plan, check_job, read_plan
+from launcher.plan import Plan, build_plan, check_job, read_plan
 from launcher.recipe import Recipe, parse_worker_argv
 
 
@@ -65,13 +64,16 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     ranks = dist.init(job)
     code = 0
     try:
-        if source is None:
-            plan = _agree(plan, recipe, job, ranks)
+        plan = _settle(plan, source, recipe, job, ranks)
         run(recipe, plan, ranks)
     except ConfigError as e:  # found only once the model exists (e.g. target modules it lacks): same on every rank
         if ranks.is_main:
             print(e.render(), file=sys.stderr)
         code = USAGE_EXIT_CODE
+    except TrainingStopped as e:  # decided on every rank alike (all-reduced loss, global gradient norm)
+        if ranks.is_main:
+            print(e.render(), file=sys.stderr)
+        code = e.exit_code
     finally:
         # Free the engine (kept alive by reference cycles) while its process groups still exist.
         gc.collect()
@@ -79,20 +81,31 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     _exit(code, ranks.world_size)
 
 
-def _agree(plan: Plan, recipe: Recipe, job: Job, ranks) -> Plan:
-    """Direct forms (python, torchrun, deepspeed): every rank built a plan; rank 0's wins (its timestamped run
-    directory, say), every rank checks it against its own job, and rank 0 writes it, once."""
+def _settle(plan: Plan, source: str | None, recipe: Recipe, job: Job, ranks) -> Plan:
+    """The plan every rank runs, its run directory claimed once (launcher.rundir). Ranks of `launcher run` find
+    it claimed by their launcher. Under the direct forms (python, torchrun, deepspeed) every rank built a plan:
+    rank 0 claims the run directory and writes its plan there, and every rank takes rank 0's plan (its run
+    directory, say) and checks it against its own job. A plan given with --plan by hand is claimed by rank 0."""
+    from launcher.rundir import claim, claim_rerun, claimed_by_launcher
     from launcher.worker import dist
 
-    if ranks.world_size > 1:
-        plan = Plan.from_json(dist.broadcast_object(plan.to_json()), recipe.Config)
+    if source is not None and claimed_by_launcher(plan):
+        return plan
+    outcome: tuple[str | None, list[str]] = (None, [])
+    if ranks.is_main:
+        try:
+            outcome = ((claim(plan) if source is None else claim_rerun(plan)).to_json(), [])
+        except ConfigError as e:
+            outcome = (None, e.problems)
+    text, refused = dist.broadcast_object(outcome)
+    if refused:
+        raise ConfigError(refused)
+    plan = Plan.from_json(text, recipe.Config)
     problems = [
         p for rank_problems in dist.gather_objects(check_job(plan, job, "rank 0's plan")) for p in rank_problems
     ]
     if problems:
         raise ConfigError(sorted(set(problems)))
-    if ranks.is_main:
-        write_atomic(os.path.join(plan.config.output_dir, PLAN_FILE), plan.to_json())
     return plan
 
 
@@ -135,15 +148,22 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
     cfg = plan.config
+
+    def say(what: str) -> None:  # rank 0 tells what the seconds before the first step are spent on
+        if ranks.is_main:
+            print(f"{recipe.name}: {what} ({time.time() - t_start:.0f}s)", flush=True)
+
+    say("reading and tokenizing the data")
     if recipe.build_tokenizer is not None:  # e.g. one trained on the data, for a model built from a config
         tokenizer = recipe.build_tokenizer(cfg)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
     task = recipe.build_task(cfg, tokenizer)
     notes = [*plan.notes, *take_notes(), *task.notes]  # what the data layer and the recipe want the user to know
     loader = loop.train_loader(task, cfg, ranks)
     total = loop.total_steps(loader, cfg)
 
+    say(f"building the model ({cfg.model})")
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and under every strategy
     base = recipe.build_model(cfg, task)
     block_names = set(getattr(base, "_no_split_modules", None) or [])
@@ -155,6 +175,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
         opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
         return opt, build_scheduler(opt, cfg.train, total)
 
+    say(f"applying {choice_name(cfg.adapter)} and {choice_name(cfg.strategy)} on {ranks.world_size} process(es)")
     engine = build_engine(
         EngineInputs(
             model=model,

@@ -6,7 +6,6 @@ Other ranks get an inactive RunLog that does nothing, so the loop never asks "am
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from typing import Any
@@ -54,12 +53,13 @@ class RunLog:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[sps]:.1f} samples/s"),
+            TextColumn("{task.fields[stats]}"),
             TimeRemainingColumn(),
             console=self.console,
         )
         self._progress.start()
-        self._task = self._progress.add_task("train", total=self.total_steps, loss=math.nan, lr=0.0, sps=0.0)
+        # Nothing to show before the first step ends (not "loss nan lr 0.00e+00").
+        self._task = self._progress.add_task("train", total=self.total_steps, stats="first step...")
 
     def step(
         self,
@@ -67,7 +67,7 @@ class RunLog:
         *,
         loss: float,
         lr: float,
-        grad_norm: float,
+        grad_norm: float | None,
         samples: float,
         seconds: float,
         epoch: int,
@@ -81,7 +81,8 @@ class RunLog:
         self._tokens += tokens
         samples_per_s = self._samples / self._seconds if self._seconds else 0.0
         if self._progress is not None:
-            self._progress.update(self._task, completed=step, loss=loss, lr=lr, sps=samples_per_s)
+            stats = f"loss {loss:.4f}  lr {lr:.2e}  {samples_per_s:.1f} samples/s"
+            self._progress.update(self._task, completed=step, stats=stats)
         if step % self.log_every and step != self.total_steps:
             return
         record = {
@@ -92,7 +93,7 @@ class RunLog:
             "lr": lr,
             "samples_per_s": samples_per_s,
             "tokens_per_s": self._tokens / self._seconds if self._seconds else 0.0,
-            "grad_norm": grad_norm,
+            **({"grad_norm": grad_norm} if grad_norm is not None else {}),
             "time": round(time.time() - self.t0, 3),
         }
         self._write(record)

@@ -39,10 +39,12 @@ class EngineInputs:
 class StepResult:
     loss: float
     """Mean loss over this rank's micro-batches of the step."""
-    grad_norm: float
-    """Global gradient norm before clipping (nan where the strategy does not report it)."""
+    grad_norm: float | None
+    """Global gradient norm before clipping (None where the strategy does not report it)."""
     lr: float
     """Learning rate used for this step."""
+    skipped: bool = False
+    """The optimizer step was skipped (fp16 loss scaling found an overflow and lowered the scale)."""
 
 
 class Engine(ABC):
@@ -121,14 +123,17 @@ def accumulate_and_step(
         scaler.unscale_(optimizer)
     norm = clip(params, max_grad_norm)
     lr = current_lr(optimizer)
+    skipped = False
     if scaler is not None:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        skipped = scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
     else:
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr)
+    return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr, skipped=skipped)
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:

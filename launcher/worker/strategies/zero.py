@@ -41,7 +41,10 @@ class ZeroEngine(Engine):
             losses.append(loss.item())
         norm = self.ds.get_global_grad_norm()
         return StepResult(
-            loss=sum(losses) / len(losses), grad_norm=float("nan") if norm is None else float(norm), lr=lr
+            loss=sum(losses) / len(losses),
+            grad_norm=None if norm is None else float(norm),
+            lr=lr,
+            skipped=not self.ds.was_step_applied(),  # fp16: DeepSpeed's loss scaler skipped an overflow step
         )
 
     def train(self, mode=True):

@@ -1,0 +1,193 @@
+"""A run's directory and numbers: one run per directory, no silent overwrite, finite settings and losses, clear
+refusals of bad paths and model folders (issue 10's defects, each reproduced by a test here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launcher.errors import ConfigError
+from launcher.job import LaunchEnv
+from launcher.overrides import apply_overrides
+from launcher.plan import PLAN_FILE, build_plan
+from launcher.recipe import Recipe
+from launcher.rundir import claim
+from tests.conftest import BIN, RECIPE, ROOT, run, tiny_args
+
+ONE = LaunchEnv(now=1_700_000_000)
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return Recipe.load(RECIPE)
+
+
+# ------------------------------------------------------------------------------------------ settings
+
+
+def test_a_key_given_twice_is_refused_naming_both_values(recipe):
+    with pytest.raises(ConfigError) as e:
+        apply_overrides(recipe.Config(), ["train.lr=1e-3", "seed=1", "train.lr=1e-4", "strategy=zero3", "strategy=ddp"])
+    assert e.value.problems == [
+        "train.lr is given twice (train.lr=1e-3 and train.lr=1e-4): keep the one you mean",
+        "strategy is given twice (strategy=zero3 and strategy=ddp): keep the one you mean",
+    ]
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "NaN"])
+def test_every_float_setting_refuses_non_finite_values(recipe, value):
+    for key in ("train.lr", "train.warmup_ratio", "train.max_grad_norm", "adapter.dropout"):
+        with pytest.raises(ConfigError, match=f"{key}={value}: expected a finite number"):
+            apply_overrides(recipe.Config(), [f"{key}={value}"])
+
+
+def test_bad_output_dirs_are_refused_before_anything_is_written(recipe, tiny_model, tiny_data, tmp_path):
+    afile = tmp_path / "a-file"
+    afile.write_text("x")
+    unwritable = "/proc/launcher-test/run" if os.geteuid() == 0 else str(tmp_path / "ro" / "run")
+    if os.geteuid() != 0:
+        (tmp_path / "ro").mkdir(mode=0o555)
+    cases = {
+        str(afile): "this is a file, not a folder",
+        str(afile / "run"): f"{afile} is a file, so no folder can be made under it",
+        unwritable: "cannot write in",
+    }
+    for out, expected in cases.items():
+        with pytest.raises(ConfigError, match=expected):
+            build_plan(recipe, tiny_args(tiny_model, tiny_data, tmp_path)[:-1] + [f"output_dir={out}"], ONE)
+    # The same through the command line, --dry-run included: exit 2, one line, nothing written anywhere.
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for dry in ([], ["--dry-run"]):
+        args = [*tiny_args(tiny_model, tiny_data, tmp_path)[:-1], f"output_dir={afile / 'run'}"]
+        proc = run(["launcher", "run", RECIPE, "--nproc", "2", *dry, *args], cwd=tmp_path)
+        assert proc.returncode == 2 and "is a file, so no folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_model_folders_without_config_weights_or_tokenizer_are_named(recipe, tiny_model, tiny_data, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    for name in os.listdir(tiny_model):
+        if not name.endswith(".safetensors"):
+            (no_weights / name).write_bytes((tiny_model / name).read_bytes())
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_tokenizer / name).write_bytes((tiny_model / name).read_bytes())
+    cases = {
+        empty: "has no config.json, so it is not a model folder",
+        no_weights: r"has no weights \(model.safetensors or pytorch_model.bin\)",
+        no_tokenizer: "has no tokenizer",
+    }
+    for folder, expected in cases.items():
+        args = [a for a in tiny_args(tiny_model, tiny_data, tmp_path / "out") if not a.startswith("model=")]
+        with pytest.raises(ConfigError, match=expected):
+            build_plan(recipe, [*args, f"model={folder}"], ONE)
+    # A recipe that builds its model from the config and its own tokenizer needs neither weights nor tokenizer.
+    ner = Recipe.load(str(ROOT / "recipes" / "lora_ner.py"))
+    plan = build_plan(ner, [f"model={no_weights}", "model_init=config", "adapter=full", "tokenizer=chars"], ONE)
+    assert plan.config.model == str(no_weights)
+    proc = run([sys.executable, RECIPE, *args, f"model={empty}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "has no config.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ run directories
+
+
+def test_default_run_directories_are_unique_within_one_second(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = claim(build_plan(recipe, [], ONE))  # the lock is held by this process until it exits
+    second = claim(build_plan(recipe, [], ONE))
+    assert first.config.output_dir == "runs/lora_cls-" + time.strftime("%Y%m%d-%H%M%S", time.localtime(ONE.now))
+    assert second.config.output_dir == first.config.output_dir + "-2"
+    written = json.loads((tmp_path / second.config.output_dir / PLAN_FILE).read_text())
+    assert written["config"]["output_dir"] == second.config.output_dir
+
+
+def test_a_named_directory_holding_a_run_is_refused_unless_overwrite(recipe, tmp_path):
+    out = tmp_path / "run"
+    claim(build_plan(recipe, [f"output_dir={out}"], ONE))
+    with pytest.raises(ConfigError, match="another run is in progress there"):
+        claim(build_plan(recipe, [f"output_dir={out}"], ONE))  # the first claim's lock is still held
+
+
+def test_overwrite_replaces_only_the_earlier_runs_files(recipe, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / PLAN_FILE).write_text("{}")
+    (out / "adapter").mkdir()
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"old")
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=rf"output_dir={out} already holds a run .* add overwrite=true"):
+        claim(build_plan(recipe, [f"output_dir={out}"], ONE))
+    assert (out / "adapter").exists()
+    claim(build_plan(recipe, [f"output_dir={out}", "overwrite=true"], ONE))
+    assert sorted(p.name for p in out.iterdir()) == [".lock", PLAN_FILE, "notes.txt"]
+    assert json.loads((out / PLAN_FILE).read_text())["config"]["overwrite"] is True
+
+
+def _launch(args, cwd, **kw):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_launches_into_one_directory_one_refuses_the_other_keeps_its_settings(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    first = tiny_args(tiny_model, tiny_data, out, "train.max_steps=600", "seed=1", "train.lr=2e-3")
+    a = _launch(["launcher", "run", RECIPE, "--nproc", "2", *first], tmp_path)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and a.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    second = tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", "seed=2", "train.lr=5e-4")
+    b = run(["launcher", "run", RECIPE, "--nproc", "2", *second], cwd=tmp_path)
+    stdout, stderr = a.communicate(timeout=300)
+    assert b.returncode == 2 and f"output_dir={out}: another run is in progress there" in b.stderr, b.stderr
+    assert a.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    plan = json.loads((out / PLAN_FILE).read_text())["config"]
+    assert (plan["seed"], plan["train"]["lr"], plan["train"]["max_steps"]) == (1, 2e-3, 600)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 600
+
+
+def test_a_finished_run_is_not_overwritten_in_place(tiny_model, tiny_data, tmp_path):
+    """Direct form (rank 0 claims): a second run into a finished run's directory stops; overwrite=true replaces it
+    wholly (no old adapter beside the new model, one run in metrics and TensorBoard)."""
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, tiny_data, out)
+    assert run([sys.executable, RECIPE, *args, "train.max_steps=2"], cwd=tmp_path).returncode == 0
+    again = run([sys.executable, RECIPE, *args, "adapter=full", "train.max_steps=2"], cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "Traceback" not in again.stderr
+    assert (out / "adapter").is_dir() and not (out / "model").exists()
+    rerun = run([sys.executable, RECIPE, "--plan", str(out)], cwd=tmp_path)  # the same plan by hand: same refusal
+    assert rerun.returncode == 2 and "already holds this plan's results" in rerun.stderr, rerun.stderr[-2000:]
+    replaced = run([sys.executable, RECIPE, *args, "adapter=full", "train.max_steps=3", "overwrite=true"], cwd=tmp_path)
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert (out / "model").is_dir() and not (out / "adapter").exists()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert steps == [1, 2, 3]
+    assert len(list((out / "tensorboard").iterdir())) == 1
+
+
+# ------------------------------------------------------------------------------------------ non-finite training
+
+
+def test_a_loss_that_turns_non_finite_stops_the_run_and_saves_nothing(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, tiny_data, out, "train.max_steps=8", "train.lr=1e30", "train.max_grad_norm=0")
+    proc = run(["launcher", "run", RECIPE, "--nproc", "2", *args], cwd=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("error: step "))
+    step = int(line.split()[2].rstrip(":"))
+    assert 1 < step <= 8 and "training diverged" in line and "saved no weights" in line and "train.lr" in line
+    assert "Traceback" not in proc.stderr
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, step)), "nothing logged from the step that diverged on"

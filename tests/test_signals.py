@@ -1,0 +1,218 @@
+"""How a job ends: signals to the launcher stop every rank, a launcher killed outright takes its ranks along, and a
+rank that dies is named. Each check finds the ranks by pid and asserts that none is left running.
+
+Most checks drive `run_local` from a small script (so the test can signal that process) with ranks that only write
+their pid and sleep; one runs the real `launcher run` on a tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, RECIPE, ROOT, tiny_args
+
+LINUX = sys.platform.startswith("linux")
+
+# A rank: announce its pid (atomically, so a reader never sees half of it), optionally ignore SIGTERM, sleep.
+RANK = """
+import os, signal, sys, time
+if sys.argv[2] == "ignore-term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+open(sys.argv[1] + ".tmp", "w").write(str(os.getpid()))
+os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(120)
+"""
+
+# The launcher's spawner in a process of its own: driver.py OUT_DIR BEHAVIOUR... (one rank per behaviour).
+DRIVER = """
+import sys
+from launcher.launch import execute
+from launcher.launch.commands import RankCommand
+
+execute.GRACE_SECONDS = 1.0
+out, behaviours = sys.argv[1], sys.argv[2:]
+rank_code = open(out + "/rank.py").read()
+commands = [
+    RankCommand(rank=r, argv=[sys.executable, "-c", rank_code, f"{out}/rank{r}.pid", b])
+    for r, b in enumerate(behaviours)
+]
+sys.exit(execute.run_local(commands))
+"""
+
+
+@pytest.fixture
+def leftovers():
+    """Pids a test expects gone; any still running at teardown is SIGKILLed, so a failing test leaves nothing."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        if _running(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # An orphan that died is a zombie until init reaps it (a container's init may never do so); it runs nothing.
+    return _state(pid) != "Z"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+def assert_gone(pids: list[int], within: float = 5.0) -> None:
+    deadline = time.monotonic() + within
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    survivors = [p for p in pids if _running(p)]
+    assert not survivors, f"ranks still running {within:g} s after the launcher ended: pids {survivors}"
+
+
+def start_driver(tmp_path: Path, leftovers: list[int], *behaviours: str, ignore: signal.Signals | None = None):
+    """The driver with one rank per behaviour ("sleep" or "ignore-term"), once every rank is running; returns
+    (driver process, rank pids, its output file)."""
+    (tmp_path / "rank.py").write_text(RANK)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    # Output goes to a file, not a pipe: a rank left behind would hold a pipe open and stall the reader.
+    log = tmp_path / "launcher.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, str(tmp_path / "driver.py"), str(tmp_path), *behaviours],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            # The launcher inherits `ignore` ignored: SIGINT as bash does to `cmd &` in a script, SIGHUP as nohup.
+            preexec_fn=(lambda: signal.signal(ignore, signal.SIG_IGN)) if ignore else None,
+        )
+    files = [tmp_path / f"rank{r}.pid" for r in range(len(behaviours))]
+    deadline = time.monotonic() + 30
+    while not all(f.exists() for f in files):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the ranks did not start:\n{log.read_text()}")
+        time.sleep(0.02)
+    pids = [int(f.read_text()) for f in files]
+    leftovers.extend(pids)
+    return proc, pids, log
+
+
+def finish(proc: subprocess.Popen, log: Path, after: str, timeout: float = 30) -> tuple[int, str]:
+    """The launcher's exit code and output once it ends; a launcher still running is killed and the test fails."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the launcher was still running {timeout:g} s after {after}:\n{log.read_text()}")
+    return proc.returncode, log.read_text()
+
+
+def last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_to_the_launcher_stops_every_rank(tmp_path, leftovers, sig):
+    proc, pids, log = start_driver(tmp_path, leftovers, "sleep", "sleep")
+    proc.send_signal(sig)
+    code, output = finish(proc, log, sig.name)
+    assert_gone(pids)
+    assert code == 128 + sig, output
+    assert last_line(output) == f"launcher: stopped every rank on {sig.name}"
+
+
+def test_a_rank_ignoring_sigterm_gets_sigkill_after_the_grace_period(tmp_path, leftovers):
+    proc, pids, log = start_driver(tmp_path, leftovers, "sleep", "ignore-term")
+    proc.send_signal(signal.SIGTERM)
+    code, output = finish(proc, log, "SIGTERM")
+    assert_gone(pids)
+    assert code == 143, output
+    assert f"rank 1 (pid {pids[1]}) still running 1 s after SIGTERM; sending SIGKILL" in output
+
+
+def test_sigint_stops_a_launcher_that_inherited_it_ignored(tmp_path, leftovers):
+    proc, pids, log = start_driver(tmp_path, leftovers, "sleep", "sleep", ignore=signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    code, output = finish(proc, log, "SIGINT", timeout=10)
+    assert_gone(pids)
+    assert code == 130, output
+    assert last_line(output) == "launcher: stopped every rank on SIGINT"
+
+
+def test_nohup_still_outlives_the_terminal(tmp_path, leftovers):
+    proc, pids, log = start_driver(tmp_path, leftovers, "sleep", "sleep", ignore=signal.SIGHUP)
+    proc.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert proc.poll() is None and all(_running(p) for p in pids), "a launcher under nohup stopped on SIGHUP"
+    proc.send_signal(signal.SIGTERM)
+    code, output = finish(proc, log, "SIGTERM")
+    assert_gone(pids)
+    assert code == 143, output
+
+
+@pytest.mark.skipif(not LINUX, reason="ranks follow a SIGKILLed launcher through Linux's PR_SET_PDEATHSIG")
+def test_ranks_die_with_a_sigkilled_launcher(tmp_path, leftovers):
+    proc, pids, _ = start_driver(tmp_path, leftovers, "sleep", "sleep")
+    proc.kill()
+    proc.wait()
+    assert_gone(pids)
+
+
+def test_a_rank_killed_by_a_signal_is_named_with_its_pid_and_the_exit_code_follows(tmp_path, leftovers):
+    proc, pids, log = start_driver(tmp_path, leftovers, "sleep", "sleep")
+    os.kill(pids[1], signal.SIGKILL)
+    code, output = finish(proc, log, "rank 1 was killed")
+    assert_gone(pids)
+    assert last_line(output) == f"launcher: rank 1 (pid {pids[1]}) was killed by SIGKILL", output
+    assert code == 137
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (the fourth field of /proc/PID/stat)."""
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue  # it ended while we looked
+            if int(fields[1]) == pid:
+                kids.append(int(entry.name))
+    return kids
+
+
+@pytest.mark.skipif(not LINUX, reason="finds the ranks through /proc")
+def test_launcher_run_stops_training_ranks_on_sigterm(tiny_model, tiny_data, tmp_path, leftovers):
+    out, log = tmp_path / "run", tmp_path / "launcher.log"
+    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, "train.max_steps=100000")]
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    with log.open("w") as sink:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0):  # a line per step: training has begun
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"training never started:\n{log.read_text()}")
+        time.sleep(0.1)
+    ranks = _children(proc.pid)
+    leftovers.extend(ranks)
+    assert len(ranks) == 2, ranks
+    proc.send_signal(signal.SIGTERM)
+    code, output = finish(proc, log, "SIGTERM")
+    assert_gone(ranks)
+    assert code == 143, output
+    assert last_line(output) == "launcher: stopped every rank on SIGTERM"
