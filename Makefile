@@ -12,7 +12,7 @@ setup:
 
 ## LoRA on the packaged MiniLM encoder, 2 local processes under DeepSpeed ZeRO-2, packaged SST-2 sample.
 demo: setup
-	$(VENV)/launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 output_dir=runs/demo
+	$(VENV)/launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 output_dir=runs/demo overwrite=true
 
 ## Lint, then the whole suite, real-data end-to-end runs included (what CI runs).
 test: lint

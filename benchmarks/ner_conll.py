@@ -34,6 +34,7 @@ def run_head(head: str, args: argparse.Namespace, out: Path) -> dict:
         f"train.lr={args.lr}",
         "train.log_every=50",
         f"output_dir={out}",
+        "overwrite=true",  # a benchmark is meant to be run again into the same folders
         *args.extra,
     ]
     if args.adapter != "full":

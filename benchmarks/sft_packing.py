@@ -41,6 +41,7 @@ def run_case(name: str, args: argparse.Namespace) -> dict:
         f"train.micro_batch_size={args.batch}",
         "train.log_every=10",
         f"output_dir={out}",
+        "overwrite=true",  # a benchmark is meant to be run again into the same folders
         *CASES[name],
     ]
     cmd = [sys.executable, "-m", "launcher", "run", str(ROOT / "recipes" / "qlora_sft.py"), "--nproc", str(args.nproc)]

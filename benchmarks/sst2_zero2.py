@@ -87,6 +87,7 @@ def main() -> int:
         "train.log_every=50",
         f"data.max_train_rows={args.rows}",
         f"output_dir={args.out}",
+        "overwrite=true",  # a benchmark is meant to be run again into the same folder
     ]
     cmd = [sys.executable, "-m", "launcher", "run", str(ROOT / "recipes" / "lora_cls.py"), "--nproc", "2", *settings]
     print("$", " ".join(cmd), flush=True)

@@ -30,6 +30,10 @@ def _check_run(out, world: int, strategy: str) -> None:
     assert any("lora_B" in k for k in adapter) and any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
     labels = json.loads((out / "adapter" / "labels.json").read_text())
     assert labels["labels"] == ["negative", "positive"]
+    from transformers import AutoConfig
+
+    names = AutoConfig.from_pretrained(out / "adapter").id2label  # so a merged model keeps the label names
+    assert names == {0: "negative", 1: "positive"}
     config = json.loads((out / "config.json").read_text())["config"]
     assert config["strategy"]["name"] == strategy
     _check_predictions(out, summary["metrics"], config["data"]["eval"], labels["label2id"])
@@ -97,6 +101,15 @@ def test_launch_form_runs_lora_cls(form, tiny_model, tiny_data, tmp_path):
     env = LaunchEnv(world_size=world, local_world_size=world, deepspeed_runner=form == "deepspeed")
     expected = build_plan(Recipe.load(RECIPE), args, env)
     assert json.loads((out / "config.json").read_text()) == json.loads(expected.to_json())
+    if form == "python":  # merging the adapter into its base keeps the label names
+        from peft import PeftModel
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(
+            tiny_model, config=AutoConfig.from_pretrained(out / "adapter")
+        )
+        PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload().save_pretrained(tmp_path / "merged")
+        assert AutoConfig.from_pretrained(tmp_path / "merged").id2label == {0: "negative", 1: "positive"}
 
 
 def test_dry_run_prints_config_commands_and_deepspeed_json_and_writes_nothing(tiny_model, tiny_data, tmp_path):

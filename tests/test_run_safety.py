@@ -46,6 +46,20 @@ def test_every_float_setting_refuses_non_finite_values(recipe, value):
             apply_overrides(recipe.Config(), [f"{key}={value}"])
 
 
+def test_non_finite_and_twice_given_settings_stop_the_command_line_with_exit_2(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    for extra, expected in [
+        (["train.lr=inf"], "train.lr=inf: expected a finite number"),
+        (["train.lr=nan"], "train.lr=nan: expected a finite number"),
+        (["seed=1", "seed=2"], "seed is given twice (seed=1 and seed=2)"),
+    ]:
+        proc = run(
+            ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out), *extra], cwd=tmp_path
+        )
+        assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
 def test_bad_output_dirs_are_refused_before_anything_is_written(recipe, tiny_model, tiny_data, tmp_path):
     afile = tmp_path / "a-file"
     afile.write_text("x")

@@ -27,6 +27,10 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
         engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         if is_lora:
             _check_adapter(tmp, engine.trainable_numel())
+            if task.peft_task_type in ("SEQ_CLS", "TOKEN_CLS"):
+                # The classifier's config (label names, id2label): an adapter alone would leave a merged model with
+                # LABEL_0, LABEL_1... AutoConfig.from_pretrained(adapter) gives it back.
+                engine.module.get_base_model().config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in task.files.items():

@@ -35,24 +35,22 @@ def one(
 ) -> dict:
     from transformers import AutoTokenizer
 
-    cfg = apply_overrides(
-        recipe.Config(),
-        [
-            f"strategy={strategy}",
-            f"model={model_dir}",
-            f"data.train={train}",
-            "data.eval=",
-            "precision=fp32",
-            f"train.micro_batch_size={8 // accum}",
-            f"train.grad_accum={accum}",
-            "train.lr=1e-2",
-            "train.warmup_ratio=0",
-            "train.schedule=constant",
-            "adapter.dropout=0",
-            "output_dir=unused",
-            *extra,
-        ],
-    )
+    settings = [
+        f"strategy={strategy}",
+        f"model={model_dir}",
+        f"data.train={train}",
+        "data.eval=",
+        "precision=fp32",
+        f"train.micro_batch_size={8 // accum}",
+        f"train.grad_accum={accum}",
+        "train.lr=1e-2",
+        "train.warmup_ratio=0",
+        "train.schedule=constant",
+        "adapter.dropout=0",
+        "output_dir=unused",
+    ]
+    replaced = {e.split("=", 1)[0] for e in extra}  # a variant's setting replaces the default (a key given twice stops)
+    cfg = apply_overrides(recipe.Config(), [s for s in settings if s.split("=", 1)[0] not in replaced] + list(extra))
     task = recipe.build_task(cfg, AutoTokenizer.from_pretrained(model_dir))
     rows = [task.train[i] for i in range(ranks.rank * 8, ranks.rank * 8 + 8)]  # each rank its own fixed batch
     size = 8 // accum
