@@ -111,12 +111,13 @@ def test_a_misspelt_hook_is_refused_by_name(tmp_path):
     bad.write_text(
         source
         + "\n\ndef build_tokeniser(cfg):\n    return None\n\n\ndef finnish(engine, task, cfg, ranks):\n    pass\n"
+        + "\n\ndef finish_up(x):\n    return x\n"  # a helper of the recipe's own, not a misspelt hook
     )
     with pytest.raises(ConfigError) as e:
         Recipe.load(str(bad))
     text = "\n".join(e.value.problems)
     assert "defines build_tokeniser(), which is not a recipe hook" in text and "did you mean build_tokenizer?" in text
-    assert "defines finnish()" in text and "did you mean finish?" in text
+    assert "defines finnish()" in text and "did you mean finish?" in text and "finish_up" not in text
     ok = Recipe.load(str(ROOT / "recipes" / "qlora_sft.py"))
     assert ok.build_tokenizer is not None and ok.finish is not None
     assert Recipe.load(RECIPE).finish is None
