@@ -72,7 +72,7 @@ class Config(RunConfig):
 
 def _read(split: str, d: NerData):
     """A split's valid rows: words and tags lists of equal length, BIO tags repaired to IOB2."""
-    from launcher.tasks.tagging import repair_bio
+    from launcher.tasks.spans import repair_bio
 
     setting, path = f"data.{split}", getattr(d, split)
     fields = {"data.tokens_field": (d.tokens_field, "words"), "data.tags_field": (d.tags_field, "words")}
@@ -97,7 +97,7 @@ def _read(split: str, d: NerData):
 
 def _labels(tag_lists) -> list[str]:
     """O first, then per type B before I, so label ids are stable across runs."""
-    from launcher.tasks.tagging import check_bio
+    from launcher.tasks.spans import check_bio
 
     seen = {t for tags in tag_lists for t in tags}
     problem = check_bio(sorted(seen))

@@ -1,4 +1,5 @@
-"""Entity-level NER scoring the CoNLL way: a predicted entity counts only if its type and both boundaries match exactly.
+"""BIO tags (split, repair, check) and entity-level NER scoring the CoNLL way: a predicted entity counts only if
+its type and both boundaries match exactly.
 
 Chunking follows conlleval: it tolerates IOB1-style input, so an `I-X` that does not continue an `X` chunk opens one.
 """
@@ -60,3 +61,28 @@ def span_scores(gold: list[list[str]], pred: list[list[str]]) -> dict[str, dict[
     scores = {kind: _prf(tp[kind], n_pred[kind], n_gold[kind]) for kind in sorted(n_gold.keys() | n_pred.keys())}
     scores["overall"] = _prf(sum(tp.values()), sum(n_pred.values()), sum(n_gold.values()))
     return scores
+
+
+def repair_bio(tags: list[str]) -> tuple[list[str], int]:
+    """IOB2 form of `tags` and how many changed: an I-X that does not continue an X span becomes B-X.
+
+    CoNLL scoring already reads such an I-X as the start of a span, so spans (and scores) are unchanged; the
+    CRF's transition constraints, though, forbid the I-X move, and a gold path through it would cost ~1e4."""
+    out, changed, previous = [], 0, "O"
+    for tag in tags:
+        if tag.startswith("I-") and previous[2:] != tag[2:]:
+            tag, changed = "B-" + tag[2:], changed + 1
+        out.append(tag)
+        previous = tag
+    return out, changed
+
+
+def check_bio(tags: list[str]) -> str | None:
+    """Why `tags` is not a BIO tag set (None when it is)."""
+    bad = []
+    for tag in tags:
+        try:
+            split_bio(tag)
+        except ValueError:
+            bad.append(tag)
+    return f"tags {', '.join(bad[:5])} are not BIO (O, B-TYPE, I-TYPE)" if bad else None

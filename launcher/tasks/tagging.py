@@ -15,7 +15,7 @@ from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from launcher.tasks.crf import CRF, bio_constraints
-from launcher.tasks.spans import split_bio
+from launcher.tasks.spans import check_bio, repair_bio, split_bio  # noqa: F401  (their 0.1 home)
 
 IGNORE = -100
 """The label of positions no loss is taken on (torch's cross-entropy default)."""
@@ -40,31 +40,6 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
     for position, word in zip(*first_subtokens(word_ids)):
         out[position] = word_labels[word]
     return out
-
-
-def repair_bio(tags: list[str]) -> tuple[list[str], int]:
-    """IOB2 form of `tags` and how many changed: an I-X that does not continue an X span becomes B-X.
-
-    CoNLL scoring already reads such an I-X as the start of a span, so spans (and scores) are unchanged; the
-    CRF's transition constraints, though, forbid the I-X move, and a gold path through it would cost ~1e4."""
-    out, changed, previous = [], 0, "O"
-    for tag in tags:
-        if tag.startswith("I-") and previous[2:] != tag[2:]:
-            tag, changed = "B-" + tag[2:], changed + 1
-        out.append(tag)
-        previous = tag
-    return out, changed
-
-
-def check_bio(tags: list[str]) -> str | None:
-    """Why `tags` is not a BIO tag set (None when it is)."""
-    bad = []
-    for tag in tags:
-        try:
-            split_bio(tag)
-        except ValueError:
-            bad.append(tag)
-    return f"tags {', '.join(bad[:5])} are not BIO (O, B-TYPE, I-TYPE)" if bad else None
 
 
 @dataclass
