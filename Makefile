@@ -24,5 +24,5 @@ test-fast: setup
 
 ## ruff: lint rules and formatting (line length 120).
 lint: setup
-	$(VENV)/ruff check launcher recipes tests benchmarks
-	$(VENV)/ruff format --check launcher recipes tests benchmarks
+	$(VENV)/ruff check launcher recipes tests benchmarks scripts
+	$(VENV)/ruff format --check launcher recipes tests benchmarks scripts

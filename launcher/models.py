@@ -39,6 +39,30 @@ SHAPES: dict[str, dict] = {
 
 
 SHAPES["qwen2-tiny"] = {**SHAPES["llama-tiny"], "model_type": "qwen2"}
+SHAPES["llama-3.2-1b"] = dict(
+    model_type="llama",
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=131072,
+    rope_theta=500000.0,
+)
+SHAPES["qwen2.5-7b"] = dict(
+    model_type="qwen2",
+    hidden_size=3584,
+    intermediate_size=18944,
+    num_hidden_layers=28,
+    num_attention_heads=28,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    rope_theta=1000000.0,
+)
+
+# The real models' vocabulary sizes, for a random-weight folder written to disk (scripts/write_random_model.py);
+# `random:SHAPE` in a run takes the size of the tokenizer it learns instead.
+VOCABS = {"llama-3-8b": 128256, "llama-3.2-1b": 128256, "qwen2.5-7b": 152064}
 
 
 def is_random(name: str) -> bool:

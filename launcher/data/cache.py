@@ -15,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +135,8 @@ def cached(
             if _complete(final):  # another process built it while this one waited
                 return _read(final, load, reused=True)
             table, notes = build()
+            if isinstance(table, Sized) and len(table) == 0:  # nothing to keep (and datasets cannot reload it)
+                return Cached(table=table, reused=False, notes=notes, path="(not cached: no rows)")
             tmp = tempfile.mkdtemp(dir=cache_dir, prefix=f".{digest}-")
             try:
                 save(table, os.path.join(tmp, "data"))
