@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -129,12 +130,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = Recipe.load(args.recipe)
     job = Job(world_size=args.nproc, local_world_size=args.nproc, cuda=has_cuda())
     print(f"{recipe.name}: checking the settings and the data", flush=True)
-    if args.dry_run:
-        from launcher.data.files import scratch_cache
+    from launcher.data.files import scratch_cache
 
-        with scratch_cache():  # the data is read and checked; nothing of it is kept
-            plan = build_plan(recipe, args.overrides, launch_env(job))
-    else:
+    # A dry run reads and checks the data but keeps nothing of it (datasets' cache goes to a folder it deletes).
+    with scratch_cache() if args.dry_run else contextlib.nullcontext():
         plan = build_plan(recipe, args.overrides, launch_env(job))
     if args.dry_run:
         from launcher.launch.commands import render
