@@ -16,7 +16,7 @@ demo: setup
 
 ## Lint, then the whole suite, real-data end-to-end runs included (what CI runs).
 test: lint
-	$(VENV)/python -m pytest -ra
+	$(VENV)/python -m pytest -ra --durations=25
 
 ## Everything but the slow real-data runs.
 test-fast: setup

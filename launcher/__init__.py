@@ -10,6 +10,15 @@ def run_recipe(recipe, argv=None) -> None:
     _run(recipe, argv)
 
 
+def empty_weights():
+    """A context in which a recipe's `build_model` builds its model without memory (parameters on the meta
+    device). The launcher then fills in the values from `model=` (a folder's weights, or random:SHAPE's seeded
+    ones), each rank only the part its strategy keeps; see launcher/worker/weights.py."""
+    from launcher.worker.weights import empty_weights as _empty
+
+    return _empty()
+
+
 def _install_moved_paths() -> None:
     from launcher._moved import install
 

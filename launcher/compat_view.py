@@ -7,6 +7,16 @@ from launcher.config import ADAPTERS, OPTIMIZERS
 
 OK = "✓"
 
+# What a rank holds of a model built on the meta device (launcher/worker/weights.py), strategy by strategy.
+MEMORY_NOTES = [
+    "ddp, zero0-2: a whole replica of the model on every rank, by definition (ZeRO-1/2 shard only optimizer "
+    "state and gradients): no rank of these can hold a model larger than its memory.",
+    "zero3, fsdp: each rank holds 1/N of every parameter, read from the folder (or drawn, for random:SHAPE) "
+    "straight into its shard; a frozen base is kept in the precision's dtype.",
+    "qlora, lora8: each linear layer is read whole, quantized and dropped before the next one, so a rank holds "
+    "the quantized model plus one layer in full precision.",
+]
+
 
 def grid() -> dict[str, dict[str, list[str]]]:
     """row -> adapter -> one mark per optimizer (in OPTIMIZERS order): ✓ or the number of the refusing rule."""
@@ -37,6 +47,9 @@ def print_matrix() -> None:
     for i, rule in enumerate(RULES, 1):
         scope = "" if rule.cell else " [dim](depends on other settings: not in the grid)[/]"
         console.print(f"  [bold]{i}[/]. {rule.reason}.{scope}\n     [green]fix:[/] {rule.fix}")
+    console.print("[bold]memory per rank[/]")
+    for line in MEMORY_NOTES:
+        console.print(f"  - {line}")
 
 
 def _style(mark: str) -> str:
@@ -84,6 +97,10 @@ def render_markdown() -> str:
         "  plain tensors, not DTensors).",
         "- A LoRA adapter saved under ZeRO-3 is gathered first and its element count checked against the trained",
         "  parameters, so the well-known empty (placeholder) adapter cannot be written.",
+        "",
+        "## Memory per rank",
+        "",
+        *[f"- {line}" for line in MEMORY_NOTES],
         "",
     ]
     return "\n".join(lines)

@@ -307,25 +307,24 @@ def build_task(cfg: Config, tokenizer) -> Task:
 
 
 def build_model(cfg: Config, task: Task):
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from launcher.models import is_random, random_config
 
     info = task.info
+    ids = {k: info[k] for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     if is_random(cfg.model):
-        config = random_config(
-            cfg.model,
-            vocab_size=info["vocab_size"],
-            pad_token_id=info["pad_token_id"],
-            bos_token_id=info["bos_token_id"],
-            eos_token_id=info["eos_token_id"],
-        )
-        model = AutoModelForCausalLM.from_config(config)
+        config = random_config(cfg.model, vocab_size=info["vocab_size"], **ids)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model_path)
+        config = AutoConfig.from_pretrained(cfg.model_path)
+        if _learns_tokenizer(cfg):  # a vocabulary learnt from the data: its embeddings are new (and trained)
+            config.update({"vocab_size": info["vocab_size"], **ids})
     # No KV cache in training: with a cache object present transformers ignores packed position ids.
-    model.config.use_cache = False
-    return model
+    config.use_cache = False
+    # Built without memory; the launcher fills in the folder's (or random:SHAPE's) weights, each rank only the part
+    # its strategy keeps, so a model larger than a rank's memory still loads.
+    with launcher.empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -1,6 +1,7 @@
 """What gets trained: every parameter, or a peft LoRA/DoRA adapter, optionally over a base quantized by bitsandbytes
 (4-bit for qlora, 8-bit for lora8). Quantization happens here, after the recipe built its model, so every recipe
-gets every adapter without knowing about bitsandbytes."""
+gets every adapter without knowing about bitsandbytes. A model built on the meta device (worker/weights.py) is
+quantized on load: each layer's weight is read whole, quantized, and dropped before the next one is read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from launcher.compat import shards_params
 from launcher.config import Adapter, Dora, Full, Lora, Lora8, QLora, RunConfig
 from launcher.errors import ConfigError
+from launcher.worker.weights import Weights, has_meta, materialize
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 
@@ -59,9 +61,12 @@ def linear_names(model: torch.nn.Module, heads: list[str]) -> list[str]:
     return sorted(names - head_names)
 
 
-def quantize(model: torch.nn.Module, cfg: RunConfig, heads: list[str], device: torch.device) -> int:
+def quantize(
+    model: torch.nn.Module, cfg: RunConfig, heads: list[str], device: torch.device, weights: Weights | None = None
+) -> int:
     """Replace the base model's linear layers by bitsandbytes 4-bit (qlora) or 8-bit (lora8) ones, quantized on
-    `device`. Heads and the output embedding stay in full precision. Returns the number of layers replaced."""
+    `device`; a layer still on the meta device is read from `weights` first. Heads and the output embedding stay in
+    full precision. Returns the number of layers replaced."""
     import bitsandbytes as bnb
 
     adapter = cfg.adapter
@@ -71,6 +76,8 @@ def quantize(model: torch.nn.Module, cfg: RunConfig, heads: list[str], device: t
     ]
     for name, old in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if weights is not None:  # built on meta: this layer's weight (and bias) read whole, only now
+            materialize(old, weights, torch.device("cpu"), lambda _: torch.float32, prefix=name)
         weight = old.weight.data
         if isinstance(adapter, QLora):
             new = bnb.nn.Linear4bit(
@@ -107,15 +114,24 @@ def quantize(model: torch.nn.Module, cfg: RunConfig, heads: list[str], device: t
         if old.bias is not None:
             new.bias = torch.nn.Parameter(old.bias.data.to(device), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], new)
+        old.to("meta")  # `targets` still holds the old layer: free its full-precision weight now, not at the end
     return len(targets)
 
 
 def apply_adapter(
-    model: torch.nn.Module, cfg: RunConfig, *, task_type: str, heads: list[str], device: torch.device | None = None
+    model: torch.nn.Module,
+    cfg: RunConfig,
+    *,
+    task_type: str,
+    heads: list[str],
+    device: torch.device | None = None,
+    weights: Weights | None = None,
 ) -> torch.nn.Module:
     """Wrap `model` for `cfg.adapter`. `heads` (e.g. the classifier) are always trained in full.
 
-    Quantized bases are quantized on `device` (the rank's device; bitsandbytes quantizes where the weight is)."""
+    Quantized bases are quantized on `device` (the rank's device; bitsandbytes quantizes where the weight is). A
+    model built on the meta device stays there but for its quantized layers (read from `weights`) and the adapter's
+    own parameters; its strategy materializes the rest."""
     adapter: Adapter = cfg.adapter
     if cfg.activation_checkpointing:
         # Non-reentrant checkpointing works with frozen inputs (LoRA) and under every strategy.
@@ -138,8 +154,12 @@ def apply_adapter(
                 f"adapter.target_modules names {', '.join(missing)}, which this model does not have; "
                 f"its linear layers are {', '.join(available)} (or use adapter.target_modules=all-linear)"
             )
+    if isinstance(adapter, Dora) and weights is not None and has_meta(model):
+        # DoRA starts its magnitudes from the base weights' norms: the base must exist before peft wraps it.
+        materialize(model, weights, torch.device("cpu"), lambda _: torch.float32)
+        weights.notes.append("dora: the base model is built whole on each rank (its magnitudes are the weights' norms)")
     if isinstance(adapter, (QLora, Lora8)):
-        quantize(model, cfg, heads, device or torch.device("cpu"))
+        quantize(model, cfg, heads, device or torch.device("cpu"), weights if has_meta(model) else None)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     config = LoraConfig(
         task_type=task_type,
@@ -150,7 +170,25 @@ def apply_adapter(
         use_dora=isinstance(adapter, Dora),
         modules_to_save=[h for h in heads if h in present],
     )
-    return get_peft_model(model, config)
+    wrapped = get_peft_model(model, config)
+    _initialise_meta_adapters(wrapped)
+    return wrapped
+
+
+def _initialise_meta_adapters(model: torch.nn.Module) -> None:
+    """peft puts a layer's LoRA matrices where its base weight is: on meta for a base not yet loaded. They are small
+    and every rank keeps them whole: made on the CPU and initialised as peft does (A Kaiming-uniform, B zero)."""
+    from peft.tuners.lora.layer import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in list(module.lora_A.keys()):
+            pair = [*module.lora_A[name].parameters(), *module.lora_B[name].parameters()]
+            if any(p.device.type == "meta" for p in pair):
+                module.lora_A[name].to_empty(device="cpu")
+                module.lora_B[name].to_empty(device="cpu")
+                module.reset_lora_parameters(name, True)
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

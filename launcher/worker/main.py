@@ -60,6 +60,9 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
         sys.exit(USAGE_EXIT_CODE)
     _set_threads(plan)
     from launcher.worker import dist
+    from launcher.worker.memory import limit_heap_retention
+
+    limit_heap_retention()
 
     ranks = dist.init(job)
     code = 0
@@ -141,9 +144,11 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     from launcher.worker import dist, loop
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.export import save_model
+    from launcher.worker.memory import rss_mib
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
+    from launcher.worker.weights import has_meta, weights_for
 
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
@@ -164,11 +169,17 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     total = loop.total_steps(loader, cfg)
 
     say(f"building the model ({cfg.model})")
+    t_model = time.time()
+    before_model = dist.gather_objects(round(rss_mib()[0], 1))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and under every strategy
     base = recipe.build_model(cfg, task)
+    # A model built on the meta device (launcher.empty_weights) is loaded by its strategy, each rank its part.
+    weights = weights_for(base, cfg.model_path, seed=cfg.seed) if has_meta(base) else None
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     block_types = tuple({type(m) for m in base.modules() if type(m).__name__ in block_names})
-    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
+    model = apply_adapter(
+        base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device, weights=weights
+    )
     trainable, params = count_parameters(model)
 
     def make_optimizer(module, plain_groups=None):
@@ -184,8 +195,14 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
             make_optimizer=make_optimizer,
             block_types=block_types,
             local_world_size=plan.local_world_size,
+            weights=weights if has_meta(model) else None,
         )
     )
+    if weights is not None:
+        notes += weights.notes
+    load_seconds = time.time() - t_model
+    # Peak resident memory once the model is loaded and wrapped, before training adds activations and optimizer state.
+    loaded_peak = dist.gather_objects(round(rss_mib()[1], 1))
     log = RunLog(cfg.output_dir, active=ranks.is_main, total_steps=total, log_every=cfg.train.log_every)
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
     log.table(
@@ -226,6 +243,9 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     summary = {
         "metrics": metrics,
         "peak_rss_mib_per_rank": peak,
+        "rss_mib_before_model_per_rank": before_model,
+        "peak_rss_mib_loaded_per_rank": loaded_peak,
+        "model_load_seconds": round(load_seconds, 1),
         **progress,
         "seconds": round(elapsed, 1),
         "world_size": ranks.world_size,

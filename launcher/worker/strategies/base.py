@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from launcher.config import RunConfig
+from launcher.worker.weights import Weights
 
 # Builds (optimizer, scheduler) for the parameters of the module the strategy hands it (sharded or not). A strategy
 # whose parameters are not plain tensors passes a second argument that turns param groups into plain ones for the
@@ -22,7 +23,8 @@ class EngineInputs:
     """What a strategy needs to wrap a model."""
 
     model: torch.nn.Module
-    """The model with its adapter applied, on CPU, in fp32."""
+    """The model with its adapter applied, on CPU, in fp32; parameters still on the meta device (a model built by
+    `weights.empty_weights`) are the strategy's to materialize from `weights`, only the part this rank keeps."""
     cfg: RunConfig
     """The resolved run configuration."""
     device: torch.device
@@ -33,6 +35,8 @@ class EngineInputs:
     """Transformer block classes (FSDP shards each one separately)."""
     local_world_size: int = 1
     """Processes per node, from the plan (FSDP's hybrid shard groups default to one node)."""
+    weights: Weights | None = None
+    """Where the meta parameters' values come from (None: the model is whole)."""
 
 
 @dataclass
@@ -134,6 +138,14 @@ def accumulate_and_step(
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr, skipped=skipped)
+
+
+def frozen_dtype(precision: str) -> Callable[[torch.nn.Parameter], torch.dtype]:
+    """The dtype a strategy that casts parameters for compute (FSDP2's param_dtype) stores a materialized one in:
+    a frozen parameter in the compute dtype (it is never updated, and this halves a bf16 run's frozen base), a
+    trained one in fp32 (its optimizer updates it)."""
+    low = compute_dtype(precision) or torch.float32
+    return lambda p: torch.float32 if p.requires_grad else low
 
 
 def compute_dtype(precision: str) -> torch.dtype | None:

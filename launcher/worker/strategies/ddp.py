@@ -15,6 +15,7 @@ from launcher.worker.strategies.base import (
     compute_dtype,
     local_state_dict,
 )
+from launcher.worker.weights import materialize
 
 
 class DdpEngine(Engine):
@@ -22,6 +23,8 @@ class DdpEngine(Engine):
         cfg = inputs.cfg
         assert isinstance(cfg.strategy, Ddp)
         self.device = inputs.device
+        if inputs.weights is not None:  # DDP keeps a whole replica on every rank, by definition: all of it, fp32
+            materialize(inputs.model, inputs.weights, self.device, lambda _: torch.float32)
         self.module = inputs.model.to(self.device)
         self.ddp = DistributedDataParallel(
             self.module,

@@ -11,11 +11,12 @@ from collections.abc import Callable
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from launcher.config import Fsdp
-from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype
+from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype, frozen_dtype
+from launcher.worker.weights import Weights, move_real, replace_meta
 
 
 def shard_group_size(strategy: Fsdp, world: int, local_world: int) -> int:
@@ -39,7 +40,7 @@ class FsdpEngine(Engine):
         self.device = inputs.device
         offload = strategy.offload_params == "cpu"
         # Offloaded shards stay on the CPU; FSDP copies each block to the device for its forward and backward.
-        self.module = inputs.model if offload else inputs.model.to(self.device)
+        self.module = inputs.model if offload else move_real(inputs.model, self.device)
         mesh = device_mesh(strategy, self.device.type, torch.distributed.get_world_size(), inputs.local_world_size)
         dtype = compute_dtype(cfg.precision)
         mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
@@ -49,7 +50,15 @@ class FsdpEngine(Engine):
         )
         for block in [m for m in self.module.modules() if isinstance(m, inputs.block_types)]:
             fully_shard(block, **kwargs)
+        # The vocabulary matrices are an LLM's largest parameters (Llama-3-8B: 525M each). Left to the root they would
+        # stay gathered for the whole step; as their own units they are gathered only while used (as torchtitan does).
+        for vocab in _vocabulary_modules(self.module):
+            if not any(isinstance(p, DTensor) for p in vocab.parameters()):  # not inside a block (BertEmbeddings is)
+                fully_shard(vocab, **kwargs)
         fully_shard(self.module, **kwargs)
+        if inputs.weights is not None:  # built on meta: each rank reads only its rows of each parameter
+            where = torch.device("cpu") if offload else self.device
+            _load_shards(self.module, inputs.weights, frozen_dtype(cfg.precision), where)
         # Over the sharded parameters; optimizers that take plain tensors only get views of the local shards.
         self.optimizer, self.scheduler = inputs.make_optimizer(self.module, plain_local_shards)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -81,12 +90,59 @@ class FsdpEngine(Engine):
         self.module.train(mode)
 
     def gathered_state_dict(self, trainable_only):
+        if trainable_only:
+            # One parameter at a time, only the trained ones: an adapter's save never gathers the frozen base
+            # (which would put a whole copy of the model on rank 0). Collective: every rank, the same order.
+            main = torch.distributed.get_rank() == 0
+            out = {}
+            for name, p in self.module.named_parameters():
+                if p.requires_grad:
+                    full = p.full_tensor() if isinstance(p, DTensor) else p
+                    if main:
+                        out[name] = full.detach().to("cpu", copy=True)
+            return out
         # Collective: every rank all-gathers; full tensors land on CPU on rank 0 (empty elsewhere).
-        full = get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if not trainable_only:
-            return full
-        wanted = {n for n, p in self.module.named_parameters() if p.requires_grad}
-        return {n: t for n, t in full.items() if n in wanted}
+        return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _vocabulary_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The input and output embeddings, when they are separate modules with separate weights (tied ones share a
+    parameter, which two FSDP units cannot)."""
+    get_in = getattr(module, "get_input_embeddings", None)
+    get_out = getattr(module, "get_output_embeddings", None)
+    found = [m for m in (get_in() if get_in else None, get_out() if get_out else None) if m is not None]
+    params = [{id(p) for p in m.parameters()} for m in found]
+    if len(found) == 2 and (found[0] is found[1] or params[0] & params[1]):
+        return []
+    return found
+
+
+def _load_shards(
+    module: torch.nn.Module,
+    weights: Weights,
+    dtype_of: Callable[[torch.nn.Parameter], torch.dtype],
+    device: torch.device,
+) -> None:
+    """Give each meta parameter (a DTensor since fully_shard) this rank's rows, read alone: no rank ever holds a
+    whole parameter. FSDP then re-registers (and pads) its shards, as after `load_state_dict(assign=True)`."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    def make(name: str, p: torch.nn.Parameter) -> torch.nn.Parameter:
+        assert isinstance(p, DTensor), f"{name} is not sharded"
+        local_shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+        rows = (offset[0], offset[0] + local_shape[0]) if len(local_shape) else None
+        local = weights.tensor(name, tuple(p.shape), dtype_of(p), rows).to(device)
+        sharded = DTensor.from_local(
+            local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(), run_check=False
+        )
+        return torch.nn.Parameter(sharded, requires_grad=p.requires_grad)
+
+    replace_meta(module, make)
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            for group in m._get_fsdp_state()._fsdp_param_groups:
+                for fsdp_param in group.fsdp_params:
+                    fsdp_param.reset_sharded_param()
 
 
 def clip_sharded_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

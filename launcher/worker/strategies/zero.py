@@ -6,8 +6,10 @@ import deepspeed
 import torch
 
 from launcher.config import Zero
+from launcher.worker.adapters import precision_dtype
 from launcher.worker.strategies.base import Engine, EngineInputs, StepResult, current_lr, local_state_dict
 from launcher.worker.strategies.zero_config import deepspeed_config
+from launcher.worker.weights import materialize, move_real
 
 
 class ZeroEngine(Engine):
@@ -16,14 +18,22 @@ class ZeroEngine(Engine):
         assert isinstance(cfg.strategy, Zero)
         self.device = inputs.device
         self.stage = cfg.strategy.stage
-        self.module = inputs.model.to(self.device)
-        optimizer, scheduler = inputs.make_optimizer(self.module)
         world = torch.distributed.get_world_size()
+        config = deepspeed_config(cfg, world, cuda=self.device.type == "cuda", hidden_size=_hidden_size(inputs.model))
+        if inputs.weights is None:
+            self.module = inputs.model.to(self.device)
+        elif self.stage < 3:  # every rank keeps the whole module; ZeRO-1/2 shard only optimizer state and gradients
+            dtype = precision_dtype(cfg.precision)
+            materialize(inputs.model, inputs.weights, self.device, lambda _: dtype)
+            self.module = inputs.model.to(self.device)
+        else:
+            self.module = _load_partitioned(move_real(inputs.model, self.device), inputs, config)
+        optimizer, scheduler = inputs.make_optimizer(self.module)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module,
             optimizer=optimizer,
             lr_scheduler=scheduler,
-            config=deepspeed_config(cfg, world, cuda=self.device.type == "cuda", hidden_size=_hidden_size(self.module)),
+            config=config,
             dist_init_required=False,
         )
         self._lr_source = optimizer
@@ -62,6 +72,36 @@ class ZeroEngine(Engine):
     def trainable_numel(self):
         # ZeRO-3 leaves an empty placeholder in each parameter; ds_numel is its whole size.
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters() if p.requires_grad)
+
+
+def _load_partitioned(module: torch.nn.Module, inputs: EngineInputs, config: dict) -> torch.nn.Module:
+    """ZeRO-3 on a model built on meta: one unit at a time (a transformer block, or a module outside the blocks), its
+    parameters are made whole and partitioned at once (`zero.Init(module=...)`, as if built inside zero.Init), so a
+    rank holds its partitions plus one unit. Only rank 0 reads: partitioning starts by broadcasting each parameter
+    from rank 0, so the other ranks just allocate."""
+    cfg, weights = inputs.cfg, inputs.weights
+    assert weights is not None
+    dtype = precision_dtype(cfg.precision)
+    reads = torch.distributed.get_rank() == 0
+    offload = cfg.strategy.offload_params
+    # Init reads only the ZeRO and precision sections; it checks the batch sizes against a world it may see as 1.
+    init_config = {k: v for k, v in config.items() if k != "train_batch_size"}
+    names = {id(m): n for n, m in module.named_modules()}
+    blocks = [m for m in module.modules() if isinstance(m, inputs.block_types)]
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    units = blocks + [
+        m for m in module.modules() if any(id(p) not in inside and p.device.type == "meta" for p in m.parameters(False))
+    ]
+    for unit in units:
+        if materialize(unit, weights, inputs.device, lambda _: dtype, prefix=names[id(unit)], read=reads):
+            deepspeed.zero.Init(
+                module=unit,
+                config_dict_or_path=init_config,
+                dtype=dtype,
+                remote_device=offload if offload != "none" else None,
+                mem_efficient_linear=False,
+            )
+    return module
 
 
 def _hidden_size(module: torch.nn.Module) -> int | None:

@@ -1,0 +1,192 @@
+"""Models built on the meta device and loaded by their strategy, each rank only the part it keeps (issue 11).
+
+One torchrun of 2 gloo ranks loads a random-weight Llama folder (written by scripts/write_random_model.py) under
+each strategy and adapter (tests/helpers/load_worker.py); one more at 1 rank and 2 ranks builds random:llama-tiny,
+to compare the initial weights across world sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import ROOT, run
+
+CASES = [
+    "fsdp:qlora:fp32",
+    "fsdp:lora:fp32",
+    "zero3:qlora:fp32",
+    "zero3:lora:fp32",
+    "zero3:full:fp32",
+    "ddp:lora:fp32",
+    "zero2:full:fp32",
+    "fsdp:lora:bf16",
+]
+RANDOM_CASES = ["fsdp:full:fp32", "zero3:full:fp32"]
+
+
+def launch(out, model: str, cases: list[str], nproc: int) -> dict:
+    proc = run(
+        [
+            "torchrun",
+            "--standalone",
+            "--nproc_per_node",
+            str(nproc),
+            str(ROOT / "tests/helpers/load_worker.py"),
+            str(out),
+            model,
+            *cases,
+        ],
+        cwd=out.parent,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    from launcher.random_folder import write_random_folder
+
+    path = tmp_path_factory.mktemp("models") / "llama-tiny"
+    # fp32 on disk, so a load in fp32 is exact; small shards, so a model spans several files.
+    write_random_folder("llama-tiny", str(path), dtype="fp32", seed=3, shard_mb=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loaded(folder, tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("load") / "out.json", str(folder), CASES, 2)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_parameter_is_materialized_and_equals_the_folder(loaded, case):
+    r = loaded[case]
+    assert r["still_meta"] == 0
+    assert r["weights_checked"] >= 3, r  # embeddings, norms, lm_head at least (linear layers too unless quantized)
+    tolerance = 0.0 if case.endswith("fp32") else 4e-3  # a bf16 frozen base holds the folder's values rounded
+    assert r["max_weight_diff"] <= tolerance, r["max_weight_diff"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_first_loss_equals_a_plain_single_process_load(loaded, case):
+    r = loaded[case]
+    if ":qlora:" in case:
+        # Quantized from the same values as a plain load quantized the old way; near the unquantized loss.
+        assert r["first_loss"] == pytest.approx(r["plain_quantized_loss"], abs=1e-4)
+        assert r["first_loss"] == pytest.approx(r["plain_loss"], abs=2e-2)
+    elif case.endswith("bf16"):
+        assert r["first_loss"] == pytest.approx(r["plain_loss"], abs=2e-2)
+    else:
+        assert r["first_loss"] == pytest.approx(r["plain_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_trains_and_saves_every_trainable_element(loaded, case):
+    r = loaded[case]
+    losses = r["train_losses"]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[1] < losses[0], losses
+    assert r["saved_trainable_elements"] == r["trainable_numel"] > 0
+
+
+def test_random_shape_gives_the_same_initial_weights_at_1_and_2_ranks(tmp_path_factory):
+    one = launch(tmp_path_factory.mktemp("init1") / "out.json", "random:llama-tiny", RANDOM_CASES, 1)
+    two = launch(tmp_path_factory.mktemp("init2") / "out.json", "random:llama-tiny", RANDOM_CASES, 2)
+    for case in RANDOM_CASES:
+        assert one[case]["compared"] > 20
+        assert one[case]["hashes"] == two[case]["hashes"], case
+        # ...and they are the very values a folder written with the same seed holds (one generator per tensor).
+        assert one[case]["seeded_values_match"] and two[case]["seeded_values_match"]
+    assert one["fsdp:full:fp32"]["hashes"] == one["zero3:full:fp32"]["hashes"]
+
+
+# ------------------------------------------------------------------------------------ a ~1B model, measured
+
+# The ~1B Llama shape (llama-3.2-1b's layers with a 1,000-token vocabulary: 0.97B parameters, 3.9 GB in fp32), each
+# case a real `launcher run` of 2 ranks: loads, trains 2 steps, saves.
+BIG_CASES = {
+    "fsdp qlora": ["strategy=fsdp", "adapter=qlora", "precision=fp32"],
+    "zero3 qlora": ["strategy=zero3", "adapter=qlora", "precision=fp32"],
+    # A bf16 frozen base: half the bytes of fp32 (these CPUs emulate bf16 compute: slow, but only 2 steps).
+    "fsdp lora": ["strategy=fsdp", "adapter=lora", "precision=bf16"],
+    "zero3 lora": ["strategy=zero3", "adapter=lora", "precision=bf16"],
+    # Full fine-tuning of this size is not here: two ranks of it were OOM-killed on this 24 GB machine in their
+    # first step (issue 11 note); the tiny folder's full ZeRO-3 case above checks its loading.
+}
+
+
+@pytest.fixture(scope="module")
+def big_folder(tmp_path_factory):
+    from launcher.random_folder import write_random_folder
+
+    path = tmp_path_factory.mktemp("big") / "llama-1b"
+    write_random_folder("llama-3.2-1b", str(path), dtype="bf16", seed=0, shard_mb=500, vocab_size=1000)
+    return path
+
+
+@pytest.fixture(scope="module")
+def big_runs(big_folder, tmp_path_factory):
+    out = {}
+    for case, settings in BIG_CASES.items():
+        run_dir = tmp_path_factory.mktemp("big-run") / "run"
+        proc = run(
+            [
+                "launcher",
+                "run",
+                str(ROOT / "recipes/qlora_sft.py"),
+                "--nproc",
+                "2",
+                f"model={big_folder}",
+                *settings,
+                "activation_checkpointing=true",
+                "data.max_train_rows=16",
+                "data.max_length=128",
+                "data.packing=false",
+                "data.eval=",
+                "data.generations=0",
+                "train.micro_batch_size=1",
+                "train.max_steps=2",
+                "train.log_every=1",
+                f"output_dir={run_dir}",
+            ],
+            cwd=run_dir.parent,
+            timeout=900,
+        )
+        assert proc.returncode == 0, case + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        out[case] = {"summary": summary, "losses": losses, "dir": run_dir}
+    return out
+
+
+def _fp32_mib(folder) -> float:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    return 2 * index["metadata"]["total_size"] / 2**20  # the folder is bf16: fp32 is twice its bytes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BIG_CASES))
+def test_a_1b_model_loads_into_each_rank_part_trains_and_saves(big_runs, big_folder, case):
+    from safetensors.torch import load_file
+
+    r = big_runs[case]
+    s, fp32 = r["summary"], _fp32_mib(big_folder)
+    assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 2
+    saved = load_file(str(r["dir"] / "adapter" / "adapter_model.safetensors"))
+    assert sum(t.numel() for t in saved.values()) == s["trainable_parameters"] > 0
+    # What loading added on each rank (measured: peak RSS once the model is wrapped, minus RSS before it was built)
+    # stays below 40% of one fp32 copy: a rank's bf16 shard is 25%, a whole bf16 copy would be 50%, a whole fp32
+    # copy 100% (measured: fsdp/zero3 qlora 820, fsdp lora 1090, zero3 lora 1200 of 3730 MiB).
+    for before, loaded in zip(s["rss_mib_before_model_per_rank"], s["peak_rss_mib_loaded_per_rank"]):
+        assert loaded - before < 0.40 * fp32, (case, before, loaded, fp32)
+
+
+@pytest.mark.slow
+def test_a_1b_qlora_rank_peaks_below_40_percent_of_the_fp32_model(big_runs, big_folder):
+    # The whole run (process, data, loading, 2 steps, save), measured per rank.
+    fp32 = _fp32_mib(big_folder)
+    for peak in big_runs["fsdp qlora"]["summary"]["peak_rss_mib_per_rank"]:
+        assert peak < 0.40 * fp32, (peak, fp32)
