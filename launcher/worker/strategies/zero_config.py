@@ -29,11 +29,6 @@ def deepspeed_config(
         if strategy.stage == 3:
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
-            # DeepSpeed keeps up to 1e9 gathered elements live (and any it will reuse within 1e9): a whole 1B model
-            # stays gathered on every rank through forward and backward. About one block's worth keeps a rank at
-            # its partition plus the layers in use, like FSDP's reshard after forward.
-            zero["stage3_max_live_parameters"] = 10 * hidden_size * hidden_size
-            zero["stage3_max_reuse_distance"] = 10 * hidden_size * hidden_size
     if strategy.offload_optimizer != "none":
         # Pinned host memory speeds up GPU<->CPU copies; without a GPU there is nothing to pin for.
         zero["offload_optimizer"] = _offload(strategy.offload_optimizer, strategy, cuda)
