@@ -9,7 +9,6 @@ smaller than the model's: the extra embedding rows are simply never used)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import zlib
@@ -26,7 +25,7 @@ def tensor_values(name: str, shape: tuple[int, ...], *, seed: int, dtype, std: f
     import torch
 
     module, _, kind = name.rpartition(".")
-    if kind == "weight" and "norm" in module.rpartition(".")[2]:  # RMSNorm / LayerNorm scales start at one
+    if kind == "weight" and "norm" in module.rpartition(".")[2].lower():  # RMSNorm / LayerNorm scales start at one
         return torch.ones(shape, dtype=dtype)
     if name.endswith(".bias"):
         return torch.zeros(shape, dtype=dtype)
@@ -47,8 +46,9 @@ def write_random_folder(
     """Write `folder` (config.json, model-XXXXX-of-YYYYY.safetensors shards + index, tokenizer); returns the index.
     Written to `folder.tmp` and renamed, so a folder is never half there."""
     import torch
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
+
+    from launcher.shards import write_shards
 
     name = shape[len(RANDOM) :] if shape.startswith(RANDOM) else shape
     if name not in SHAPES:
@@ -73,37 +73,11 @@ def write_random_folder(
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    limit = shard_mb * 1024 * 1024
-    shards: list[list[str]] = [[]]
-    pending: dict = {}
-    size = total = 0
-
-    def flush() -> None:
-        nonlocal pending, size
-        if pending:
-            save_file(pending, os.path.join(tmp, f"shard-{len(shards) - 1}.safetensors"), metadata={"format": "pt"})
-            say(f"wrote shard {len(shards)} ({size / 2**20:.0f} MB, {total / 2**30:.2f} GB so far)")
-            shards.append([])
-            pending, size = {}, 0
-
-    for tensor_name, tensor_shape in shapes.items():
-        t = tensor_values(tensor_name, tensor_shape, seed=seed, dtype=torch_dtype, std=config.initializer_range)
-        if size and size + t.nbytes > limit:
-            flush()
-        pending[tensor_name] = t
-        shards[-1].append(tensor_name)
-        size += t.nbytes
-        total += t.nbytes
-    flush()
-    shards = [s for s in shards if s]
-    weight_map = {}
-    for i, names in enumerate(shards):
-        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        os.replace(os.path.join(tmp, f"shard-{i}.safetensors"), os.path.join(tmp, final))
-        weight_map.update({n: final for n in names})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump(index, f, indent=2)
+    values = (
+        (n, tensor_values(n, tensor_shape, seed=seed, dtype=torch_dtype, std=config.initializer_range))
+        for n, tensor_shape in shapes.items()
+    )
+    index = write_shards(tmp, values, shard_mb=shard_mb, say=say)
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, folder)

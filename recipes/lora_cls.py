@@ -128,15 +128,19 @@ def build_task(cfg: Config, tokenizer) -> Task:
 
 
 def build_model(cfg: Config, task: Task):
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
     names = task.info["labels"]
-    return AutoModelForSequenceClassification.from_pretrained(
+    config = AutoConfig.from_pretrained(
         cfg.model_path,
         num_labels=len(names),
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
+    # Built without memory; the launcher fills in the folder's weights, each rank only the part its strategy keeps.
+    # The classifier is new (unless the folder has one of this size): initialised, and a note says so.
+    with launcher.empty_weights():
+        return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -211,14 +211,17 @@ def build_model(cfg: Config, task: Task):
         "label2id": {t: i for i, t in enumerate(labels)},
     }
     path = cfg.model_path
+    config = AutoConfig.from_pretrained(path, **names)
     if cfg.model_init == "pretrained":
-        # A folder saved with another head (e.g. a classifier of another size) still gives its encoder.
-        hf = AutoModelForTokenClassification.from_pretrained(path, ignore_mismatched_sizes=True, **names)
+        # Built without memory; the launcher fills in the folder's encoder weights, each rank only the part its
+        # strategy keeps (a folder saved with another head still gives its encoder).
+        with launcher.empty_weights():
+            hf = AutoModelForTokenClassification.from_config(config, dtype=torch.float32)
     else:
-        config = AutoConfig.from_pretrained(path, **names)
         config.vocab_size, config.pad_token_id = task.info["vocab_size"], task.info["pad_token_id"]
         hf = AutoModelForTokenClassification.from_config(config)
-    # The token-classification class builds the bare encoder (BERT: without the pooler, which no head uses).
+    # The token-classification class builds the bare encoder (BERT: without the pooler, which no head uses). Our head
+    # and CRF are built here, outside empty_weights: they start as they are initialised (the CRF's scores at zero).
     return TokenTagger(hf.config, hf.base_model, head=cfg.head)
 
 

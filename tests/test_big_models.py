@@ -113,8 +113,9 @@ BIG_CASES = {
     # A bf16 frozen base: half the bytes of fp32 (these CPUs emulate bf16 compute: slow, but only 2 steps).
     "fsdp lora": ["strategy=fsdp", "adapter=lora", "precision=bf16"],
     "zero3 lora": ["strategy=zero3", "adapter=lora", "precision=bf16"],
-    # Full fine-tuning of this size is not here: two ranks of it were OOM-killed on this 24 GB machine in their
-    # first step (issue 11 note); the tiny folder's full ZeRO-3 case above checks its loading.
+    # Every parameter trained: bf16 weights, DeepSpeed's fp32 master copy and gradients, 8-bit AdamW states, each
+    # partitioned over the 2 ranks; the model saved streamed (one tensor gathered at a time, shard by shard).
+    "zero3 full": ["strategy=zero3", "adapter=full", "precision=bf16", "optimizer=adamw8bit"],
 }
 
 
@@ -175,18 +176,44 @@ def test_a_1b_model_loads_into_each_rank_part_trains_and_saves(big_runs, big_fol
     r = big_runs[case]
     s, fp32 = r["summary"], _fp32_mib(big_folder)
     assert all(math.isfinite(x) for x in r["losses"]) and len(r["losses"]) == 2
+    if "full" in case:
+        index = json.loads((r["dir"] / "model" / "model.safetensors.index.json").read_text())
+        files = sorted(set(index["weight_map"].values()))
+        assert len(files) >= 2  # streamed: shard by shard, not one gathered state dict
+        saved = sum(t.numel() for f in files for t in load_file(str(r["dir"] / "model" / f)).values())
+        assert saved == s["trainable_parameters"] > 0.9e9
+        # Not 40%: the run needs its state (DeepSpeed's fp32 master copy and gradients alone are 50% each per
+        # rank), and its engine makes them while it wraps the model. Measured 180% per rank (6.7 GB); before the
+        # step was cut into sub-groups it was OOM-killed at 12 GB (330%), before the streamed save it peaked at 240%.
+        for peak in s["peak_rss_mib_per_rank"]:
+            assert peak < 2.0 * fp32, (case, peak, fp32)
+        return
     saved = load_file(str(r["dir"] / "adapter" / "adapter_model.safetensors"))
     assert sum(t.numel() for t in saved.values()) == s["trainable_parameters"] > 0
     # What loading added on each rank (measured: peak RSS once the model is wrapped, minus RSS before it was built)
     # stays below 40% of one fp32 copy: a rank's bf16 shard is 25%, a whole bf16 copy would be 50%, a whole fp32
-    # copy 100% (measured: fsdp/zero3 qlora 820, fsdp lora 1090, zero3 lora 1200 of 3730 MiB).
+    # copy 100% (measured: fsdp/zero3 qlora 825, fsdp lora 1090, zero3 lora 1210 of 3730 MiB).
     for before, loaded in zip(s["rss_mib_before_model_per_rank"], s["peak_rss_mib_loaded_per_rank"]):
         assert loaded - before < 0.40 * fp32, (case, before, loaded, fp32)
 
 
 @pytest.mark.slow
-def test_a_1b_qlora_rank_peaks_below_40_percent_of_the_fp32_model(big_runs, big_folder):
-    # The whole run (process, data, loading, 2 steps, save), measured per rank.
+@pytest.mark.parametrize(
+    "case, bound",
+    [
+        # The whole run (process, data, loading, 2 steps, save), measured per rank. QLoRA: a rank's 4-bit part plus
+        # one block in use (measured 33% under fsdp, 34% under zero3; zero3 was 59% while bitsandbytes kept every
+        # gathered 4-bit weight alive until backward, 2274 MiB).
+        ("fsdp qlora", 0.40),
+        ("zero3 qlora", 0.40),
+        # LoRA over a bf16 base: the rank's bf16 shard alone is 25% and the process (python, torch, data) 11%, so
+        # 40% leaves no room for a block and the step; measured 53% under both (zero3 was 108% with DeepSpeed's
+        # default of 1e9 live parameters: the whole model stayed gathered).
+        ("fsdp lora", 0.60),
+        ("zero3 lora", 0.60),
+    ],
+)
+def test_a_1b_run_peaks_per_rank_within_its_bound_of_the_fp32_model(big_runs, big_folder, case, bound):
     fp32 = _fp32_mib(big_folder)
-    for peak in big_runs["fsdp qlora"]["summary"]["peak_rss_mib_per_rank"]:
-        assert peak < 0.40 * fp32, (peak, fp32)
+    for peak in big_runs[case]["summary"]["peak_rss_mib_per_rank"]:
+        assert peak < bound * fp32, (case, peak, fp32)

@@ -188,11 +188,13 @@ def reload_predictions(run_dir: Path) -> list[list[int]]:
 
     from launcher.plan import Plan
     from launcher.recipe import load_recipe
+    from launcher.worker.weights import load_whole
 
     recipe = load_recipe(RECIPE)
     cfg = Plan.from_json((run_dir / "config.json").read_text(), recipe.Config).config
     task = recipe.build_task(cfg, recipe.build_tokenizer(cfg))
-    model = PeftModel.from_pretrained(recipe.build_model(cfg, task), str(run_dir / "adapter")).eval()
+    base = load_whole(recipe.build_model(cfg, task), cfg.model_path, seed=cfg.seed)
+    model = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()
     preds = []
     with torch.no_grad():
         for start in range(0, len(task.eval), 32):

@@ -52,6 +52,13 @@ def test_single_file_and_prefixed_names(tmp_path):
     assert files.key("bert.embeddings.word_embeddings.weight") == "embeddings.word_embeddings.weight"
     assert torch.equal(files.read(files.key("bert.embeddings.word_embeddings.weight"), (1, 3)), t[1:3])
     assert files.key("classifier.weight") is None
+    # Our tagger calls the encoder `encoder.`; a folder saved by a token classifier calls it `bert.`.
+    save_file(
+        {"bert.embeddings.word_embeddings.weight": t, "lm_head.weight": t.clone()}, str(tmp_path / "model.safetensors")
+    )
+    files = Folder(str(tmp_path))
+    assert files.key("encoder.embeddings.word_embeddings.weight") == "bert.embeddings.word_embeddings.weight"
+    assert files.key("score.weight") is None  # a leaf name alone never matches another module's
 
 
 def test_bin_checkpoints_are_read_too(tmp_path):

@@ -11,26 +11,44 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.config import Lora, RunConfig
+from launcher.shards import write_shards
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.strategies.base import Engine
 
+# A full model's shard size: what rank 0 holds at most while it writes (transformers' own default is 5 GB).
+EXPORT_SHARD_MB = 1000
+
 
 def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dist.Ranks) -> str:
-    """Save into `output_dir/adapter` (LoRA) or `output_dir/model` (full). Collective: call on every rank."""
+    """Save into `output_dir/adapter` (LoRA) or `output_dir/model` (full). Collective: call on every rank.
+
+    A full model is streamed: gathered one tensor at a time and written shard by shard (EXPORT_SHARD_MB), so no rank
+    ever holds the whole model, only the shard being written."""
     is_lora = isinstance(cfg.adapter, Lora)
-    state = engine.gathered_state_dict(trainable_only=is_lora)
     final = os.path.join(cfg.output_dir, "adapter" if is_lora else "model")
+    tmp = final + ".tmp"
     if ranks.is_main:
-        tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        if is_lora:
+        os.makedirs(tmp)
+    if is_lora:
+        state = engine.gathered_state_dict(trainable_only=True)
+        if ranks.is_main:
+            engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
             _check_adapter(tmp, engine.trainable_numel())
             if task.peft_task_type in ("SEQ_CLS", "TOKEN_CLS"):
                 # The classifier's config (label names, id2label): an adapter alone would leave a merged model with
                 # LABEL_0, LABEL_1... AutoConfig.from_pretrained(adapter) gives it back.
                 engine.module.get_base_model().config.save_pretrained(tmp)
+    else:
+        tensors = engine.full_tensors()
+        if ranks.is_main:
+            write_shards(tmp, tensors, shard_mb=EXPORT_SHARD_MB)
+            _save_configs(engine.module, tmp)
+        else:
+            for _ in tensors:  # the same collectives, in the same order, as rank 0's writes
+                pass
+    if ranks.is_main:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, content in task.files.items():
@@ -40,6 +58,16 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
         os.replace(tmp, final)
     torch.distributed.barrier()
     return final
+
+
+def _save_configs(module: torch.nn.Module, folder: str) -> None:
+    """What `save_pretrained` writes beside the weights: the model's config and, for a generative model, its
+    generation config."""
+    module.config.architectures = [type(module).__name__]  # as save_pretrained records it
+    module.config.save_pretrained(folder)
+    generation = getattr(module, "generation_config", None)
+    if generation is not None and getattr(module, "can_generate", lambda: False)():
+        generation.save_pretrained(folder)
 
 
 def _check_adapter(folder: str, expected: int) -> None:

@@ -144,7 +144,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     from launcher.worker import dist, loop
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.export import save_model
-    from launcher.worker.memory import rss_mib
+    from launcher.worker.memory import rss_mib, trim_between_blocks
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
@@ -198,6 +198,8 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
             weights=weights if has_meta(model) else None,
         )
     )
+    if ranks.device.type == "cpu":
+        trim_between_blocks(engine.module, block_types)
     if weights is not None:
         notes += weights.notes
     load_seconds = time.time() - t_model

@@ -148,14 +148,23 @@ class Folder:
         return self.files[name]
 
     def key(self, name: str) -> str | None:
-        """The folder's key for a parameter name; a folder saved from the bare encoder (no `bert.` prefix), or from
-        a model with a head (one more prefix), still matches."""
+        """The folder's key for a parameter name; a folder saved from the bare encoder (no `bert.` prefix), from a
+        model with a head (one more prefix), or under another prefix (`bert.` where ours says `encoder.`) still
+        matches."""
         if name in self.where:
             return name
-        head, _, rest = name.partition(".")
+        rest = name.partition(".")[2]
         if rest in self.where:
             return rest
-        return next((k for k in self.where if k.endswith("." + name) and k.count(".") == name.count(".") + 1), None)
+        depth = name.count(".")
+        # A swapped prefix needs more than a leaf's name after it (`score.weight` is not `lm_head.weight`).
+        for tail, dots in ((name, depth + 1), (rest, depth) if "." in rest else (None, 0)):
+            if tail is None:
+                continue
+            found = next((k for k in self.where if k.endswith("." + tail) and k.count(".") == dots), None)
+            if found is not None:
+                return found
+        return None
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._file(self.where[key]).shape(key)
@@ -209,6 +218,14 @@ def weights_for(model: torch.nn.Module, model_path: str, *, seed: int) -> Weight
     config = getattr(model, "config", None)
     std = float(getattr(config, "initializer_range", 0.02) or 0.02)
     return Weights(None if is_random(model_path) else model_path, seed=seed, std=std)
+
+
+def load_whole(model: torch.nn.Module, model_path: str, *, seed: int) -> torch.nn.Module:
+    """A model a recipe built on meta, every parameter made on the CPU in fp32: for one plain process that needs the
+    whole model (reloading a saved adapter for predictions, a test comparing weights before and after)."""
+    if has_meta(model):
+        materialize(model, weights_for(model, model_path, seed=seed), torch.device("cpu"), lambda _: torch.float32)
+    return model
 
 
 def meta_parameters(

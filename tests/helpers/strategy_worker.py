@@ -19,6 +19,7 @@ from launcher.worker import dist
 from launcher.worker.adapters import apply_adapter
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
+from launcher.worker.weights import load_whole
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 # Each strategy also runs under these variants (settings added to the fp32 baseline).
@@ -56,7 +57,8 @@ def one(
     size = 8 // accum
     micro = [task.collate(rows[i : i + size]) for i in range(0, 8, size)]  # the same 8 rows, in `accum` parts
     torch.manual_seed(cfg.seed)
-    base = recipe.build_model(cfg, task)
+    # Built on meta; this test compares whole weights before and after, so they are loaded whole here.
+    base = load_whole(recipe.build_model(cfg, task), cfg.model_path, seed=cfg.seed)
     blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
     model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
     for m in model.modules():  # no dropout: the fixed batch gives a deterministic loss, in train mode

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,24 @@ class Engine(ABC):
     @abstractmethod
     def gathered_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """Full (unsharded) CPU tensors keyed by `module`'s parameter names. Collective: call on every rank."""
+
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """Every tensor a saved model holds (each parameter, a tied one once, and the persistent buffers), whole,
+        one at a time: a CPU copy on rank 0, None on the others. Collective: every rank runs it through, in the
+        same order. A rank holds one whole tensor at a time, never the whole model."""
+        main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
+        saved = set(self.module.state_dict().keys())  # placeholders or local shards under sharding: cheap
+        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
+            if name not in saved:
+                continue
+            with self.whole(t) as full:
+                copy = full.detach().to("cpu", copy=True).contiguous() if main else None
+            yield name, copy
+
+    @contextlib.contextmanager
+    def whole(self, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`tensor` whole while the context lasts (a sharded strategy gathers it). Collective where it gathers."""
+        yield tensor
 
     def trainable_numel(self) -> int:
         """Elements of the trainable parameters, whole (not this rank's shard): what a saved adapter must hold."""

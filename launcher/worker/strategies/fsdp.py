@@ -6,6 +6,7 @@ all-reduced across groups). CPU offload keeps shards, gradients and the optimize
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -103,6 +104,10 @@ class FsdpEngine(Engine):
             return out
         # Collective: every rank all-gathers; full tensors land on CPU on rank 0 (empty elsewhere).
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    @contextlib.contextmanager
+    def whole(self, tensor):
+        yield tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 def _vocabulary_modules(module: torch.nn.Module) -> list[torch.nn.Module]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import deepspeed
 import torch
 
@@ -19,7 +21,13 @@ class ZeroEngine(Engine):
         self.device = inputs.device
         self.stage = cfg.strategy.stage
         world = torch.distributed.get_world_size()
-        config = deepspeed_config(cfg, world, cuda=self.device.type == "cuda", hidden_size=_hidden_size(inputs.model))
+        config = deepspeed_config(
+            cfg,
+            world,
+            cuda=self.device.type == "cuda",
+            hidden_size=_hidden_size(inputs.model),
+            block_numel=_largest_block_numel(inputs.model, inputs.block_types),
+        )
         if inputs.weights is None:
             self.module = inputs.model.to(self.device)
         elif self.stage < 3:  # every rank keeps the whole module; ZeRO-1/2 shard only optimizer state and gradients
@@ -28,6 +36,8 @@ class ZeroEngine(Engine):
             self.module = inputs.model.to(self.device)
         else:
             self.module = _load_partitioned(move_real(inputs.model, self.device), inputs, config)
+        if self.stage == 3:
+            _release_4bit_weights_after_use(self.module)
         optimizer, scheduler = inputs.make_optimizer(self.module)
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module,
@@ -66,8 +76,20 @@ class ZeroEngine(Engine):
         # ZeRO-3 keeps only a shard of each parameter; gather them, or the saved adapter would hold
         # empty placeholders (the well-known 40-byte adapter).
         params = [p for p in self.module.parameters() if p.requires_grad or not trainable_only]
+        # A prefetch for a forward that never came (the last eval batch) may still be in flight, and a gathered
+        # context cannot partition such a parameter afterwards: wait for them and partition everything first.
+        self.ds.empty_partition_cache()
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return local_state_dict(self.module, trainable_only)
+
+    @contextlib.contextmanager
+    def whole(self, tensor):
+        if self.stage < 3:
+            yield tensor
+            return
+        self.ds.empty_partition_cache()  # see gathered_state_dict
+        with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):  # a no-op for a buffer
+            yield tensor.data
 
     def trainable_numel(self):
         # ZeRO-3 leaves an empty placeholder in each parameter; ds_numel is its whole size.
@@ -102,6 +124,70 @@ def _load_partitioned(module: torch.nn.Module, inputs: EngineInputs, config: dic
                 mem_efficient_linear=False,
             )
     return module
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """bitsandbytes' 4-bit matmul, but backward finds the weight through the layer's own parameter (saved as is)
+    instead of a view of its data taken in forward. ZeRO-3 releases a gathered parameter by giving it new, empty data;
+    a view taken in forward would keep the gathered storage alive until backward, so every 4-bit layer of the model
+    stayed gathered on every rank through the whole forward (the 1B model's QLoRA step: +1 GB per rank). The saved
+    parameter is the one DeepSpeed gathers again before the layer's backward (or, under activation checkpointing,
+    the recomputed forward's), as for a plain linear layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, quant_state):
+        import bitsandbytes as bnb
+
+        ctx.save_for_backward(weight)
+        ctx.quant_state = quant_state
+        # Gradients are off inside forward: bitsandbytes runs its kernel without building its own autograd node.
+        return bnb.matmul_4bit(x, weight, bias=bias, quant_state=quant_state)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as F
+
+        (weight,) = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.matmul(grad, F.dequantize_4bit(weight.view(-1, 1), ctx.quant_state).to(grad.dtype))
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return grad_x, None, grad_bias, None
+
+
+def _forward_4bit(self, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' Linear4bit.forward (training path) over _Matmul4bit."""
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(self)
+    if not self.compute_type_is_set:
+        self.set_compute_type(x)
+        self.compute_type_is_set = True
+    dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    bias = self.bias
+    if bias is not None and self.compute_dtype is not None:
+        bias = bias.to(self.compute_dtype)
+    return _Matmul4bit.apply(x, self.weight, bias, self.weight.quant_state).to(dtype)
+
+
+def _release_4bit_weights_after_use(module: torch.nn.Module) -> None:
+    """Every bitsandbytes 4-bit layer of `module` runs _forward_4bit (see _Matmul4bit)."""
+    import types
+
+    import bitsandbytes as bnb
+
+    for m in module.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.forward = types.MethodType(_forward_4bit, m)
+
+
+def _largest_block_numel(module: torch.nn.Module, block_types: tuple[type, ...]) -> int | None:
+    """Elements of the largest transformer block, before partitioning (meta parameters count their size)."""
+    sizes = [sum(p.numel() for p in m.parameters()) for m in module.modules() if isinstance(m, block_types)]
+    return max(sizes) if sizes else None
 
 
 def _hidden_size(module: torch.nn.Module) -> int | None:

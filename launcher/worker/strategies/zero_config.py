@@ -15,8 +15,15 @@ def _offload(device: str, cfg: Zero, pin_memory: bool) -> dict[str, Any]:
 
 
 def deepspeed_config(
-    cfg: RunConfig, world_size: int, cuda: bool = False, hidden_size: int | None = None
+    cfg: RunConfig,
+    world_size: int,
+    cuda: bool = False,
+    hidden_size: int | None = None,
+    block_numel: int | None = None,
 ) -> dict[str, Any]:
+    """`hidden_size` and `block_numel` (the largest transformer block's elements as DeepSpeed counts them: a packed
+    4-bit weight by its packed elements) size the buckets and ZeRO-3's live parameters to the model; without them
+    (a dry run, which has no model) DeepSpeed's defaults stand."""
     strategy = cfg.strategy
     assert isinstance(strategy, Zero)
     t = cfg.train
@@ -29,6 +36,19 @@ def deepspeed_config(
         if strategy.stage == 3:
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+    if strategy.stage == 3 and block_numel:
+        # DeepSpeed keeps up to 1e9 gathered elements live, and any it will reuse within 1e9: a whole 1B model (or
+        # the 4-bit layers and vocabulary matrices of an 8B one) stays gathered on every rank through forward and
+        # backward. One block's worth keeps a rank at its partitions plus the block in use, like FSDP's reshard
+        # after forward, and still keeps a block gathered from its recomputation to its backward under activation
+        # checkpointing. (ZeroEngine waits for prefetches left in flight before it gathers anything itself.)
+        zero["stage3_max_live_parameters"] = block_numel
+        zero["stage3_max_reuse_distance"] = block_numel
+        # The optimizer steps one sub-group of this rank's flat partition at a time, with an fp32 copy of its
+        # gradients and the optimizer's temporaries sized to it. DeepSpeed's 1e9 makes a 1B model's whole
+        # partition one group: a full fine-tune's step then needed about three more copies of it (OOM-killed at
+        # 12 GB per rank). About a block each (at least 1e7 elements, so a small model is not cut into crumbs).
+        zero["sub_group_size"] = max(block_numel, 10_000_000)
     if strategy.offload_optimizer != "none":
         # Pinned host memory speeds up GPU<->CPU copies; without a GPU there is nothing to pin for.
         zero["offload_optimizer"] = _offload(strategy.offload_optimizer, strategy, cuda)
