@@ -157,10 +157,12 @@ class Folder:
         if rest in self.where:
             return rest
         depth = name.count(".")
-        # A swapped prefix needs more than a leaf's name after it (`score.weight` is not `lm_head.weight`).
-        for tail, dots in ((name, depth + 1), (rest, depth) if "." in rest else (None, 0)):
-            if tail is None:
-                continue
+        candidates = [(name, depth + 1)]
+        if (
+            "." in rest
+        ):  # a swapped prefix needs more than a leaf's name after it (`score.weight` is no `lm_head.weight`)
+            candidates.append((rest, depth))
+        for tail, dots in candidates:
             found = next((k for k in self.where if k.endswith("." + tail) and k.count(".") == dots), None)
             if found is not None:
                 return found

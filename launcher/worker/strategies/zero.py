@@ -82,12 +82,16 @@ class ZeroEngine(Engine):
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
             return local_state_dict(self.module, trainable_only)
 
+    def full_tensors(self):
+        if self.stage == 3:
+            self.ds.empty_partition_cache()  # once, before the first gather: see gathered_state_dict
+        yield from super().full_tensors()
+
     @contextlib.contextmanager
     def whole(self, tensor):
         if self.stage < 3:
             yield tensor
             return
-        self.ds.empty_partition_cache()  # see gathered_state_dict
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):  # a no-op for a buffer
             yield tensor.data
 
