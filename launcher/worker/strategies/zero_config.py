@@ -46,8 +46,8 @@ def deepspeed_config(
         zero["stage3_max_reuse_distance"] = block_numel
         # The optimizer steps one sub-group of this rank's flat partition at a time, with an fp32 copy of its
         # gradients and the optimizer's temporaries sized to it. DeepSpeed's 1e9 makes a 1B model's whole
-        # partition one group: a full fine-tune's step then needed about three more copies of it (OOM-killed at
-        # 12 GB per rank). About a block each (at least 1e7 elements, so a small model is not cut into crumbs).
+        # partition one group: a full fine-tune's step then added over 7 GB per rank (OOM-killed at 12 GB per
+        # rank). About a block each (at least 1e7 elements, so a small model is not cut into crumbs).
         zero["sub_group_size"] = max(block_numel, 10_000_000)
     if strategy.offload_optimizer != "none":
         # Pinned host memory speeds up GPU<->CPU copies; without a GPU there is nothing to pin for.
