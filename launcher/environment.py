@@ -3,8 +3,10 @@ each warning."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import warnings
 
 
@@ -17,6 +19,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_build_dir(sys.prefix))
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("once", category=UserWarning)
@@ -29,6 +32,17 @@ def quiet_libraries() -> None:
     once = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, OncePerMessage) for f in once.filters):
         once.addFilter(OncePerMessage())
+
+
+def extension_build_dir(prefix: str) -> str:
+    """Where this Python environment's DeepSpeed ops (CPU Adam, the shared-memory collectives) are compiled: a folder
+    of its own. Torch's default, ~/.cache/torch_extensions, is shared by every environment of the user, and two
+    environments' builds differ (each names its own include paths), so each environment's first run rebuilt the
+    library the other had built, in place, while ranks of the other could be loading it: a CI checkout and a developer
+    tree on one machine lost a rank to SIGABRT that way (the build logs showed the library rebuilt by each in turn)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    tag = hashlib.sha256(os.path.realpath(prefix).encode()).hexdigest()[:12]
+    return os.path.join(cache, "torch_extensions", f"env-{tag}")
 
 
 class OncePerMessage(logging.Filter):

@@ -33,6 +33,8 @@ os.environ.update(
     HF_DATASETS_OFFLINE="1",
     TOKENIZERS_PARALLELISM="false",
     TRANSFORMERS_VERBOSITY="error",
+    # A rank killed by a signal (SIGABRT, SIGSEGV) prints where each of its threads was.
+    PYTHONFAULTHANDLER="1",
     LAUNCHER_CACHE=tempfile.mkdtemp(prefix="launcher-test-cache-"),
 )
 
@@ -41,6 +43,18 @@ def run(argv: list[str], *, cwd: Path, timeout: int = 300, env: dict | None = No
     """Run a command, capturing output; the environment gets the venv's bin first on PATH."""
     full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def why_failed(proc: subprocess.CompletedProcess, limit: int = 6000) -> str:
+    """A failed command's output for an assertion message, the telling part last (CI shows the end of a long log,
+    where torchrun's per-rank summary would otherwise leave no room for the rank's own error): the exit code, the
+    end of the output, then the last Python traceback or fatal error any process printed."""
+    text = proc.stdout + proc.stderr
+    start = max(text.rfind("Traceback (most recent call last)"), text.rfind("Fatal Python error"))
+    head = f"exit code {proc.returncode}\n"
+    if start < 0:
+        return head + text[-limit:]
+    return head + text[-limit // 2 :] + "\n---- the last error printed ----\n" + text[start : start + limit // 2]
 
 
 def make_tiny_bert(folder: Path) -> Path:

@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, run, why_failed
 
 CASES = [
     "fsdp:qlora:fp32",
@@ -42,7 +42,7 @@ def launch(out, model: str, cases: list[str], nproc: int) -> dict:
         cwd=out.parent,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert proc.returncode == 0, why_failed(proc)
     return json.loads(out.read_text())
 
 
@@ -156,7 +156,7 @@ def big_runs(big_folder, tmp_path_factory):
             cwd=run_dir.parent,
             timeout=900,
         )
-        assert proc.returncode == 0, case + "\n" + proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.returncode == 0, case + "\n" + why_failed(proc)
         summary = json.loads((run_dir / "summary.json").read_text())
         losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         out[case] = {"summary": summary, "losses": losses, "dir": run_dir}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, SHARED, needs_dataset, run
+from tests.conftest import ROOT, SHARED, needs_dataset, run, why_failed
 
 pytestmark = [pytest.mark.slow, needs_dataset("conll2003")]
 
@@ -29,7 +29,7 @@ def test_conll2003_crf_reaches_060_entity_f1(tmp_path):
     proc = run(
         ["launcher", "run", str(ROOT / "recipes" / "lora_ner.py"), "--nproc", "2", *settings], cwd=tmp_path, timeout=900
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["metrics"]
     assert summary["world_size"] == 2

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.conftest import ROOT, SHARED, needs_dataset, run
+from tests.conftest import ROOT, SHARED, needs_dataset, run, why_failed
 
 pytestmark = [pytest.mark.slow, needs_dataset("alpaca")]
 
@@ -34,7 +34,7 @@ def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):
         cwd=tmp_path,
         timeout=900,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     assert "packed 4,496 examples into" in proc.stdout
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     assert [e["step"] for e in evals] == [0, 250]

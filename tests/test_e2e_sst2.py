@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import RECIPE, SHARED, needs_dataset, run
+from tests.conftest import RECIPE, SHARED, needs_dataset, run, why_failed
 
 pytestmark = [pytest.mark.slow, needs_dataset("sst2")]
 
@@ -27,7 +27,7 @@ def test_sst2_zero2_reaches_080_and_adapter_reloads_to_the_same_predictions(tmp_
         f"output_dir={out}",
     ]
     proc = run(["launcher", "run", RECIPE, "--nproc", "2", *settings], cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["strategy"] == "zero2"
     assert summary["metrics"]["accuracy"] >= 0.80, summary

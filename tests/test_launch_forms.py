@@ -15,7 +15,7 @@ from launcher.job import LaunchEnv
 from launcher.plan import build_plan
 from launcher.recipe import Recipe
 from launcher.tasks.metrics import accuracy, macro_f1
-from tests.conftest import RECIPE, run, tiny_args
+from tests.conftest import RECIPE, run, tiny_args, why_failed
 
 
 def _check_run(out, world: int, strategy: str) -> None:
@@ -94,7 +94,7 @@ def test_launch_form_runs_lora_cls(form, tiny_model, tiny_data, tmp_path):
         extra.append(f"strategy={strategy if form != 'python' else 'auto'}")
     args = tiny_args(tiny_model, tiny_data, out, *extra)
     proc = run(make(args), cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     _check_run(out, world, strategy)
     assert "done in" in proc.stdout
     # Every form made its plan with the one build_plan: the same JSON as the pure function gives here, no process.
@@ -171,7 +171,7 @@ def test_matrix_cells_through_launcher_run(cell, tiny_model, tiny_data, tmp_path
     out = tmp_path / "run"
     args = tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", *MATRIX_CELLS[cell])
     proc = run(["launcher", "run", RECIPE, "--nproc", "2", *args], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     _check_run(out, 2, MATRIX_CELLS[cell][0].split("=")[1])
     plan = json.loads((out / "config.json").read_text())["config"]
     settings = dict(o.split("=", 1) for o in MATRIX_CELLS[cell])

@@ -18,7 +18,7 @@ import torch
 
 from launcher.compat import supported_cells
 from launcher.config import Full, Lora8, QLora
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, run, why_failed
 
 CELLS = supported_cells()
 KINDS = ["llama", "bert"]
@@ -55,7 +55,7 @@ def matrix(tmp_path_factory) -> dict[str, dict]:
                 cwd=folder,
                 timeout=900,
             )
-            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            assert proc.returncode == 0, why_failed(proc)
             for result in json.loads(out.read_text()):
                 results[_key(kind, result["overrides"])] = result
     return results

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launcher.tasks.tagging import IGNORE, TokenTagger, align_labels, check_bio, first_subtokens, repair_bio
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, run, why_failed
 
 RECIPE = str(ROOT / "recipes" / "lora_ner.py")
 
@@ -228,7 +228,7 @@ def test_crf_head_under_every_strategy(tmp_path, tiny_model, strategy):
         f"output_dir={out}",
     ]
     proc = run(["launcher", "run", RECIPE, "--nproc", "2", *settings], cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     losses = [
         json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line
     ]

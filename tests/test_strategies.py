@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import RECIPE, ROOT, run
+from tests.conftest import RECIPE, ROOT, run, why_failed
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
@@ -30,7 +30,7 @@ def results(tiny_model, tiny_data, tmp_path_factory):
         cwd=out.parent,
         timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, why_failed(proc)
     return json.loads(out.read_text())
 
 

@@ -148,3 +148,25 @@ def test_unsupported_extension_is_named(tmp_path):
     path.write_text("x")
     with pytest.raises(ConfigError, match=r"data.eval=.*d.xlsx: unsupported file type '.xlsx'"):
         load_table(str(path), "data.eval")
+
+
+def test_each_python_environment_compiles_deepspeed_ops_in_its_own_folder(tmp_path):
+    """Two checkouts on one machine must not rebuild each other's compiled ops (a rank loading one crashed)."""
+    from launcher.environment import extension_build_dir
+
+    assert extension_build_dir("/a/.venv") != extension_build_dir("/b/.venv")
+    assert extension_build_dir("/a/.venv") == extension_build_dir("/a/.venv/")
+    code = (
+        "from launcher.environment import quiet_libraries\nquiet_libraries()\n"
+        "from torch.utils.cpp_extension import _get_build_directory\nprint(_get_build_directory('op', False))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXTENSIONS_DIR"}
+    env["XDG_CACHE_HOME"] = str(tmp_path)
+    where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    built = where.stdout.strip().splitlines()[-1]
+    tag = os.path.basename(extension_build_dir(sys.prefix))
+    assert built.startswith(str(tmp_path / "torch_extensions" / tag / "")), built
+    # A folder the user chose is kept.
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")
+    where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert where.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "mine" / "")), where.stdout
