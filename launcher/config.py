@@ -217,6 +217,16 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class CheckpointConfig:
+    """Periodic checkpoints of the trained state, to resume a run exactly (resume=)."""
+
+    every_steps: int = 0
+    """Write a checkpoint every N optimizer steps, and at the end of training; 0 writes none."""
+    keep: int = 2
+    """Complete checkpoints kept in output_dir/checkpoints; older ones are deleted once a newer one is complete."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where the data lives. Recipes subclass this with their own fields."""
 
@@ -260,6 +270,11 @@ class RunConfig:
     """Training-loop settings."""
     data: DataConfig = field(default_factory=DataConfig)
     """Data files and fields."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Periodic checkpoints (checkpoint.every_steps, checkpoint.keep)."""
+    resume: str = ""
+    """Continue a run from a checkpoint: auto (the newest complete one in output_dir; a fresh start when there is
+    none), or a checkpoint folder (output_dir/checkpoints/step-N); empty starts afresh."""
     seed: int = 42
     """Seed for model initialisation, LoRA initialisation and data shuffling."""
     output_dir: str = ""

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, default_output_dir
+from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, choice_name, default_output_dir
 from launcher.errors import ConfigError
 from launcher.job import Job, LaunchEnv
 from launcher.overrides import from_dict, to_dict
@@ -126,9 +126,45 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"optimizer.min_8bit_size={cfg.optimizer.min_8bit_size}: must be 0 or more")
     if cfg.seed < 0:
         problems.append(f"seed={cfg.seed}: must be a non-negative integer")
+    problems += _checkpoint_problems(cfg)
     from launcher.compat import refusals
 
     return problems + refusals(cfg)
+
+
+def _checkpoint_problems(cfg: RunConfig) -> list[str]:
+    from launcher import checkpoints
+
+    ck, problems = cfg.checkpoint, []
+    if ck.every_steps < 0:
+        problems.append(f"checkpoint.every_steps={ck.every_steps}: use 0 for no checkpoints, or a step count")
+    if ck.keep < 1:
+        problems.append(f"checkpoint.keep={ck.keep}: keep at least 1 checkpoint")
+    if cfg.resume not in ("", "auto"):
+        if not os.path.isfile(os.path.join(cfg.resume, checkpoints.MANIFEST)):
+            found = checkpoints.complete(cfg.resume)  # the run directory given instead of one of its checkpoints
+            hint = f"; its newest is resume={found[-1][1]}" if found else ""
+            problems.append(
+                f"resume={cfg.resume}: not a complete checkpoint (no {checkpoints.MANIFEST}); give a folder "
+                f"output_dir/checkpoints/step-N, or resume=auto{hint}"
+            )
+    inside = cfg.resume == "auto" or (
+        cfg.resume and os.path.abspath(cfg.resume).startswith(os.path.abspath(cfg.output_dir) + os.sep)
+    )
+    if inside and cfg.overwrite:
+        problems.append(
+            f"resume={cfg.resume} with overwrite=true: overwrite deletes the checkpoints of output_dir="
+            f"{cfg.output_dir} before the run could resume from them; drop overwrite=true"
+        )
+    sharded = isinstance(cfg.strategy, (Zero, Fsdp))
+    if (ck.every_steps or cfg.resume) and sharded and isinstance(cfg.optimizer, AdamW8bit):
+        problems.append(
+            f"checkpoint.every_steps={ck.every_steps} resume={cfg.resume or '(none)'} with optimizer="
+            f"{choice_name(cfg.optimizer)} under strategy={choice_name(cfg.strategy)}: checkpoints of 8-bit "
+            "optimizer states are written under ddp only for now (their block-quantized states are not gathered "
+            "yet); use optimizer=adamw, or strategy=ddp"
+        )
+    return problems
 
 
 def environment_problems(cfg: RunConfig, env: LaunchEnv) -> list[str]:

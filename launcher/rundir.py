@@ -35,6 +35,7 @@ RUN_FILES = (
     "model",
     "adapter.tmp",
     "model.tmp",
+    "checkpoints",
 )
 
 _held: list[IO] = []  # locks this process holds until it exits
@@ -59,14 +60,16 @@ def claim(plan: Plan) -> Plan:
             if not plan.output_dir_given:
                 _release(lock)
                 continue
-            if not plan.config.overwrite:
-                _release(lock)
-                written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(previous)))
-                raise ConfigError(
-                    f"output_dir={base} already holds a run (its {PLAN_FILE} was written {written}): give another "
-                    f"output_dir, or add overwrite=true to replace that run"
-                )
-            _clear(folder)
+            if not plan.config.resume:  # a resumed run goes on in its folder: its checkpoints and metrics stay
+                if not plan.config.overwrite:
+                    _release(lock)
+                    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(previous)))
+                    raise ConfigError(
+                        f"output_dir={base} already holds a run (its {PLAN_FILE} was written {written}): give "
+                        f"another output_dir, add resume=auto to continue it from its newest checkpoint, or add "
+                        f"overwrite=true to replace it"
+                    )
+                _clear(folder)
         if folder != base:
             plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=folder))
         write_atomic(os.path.join(folder, PLAN_FILE), plan.to_json())

@@ -21,9 +21,11 @@ def write_shards(
     *,
     shard_mb: int = 2000,
     say: Callable[[str], None] = lambda _: None,
+    stem: str = "model",
 ) -> dict:
     """Write `tensors` (name, CPU tensor), in order, into `folder` (which exists); returns the index. A shard is
-    written as soon as the next tensor would take it past `shard_mb` (a larger tensor gets a shard of its own)."""
+    written as soon as the next tensor would take it past `shard_mb` (a larger tensor gets a shard of its own).
+    Files are named STEM-00001-of-0000N.safetensors and STEM.safetensors.index.json."""
     from safetensors.torch import save_file
 
     limit = shard_mb * 1024 * 1024
@@ -48,10 +50,10 @@ def write_shards(
     flush()
     weight_map = {}
     for i, names in enumerate(shards, start=1):
-        final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        final = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
         os.replace(os.path.join(folder, f"shard-{i}.safetensors"), os.path.join(folder, final))
         weight_map.update({n: final for n in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    with open(os.path.join(folder, INDEX), "w") as f:
+    with open(os.path.join(folder, INDEX if stem == "model" else f"{stem}.safetensors.index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return index

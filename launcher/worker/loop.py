@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -16,6 +16,7 @@ from launcher.data.sampling import DistributedBatchSampler
 from launcher.errors import TrainingStopped
 from launcher.task import Task
 from launcher.worker import dist
+from launcher.worker.checkpoint import Position
 from launcher.worker.runlog import RunLog
 from launcher.worker.strategies.base import Engine
 
@@ -30,7 +31,14 @@ def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
         lengths=task.lengths if cfg.data.group_by_length else None,
         mark_repeats=True,
     )
-    return DataLoader(_Marked(task.train), batch_sampler=sampler, collate_fn=_Collate(task.collate))
+    # A generator of its own: each epoch's iterator would otherwise draw its seed from the global one, which a
+    # resumed run restores from its checkpoint, and the resumed run's dropout would differ from the original's.
+    return DataLoader(
+        _Marked(task.train),
+        batch_sampler=sampler,
+        collate_fn=_Collate(task.collate),
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 class _Marked:
@@ -78,18 +86,36 @@ def groups(loader: Iterable, size: int) -> Iterator[list]:
 
 
 def train(
-    engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ranks, log: RunLog, loader: DataLoader
+    engine: Engine,
+    task: Task,
+    recipe,
+    cfg: RunConfig,
+    ranks: dist.Ranks,
+    log: RunLog,
+    loader: DataLoader,
+    *,
+    start: Position | None = None,
+    save: Callable[[Position], object] | None = None,
 ) -> dict:
+    """Train to the plan's last step, from `start` (a resumed checkpoint's position) or from the beginning;
+    `save(position)` writes a checkpoint every checkpoint.every_steps steps and after the last."""
     total = total_steps(loader, cfg)
     step, epoch, seen, busy, real = 0, 0, 0.0, 0.0, 0.0
+    sampler = loader.batch_sampler
+    if start is not None:
+        step, epoch = start.step, start.epoch
+        sampler.load_state_dict({"epoch": epoch, "batches_done": start.batches_done, "seed": sampler.seed})
     count_tokens = task.count_tokens or real_tokens
-    if cfg.train.eval_at_start and task.eval is not None:
+    if cfg.train.eval_at_start and task.eval is not None and start is None:
         log.eval(0, evaluate(engine, task, recipe, cfg, ranks)[0])
+    every = cfg.checkpoint.every_steps
     engine.train(True)
-    log.begin()
+    log.begin(step)
     while step < total:
-        loader.batch_sampler.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        done = sampler.skip  # micro-batches of this epoch trained before (a resumed epoch)
         for micro in groups(loader, cfg.train.grad_accum):
+            done += len(micro)
             t0 = time.perf_counter()
             samples = sum(fresh for _, fresh in micro)  # repeats completing the last batch are not counted twice
             micro = [to_device(b, engine.device) for b, _ in micro]
@@ -114,6 +140,8 @@ def train(
             )
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and task.eval is not None:
                 log.eval(step, evaluate(engine, task, recipe, cfg, ranks)[0])
+            if save is not None and every and (step % every == 0 or step >= total):
+                save(Position(step=step, epoch=epoch, batches_done=done))
             if step >= total:
                 break
         epoch += 1
@@ -158,7 +186,11 @@ def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ran
         rows = [task.eval[max(i, 0)] for i in indices]
         return torch.tensor(indices), task.collate(rows)
 
-    loader = DataLoader(list(shard), batch_size=cfg.train.micro_batch_size, collate_fn=collate)
+    # Its own generator, as the training loader's: an evaluation must not move the random state training goes on
+    # with (a resumed run may evaluate at other steps, train.eval_every, and still train exactly alike).
+    loader = DataLoader(
+        list(shard), batch_size=cfg.train.micro_batch_size, collate_fn=collate, generator=torch.Generator()
+    )
     parts: list[dict[str, torch.Tensor]] = []
     engine.train(False)
     with torch.no_grad():

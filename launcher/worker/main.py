@@ -158,6 +158,9 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
         if ranks.is_main:
             print(f"{recipe.name}: {what} ({time.time() - t_start:.0f}s)", flush=True)
 
+    from launcher.worker import checkpoint
+
+    chosen = checkpoint.choose(cfg, ranks)  # checked before anything is built: a bad checkpoint fails in seconds
     say("reading and tokenizing the data")
     if recipe.build_tokenizer is not None:  # e.g. one trained on the data, for a model built from a config
         tokenizer = recipe.build_tokenizer(cfg)
@@ -202,10 +205,23 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
         trim_between_blocks(engine.module, block_types)
     if weights is not None:
         notes += weights.notes
+    start = None
+    if chosen is not None:
+        say(f"loading the checkpoint {chosen.path}")
+        start = checkpoint.load(engine, chosen, ranks)
+        notes.append(chosen.note)
+    elif cfg.resume == "auto":
+        notes.append(f"resume=auto: no checkpoint in {os.path.join(cfg.output_dir, 'checkpoints')} yet: a fresh start")
     load_seconds = time.time() - t_model
     # Peak resident memory once the model is loaded and wrapped, before training adds activations and optimizer state.
     loaded_peak = dist.gather_objects(round(rss_mib()[1], 1))
-    log = RunLog(cfg.output_dir, active=ranks.is_main, total_steps=total, log_every=cfg.train.log_every)
+    log = RunLog(
+        cfg.output_dir,
+        active=ranks.is_main,
+        total_steps=total,
+        log_every=cfg.train.log_every,
+        append=start is not None,
+    )
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
     log.table(
         f"{type(cfg).recipe}: starting",
@@ -222,13 +238,22 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
                 f"= {effective} per step",
             ),
             ("data", f"{len(task.train):,} train / {len(task.eval) if task.eval is not None else 0:,} eval examples"),
-            ("steps", f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"),
+            (
+                "steps",
+                f"{total:,} at lr {cfg.train.lr:g} ({cfg.train.schedule})"
+                + (f", from step {start.step}" if start is not None else ""),
+            ),
             ("output", cfg.output_dir),
             *[("note", note) for note in notes],
         ],
     )
 
-    progress = loop.train(engine, task, recipe, cfg, ranks, log, loader)
+    def save_checkpoint(position: checkpoint.Position) -> None:
+        path = checkpoint.save(engine, cfg, position, ranks)
+        if ranks.is_main:
+            log.console.print(f"checkpoint: {path}")
+
+    progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
     metrics: dict[str, float] = {}
     if task.eval is not None:
         metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
@@ -255,6 +280,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
         "adapter": choice_name(cfg.adapter),
         "trainable_parameters": trainable,
         "saved": os.path.abspath(saved),
+        "resumed_from": chosen.path if chosen is not None else None,
     }
     if ranks.is_main:
         write_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))

@@ -16,7 +16,8 @@ from rich.table import Table
 
 
 class RunLog:
-    def __init__(self, out_dir: str, *, active: bool, total_steps: int, log_every: int):
+    def __init__(self, out_dir: str, *, active: bool, total_steps: int, log_every: int, append: bool = False):
+        """`append`: a resumed run adds to the metrics of the run it continues."""
         self.active = active
         self.total_steps = total_steps
         self.log_every = log_every
@@ -29,7 +30,7 @@ class RunLog:
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "w", buffering=1)
+        self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -46,7 +47,8 @@ class RunLog:
         self.console.print(t)
 
     # ------------------------------------------------------------------ progress
-    def begin(self) -> None:
+    def begin(self, done: int = 0) -> None:
+        """Start the progress bar, `done` steps already trained (a resumed run)."""
         if not self.active or not self.console.is_terminal:
             return
         self._progress = Progress(
@@ -59,7 +61,7 @@ class RunLog:
         )
         self._progress.start()
         # Nothing to show before the first step ends (not "loss nan lr 0.00e+00").
-        self._task = self._progress.add_task("train", total=self.total_steps, stats="first step...")
+        self._task = self._progress.add_task("train", total=self.total_steps, completed=done, stats="first step...")
 
     def step(
         self,

@@ -97,6 +97,89 @@ class Engine(ABC):
         """Elements of the trainable parameters, whole (not this rank's shard): what a saved adapter must hold."""
         return sum(p.numel() for p in self.module.parameters() if p.requires_grad)
 
+    # ---- checkpoints: the trained state, whole, so that it does not depend on the number of processes.
+    # Strategies override the four hooks below (trained_value, set_trained, optimizer_state, set_optimizer_state).
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+
+    def train_state(self) -> tuple[dict, Iterator[tuple[str, torch.Tensor | None]]]:
+        """(scalars, tensors): each trained parameter ("param/NAME") and each of its optimizer state tensors
+        ("optim/NAME/KEY"), whole, one at a time (CPU copies on rank 0, None elsewhere); and the rest (optimizer
+        hyperparameters and per-parameter scalars such as Adam's step, the schedule, the loss scaler), complete once
+        the tensors have been iterated. Collective: every rank iterates the tensors through."""
+        main = torch.distributed.get_rank() == 0
+        scaler = getattr(self, "scaler", None)
+        scalars: dict[str, Any] = {
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups],
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "optimizer": {},
+        }
+
+        def tensors() -> Iterator[tuple[str, torch.Tensor | None]]:
+            for name, p in self.trained_parameters():
+                value = self.trained_value(p)
+                yield f"param/{name}", value if main else None
+                for key, v in sorted(self.optimizer_state(p).items()):
+                    if torch.is_tensor(v) and v.dim() > 0:
+                        yield f"optim/{name}/{key}", v.detach().to("cpu", copy=True).contiguous() if main else None
+                    else:
+                        scalars["optimizer"].setdefault(name, {})[key] = (
+                            v.detach().cpu().clone() if torch.is_tensor(v) else v
+                        )
+
+        return scalars, tensors()
+
+    def load_train_state(self, scalars: dict, keys: set[str], tensor: Callable[[str], torch.Tensor]) -> None:
+        """Put back what `train_state` gave: `keys` are the stored tensors' names, `tensor(key)` reads one whole.
+        Collective where the strategy's setters are."""
+        names = [n for n, _ in self.trained_parameters()]
+        stored = {k.split("/", 1)[1] for k in keys if k.startswith("param/")}
+        if stored != set(names):
+            missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
+            raise ValueError(
+                f"the checkpoint's trained parameters differ from this model's: missing {missing[:5]}, "
+                f"unexpected {extra[:5]}"
+            )
+        for name, p in self.trained_parameters():
+            self.set_trained(p, tensor(f"param/{name}"))
+            prefix = f"optim/{name}/"
+            state = {k[len(prefix) :]: tensor(k) for k in sorted(keys) if k.startswith(prefix)}
+            state.update(scalars["optimizer"].get(name, {}))
+            self.set_optimizer_state(p, state)
+        for group, saved in zip(self.optimizer.param_groups, scalars["param_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k in ("lr", "initial_lr")})
+        self.scheduler.load_state_dict(scalars["scheduler"])
+        scaler = getattr(self, "scaler", None)
+        if scaler is not None and scalars["scaler"] is not None:
+            scaler.load_state_dict(scalars["scaler"])
+
+    def trained_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def trained_value(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """A trained parameter's value, whole, as a CPU copy (fp32 master weights where the strategy keeps them).
+        Collective where the strategy gathers."""
+        with self.whole(p) as full:
+            return full.detach().to("cpu", copy=True).contiguous()
+
+    def set_trained(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
+        """Set a trained parameter from its whole value."""
+        with torch.no_grad():
+            p.copy_(value.to(p.dtype))
+
+    def optimizer_state(self, p: torch.nn.Parameter) -> dict[str, Any]:
+        """The optimizer's state of a trained parameter, each tensor whole. Collective where the strategy gathers."""
+        return dict(self.optimizer.state.get(p, {}))
+
+    def set_optimizer_state(self, p: torch.nn.Parameter, state: dict[str, Any]) -> None:
+        """Give the optimizer a trained parameter's state (tensors whole); scalars such as Adam's step stay on the
+        CPU, as the optimizer made them."""
+        self.optimizer.state[p] = {
+            k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()
+        }
+
 
 def clip_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
     """Clip to `max_norm` (0 disables clipping) and return the total norm before clipping."""

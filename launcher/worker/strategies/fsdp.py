@@ -109,6 +109,33 @@ class FsdpEngine(Engine):
     def whole(self, tensor):
         yield tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
+    # Checkpoints: a parameter and its Adam moments are DTensors of one layout; each rank keeps its rows of a whole
+    # value (DTensor's chunking is FSDP2's), so a checkpoint of any world size loads.
+
+    def set_trained(self, p, value):
+        with torch.no_grad():
+            p.to_local().copy_(_local_part(value.to(p.dtype), p))
+
+    def optimizer_state(self, p):
+        return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.optimizer.state.get(p, {}).items()}
+
+    def set_optimizer_state(self, p, state):
+        self.optimizer.state[p] = {
+            k: _as_param(v.to(p.to_local().device), p) if torch.is_tensor(v) and v.dim() > 0 else v
+            for k, v in state.items()
+        }
+
+
+def _as_param(value: torch.Tensor, like: DTensor) -> DTensor:
+    """A whole tensor laid out as `like`, this rank keeping its part (no communication: every rank holds it)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+
+
+def _local_part(value: torch.Tensor, like: DTensor) -> torch.Tensor:
+    return _as_param(value, like).to_local()
+
 
 def _vocabulary_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
     """The input and output embeddings, when they are separate modules with separate weights (tied ones share a

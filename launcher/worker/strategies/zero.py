@@ -95,6 +95,65 @@ class ZeroEngine(Engine):
         with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None):  # a no-op for a buffer
             yield tensor.data
 
+    # Checkpoints: ZeRO-1/2/3 (and bf16) keep fp32 master weights and Adam moments in flat partitions of their own;
+    # DeepSpeed's tensor-fragment API gathers and scatters them per parameter (collective). Stage 0 in fp32 steps
+    # the module's own parameters with our optimizer: the Engine defaults.
+
+    def trained_value(self, p):
+        if not _partitioned(p):
+            return super().trained_value(p)
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return safe_get_full_fp32_param(p).detach().to("cpu", copy=True).reshape(_whole_shape(p)).contiguous()
+
+    def set_trained(self, p, value):
+        if not _partitioned(p):
+            return super().set_trained(p, value)
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        safe_set_full_fp32_param(p, value.to(self.device))
+        # ... and the module's own (low-precision or partitioned) copy, which the next forward uses.
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            p.copy_(value.to(p.dtype))
+
+    def optimizer_state(self, p):
+        if not _partitioned(p):
+            return super().optimizer_state(p)
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        _link_fragments(self.optimizer)
+        sample = _inner_state(self.optimizer)
+        out = {
+            k: safe_get_full_optimizer_state(p, k).reshape(_whole_shape(p))
+            for k in sorted(sample)
+            if torch.is_tensor(sample[k]) and sample[k].dim() > 0
+        }
+        if "step" in sample:  # one count per flat partition, the same for all of them
+            out["step"] = sample["step"]
+        return out
+
+    def set_optimizer_state(self, p, state):
+        if not _partitioned(p):
+            return super().set_optimizer_state(p, state)
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        _ensure_states(self.optimizer, state)
+        _link_fragments(self.optimizer)
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                safe_set_full_optimizer_state(p, value.to(self.device), key)
+        if "step" in state:
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            for st in inner.state.values():
+                st["step"] = state["step"].clone() if torch.is_tensor(state["step"]) else state["step"]
+
+    def load_train_state(self, scalars, keys, tensor):
+        super().load_train_state(scalars, keys, tensor)
+        # DeepSpeed counts steps itself (its accumulation boundary, its logging); the run goes on from this one.
+        steps = scalars["scheduler"].get("last_epoch", 0)
+        self.ds.global_steps = steps
+        self.ds.micro_steps = steps * self.ds.gradient_accumulation_steps()
+
     def trainable_numel(self):
         # ZeRO-3 leaves an empty placeholder in each parameter; ds_numel is its whole size.
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters() if p.requires_grad)
@@ -186,6 +245,54 @@ def _release_4bit_weights_after_use(module: torch.nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.forward = types.MethodType(_forward_4bit, m)
+
+
+def _partitioned(p: torch.nn.Parameter) -> bool:
+    """Whether DeepSpeed keeps this parameter's fp32 master and optimizer state in its own flat partitions."""
+    # Every rank's parameters carry `_hp_mapping` (None where a rank owns no fragment): the test must agree across
+    # ranks, since the fragment API is collective.
+    return hasattr(p, "ds_id") or hasattr(p, "_hp_mapping")
+
+
+def _whole_shape(p: torch.nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+def _ensure_states(optimizer, like: dict) -> None:
+    """Give every flat partition an optimizer state with the keys of `like` (a checkpoint's, for one parameter),
+    zeros until they are set. A fresh ZeRO optimizer makes its states in its first step, and a resumed run must set
+    them before that step."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    # ZeRO-3 hands its inner optimizer one sub-group's partition at a time (param_groups are empty between steps).
+    flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or getattr(
+        optimizer, "single_partition_of_fp32_groups", None
+    )
+    if flats is None:
+        flats = [p for group in inner.param_groups for p in group["params"]]
+    for flat in flats:
+        if not inner.state.get(flat):
+            inner.state[flat] = {
+                k: torch.zeros_like(flat)
+                if torch.is_tensor(v) and v.dim() > 0
+                else (v.clone() if torch.is_tensor(v) else v)
+                for k, v in like.items()
+            }
+
+
+def _link_fragments(optimizer) -> None:
+    """Let every parameter find its optimizer state. ZeRO-1/2 link each parameter to its fragment of the flat
+    partitions' states once, right after the first parameter group's first step: the other groups (ours without
+    weight decay) had no state yet, so their parameters were left unlinked ("exp_avg not found in optimizer state
+    fragment"). Linking again, once every group has state, is what DeepSpeed does for each group (idempotent)."""
+    if hasattr(optimizer, "_lazy_init_hp_params_optimizer_state"):
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _inner_state(optimizer) -> dict:
+    """One flat partition's optimizer state (every partition has the same keys)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return next(iter(inner.state.values()), {})
 
 
 def _largest_block_numel(module: torch.nn.Module, block_types: tuple[type, ...]) -> int | None:
