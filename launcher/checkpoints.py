@@ -7,6 +7,7 @@ every file and the manifest (written last) are on disk: a folder with a manifest
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -55,6 +56,23 @@ def complete(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
+def resume_manifest(resume: str, output_dir: str) -> dict[str, Any] | None:
+    """The manifest of the checkpoint `resume=` names (auto: the newest complete one in `output_dir`), or None when
+    there is none or it cannot be read (the worker then says why)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = complete(output_dir)
+        if not found:
+            return None
+        resume = found[-1][1]
+    try:
+        with open(os.path.join(resume, MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def to_delete(steps: list[int], keep: int) -> list[int]:
     """The checkpoints to delete once a new one is complete: all but the newest `keep`."""
     return sorted(steps)[: max(0, len(steps) - max(1, keep))]
@@ -81,9 +99,44 @@ def math_settings(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# Compared as part of the global batch instead: a job of another size keeps the batch by accumulating more or less.
+_BY_GLOBAL_BATCH = ("train.grad_accum",)
+
+
+def global_batch(config: dict[str, Any], world_size: int) -> int:
+    """Examples per optimizer step: micro-batch x accumulation x processes."""
+    train = config["train"]
+    return train["micro_batch_size"] * train["grad_accum"] * world_size
+
+
+def accumulation_for(saved: dict[str, Any], saved_world: int, micro_batch_size: int, world_size: int) -> int:
+    """The accumulation that keeps a checkpoint's global batch on `world_size` processes. Raises ValueError with
+    the arithmetic when none does."""
+    batch = global_batch(saved, saved_world)
+    per_micro_step = micro_batch_size * world_size
+    if batch % per_micro_step:
+        fits = [w for w in range(1, batch // micro_batch_size + 1) if batch % (micro_batch_size * w) == 0]
+        raise ValueError(
+            f"its global batch is {saved['train']['micro_batch_size']} x {saved['train']['grad_accum']} accumulation x "
+            f"{saved_world} processes = {batch} examples per step, which {world_size} processes of "
+            f"{micro_batch_size} cannot make ({batch} is not a multiple of {per_micro_step}); rerun with --nproc "
+            + " or ".join(str(w) for w in fits)
+        )
+    return batch // per_micro_step
+
+
+def resumed_batches_done(batches_done: int, saved_accum: int, accum: int) -> int:
+    """A rank's micro-batches done in the epoch, counted for this job's accumulation (the steps done are the same)."""
+    return batches_done // saved_accum * accum
+
+
 def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Each setting that changes the math and differs between a checkpoint's configuration and this run's."""
+    """Each setting that changes the math and differs between a checkpoint's configuration and this run's (the
+    accumulation is checked as part of the global batch)."""
     a, b = math_settings(saved), math_settings(now)
+    for key in _BY_GLOBAL_BATCH:
+        a.pop(key, None)
+        b.pop(key, None)
     out = []
     for key in sorted(set(a) | set(b)):
         if a.get(key, "<unset>") != b.get(key, "<unset>"):

@@ -20,6 +20,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_build_dir(sys.prefix))
+    _own_ninja_first()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("once", category=UserWarning)
@@ -43,6 +44,19 @@ def extension_build_dir(prefix: str) -> str:
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     tag = hashlib.sha256(os.path.realpath(prefix).encode()).hexdigest()[:12]
     return os.path.join(cache, "torch_extensions", f"env-{tag}")
+
+
+def _own_ninja_first() -> None:
+    """Put this environment's `ninja` (the pip package torch's op builds use) first on PATH, as an activated
+    environment has it. A process whose PATH found the system's ninja instead (another version, hence other
+    command hashes in the build log) rebuilt, in place, the library the other ninja had built: every launch form
+    must build alike."""
+    own = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(own, "ninja")):
+        return
+    path = os.environ.get("PATH", "")
+    if path.split(os.pathsep)[0] != own:
+        os.environ["PATH"] = own + os.pathsep + path
 
 
 class OncePerMessage(logging.Filter):

@@ -265,6 +265,12 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
 
     given = {split_override(o)[0] for o in overrides}
     cfg = resolve(apply_overrides(recipe.Config(), overrides), env)
+    if cfg.resume == "auto" and "output_dir" not in given:
+        raise ConfigError(
+            "resume=auto continues the run in its output_dir, and none was given (a default folder is new each "
+            "time): add output_dir=FOLDER of the run to resume"
+        )
+    cfg, resumed = _resumed_accumulation(cfg, env, given)
     check(cfg, env)
     recipe.check(cfg)
     return Plan(
@@ -274,10 +280,35 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         local_world_size=env.local_world_size,
         nodes=max(1, env.world_size // max(1, env.local_world_size)),
         device="cuda" if env.cuda else "cpu",
-        notes=ignored_settings(cfg, given),
+        notes=ignored_settings(cfg, given) + resumed,
         output_dir_given="output_dir" in given,
         config=cfg,
     )
+
+
+def _resumed_accumulation(cfg: RunConfig, env: LaunchEnv, given: set[str]) -> tuple[RunConfig, list[str]]:
+    """A job resumed on another number of processes keeps its checkpoint's global batch: it accumulates more
+    micro-batches per step (2 processes -> 1: twice as many), or fewer. Refused, with the arithmetic, when no
+    accumulation makes the batch; a train.grad_accum the user gave is kept (and checked by the resuming ranks)."""
+    from launcher import checkpoints
+
+    manifest = checkpoints.resume_manifest(cfg.resume, cfg.output_dir)
+    if manifest is None or manifest.get("world_size") == env.world_size or "train.grad_accum" in given:
+        return cfg, []
+    try:
+        accum = checkpoints.accumulation_for(
+            manifest["config"], manifest["world_size"], cfg.train.micro_batch_size, env.world_size
+        )
+    except (KeyError, TypeError):
+        return cfg, []  # not a manifest of ours: the resuming ranks name what is wrong with it
+    except ValueError as e:
+        raise ConfigError(f"resume={cfg.resume}: {e}") from None
+    batch = checkpoints.global_batch(manifest["config"], manifest["world_size"])
+    note = (
+        f"train.grad_accum={accum}: the checkpoint was written by {manifest['world_size']} processes, this job has "
+        f"{env.world_size}; each step still trains {batch} examples, the same ones"
+    )
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=accum)), [note]
 
 
 def check_job(plan: Plan, job: Job, source: str) -> list[str]:

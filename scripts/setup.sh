@@ -19,4 +19,7 @@ if ! .venv/bin/python -c "import launcher, deepspeed, peft, bitsandbytes, datase
   "${PIP[@]}" install -e ".[test]"
   touch .venv/.launcher-installed
 fi
+# DeepSpeed's CPU ops, compiled once here rather than inside the first run (or test) that needs them.
+.venv/bin/python scripts/build_ops.py 2>/dev/null | grep -v "^DeepSpeed" \
+  || echo "setup: DeepSpeed's CPU ops were not prebuilt (they build on first use)"
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

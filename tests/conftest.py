@@ -35,6 +35,8 @@ os.environ.update(
     TRANSFORMERS_VERBOSITY="error",
     # A rank killed by a signal (SIGABRT, SIGSEGV) prints where each of its threads was.
     PYTHONFAULTHANDLER="1",
+    # This environment's tools (ninja above all: see launcher.environment) first, in this process as in its children.
+    PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
     LAUNCHER_CACHE=tempfile.mkdtemp(prefix="launcher-test-cache-"),
 )
 

@@ -29,21 +29,47 @@ FULL = ["adapter=full", "train.grad_accum=2", "checkpoint.every_steps=2", "check
 CASES = {
     # Resumed runs that evaluate at other steps: an evaluation must not move the random state training uses.
     "ddp lora": {"overrides": ["strategy=ddp", *EVERY_3], **LORA, "resume_overrides": ["train.eval_every=2"]},
-    "zero1 lora": {"overrides": ["strategy=zero1", *EVERY_3], **LORA},
-    "zero2 lora": {"overrides": ["strategy=zero2", *EVERY_3], **LORA},
+    "zero1 lora": {"overrides": ["strategy=zero1", *EVERY_3], "resume_from": [3]},
+    "zero2 lora": {"overrides": ["strategy=zero2", *EVERY_3], "resume_from": [3]},
     "zero3 lora": {"overrides": ["strategy=zero3", *EVERY_3], **LORA},
     "fsdp lora": {"overrides": ["strategy=fsdp", *EVERY_3], **LORA},
-    "zero1 full": {"overrides": ["strategy=zero1", *FULL], "resume_from": [2]},
     "zero3 full": {"overrides": ["strategy=zero3", *FULL], "resume_from": [2]},
     "fsdp full": {"overrides": ["strategy=fsdp", *FULL], "resume_from": [2]},
 }
 
 
+# Runs that other tests resume on another number of processes: no dropout, since each rank draws its own masks.
+RESIZE = {
+    "ddp 2->1": ("ddp", 1),
+    "zero3 2->1": ("zero3", 1),
+    "fsdp 2->1": ("fsdp", 1),
+}
+
+
 @pytest.fixture(scope="module")
-def resumed(tiny_model, tiny_data, tmp_path_factory):
+def still_model(tiny_model, tmp_path_factory):
+    """The tiny BERT without dropout."""
+    folder = tmp_path_factory.mktemp("still") / "bert"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _still(strategy: str) -> list[str]:
+    return [f"strategy={strategy}", "adapter.dropout=0", *EVERY_3]
+
+
+@pytest.fixture(scope="module")
+def resumed(tiny_model, tiny_data, still_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     cases = root / "cases.json"
-    cases.write_text(json.dumps(CASES))
+    still = {
+        name: {"overrides": [f"model={still_model}", *_still(strategy)], "resume_from": []}
+        for name, (strategy, _) in RESIZE.items()
+    }
+    cases.write_text(json.dumps({**CASES, **still}))
     out = root / "out.json"
     proc = run(
         [
@@ -63,7 +89,7 @@ def resumed(tiny_model, tiny_data, tmp_path_factory):
         timeout=900,
     )
     assert proc.returncode == 0, why_failed(proc)
-    return json.loads(out.read_text())
+    return {**json.loads(out.read_text()), "root": str(root)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -82,6 +108,46 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_run(resumed, case)
         diffs = [abs(again["losses"][s] - full[s]) for s in again["losses"]]
         assert max(diffs) <= 1e-6, (step, diffs)
         assert again["same_names"] and again["max_weight_diff"] <= 1e-6, again
+
+
+def _train_losses(folder) -> dict[int, float]:
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
+
+
+def _resume_and_compare(original, world: int, settings: list[str], tmp_path, tiny_data, still_model) -> None:
+    """Resume `original`'s step-3 checkpoint on `world` processes: the same steps follow, within 1e-4."""
+    out = tmp_path / "resumed"
+    ckpt = original / "checkpoints/step-00000003"
+    args = tiny_args(still_model, tiny_data, out, "train.epochs=2", *settings, f"resume={ckpt}")
+    proc = run(["launcher", "run", RECIPE, "--nproc", str(world), *args], cwd=tmp_path)
+    assert proc.returncode == 0, why_failed(proc)
+    assert "train.grad_accum=" in proc.stdout and "each step still trains 16 examples" in proc.stdout
+    before, after = _train_losses(original), _train_losses(out)
+    assert sorted(after) == list(range(4, 13))
+    assert max(abs(before[s] - after[s]) for s in after) <= 1e-4, (before, after)
+    a = load_file(str(original / "adapter/adapter_model.safetensors"))
+    b = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+
+
+@pytest.mark.parametrize("case", RESIZE)
+def test_a_run_resumes_on_fewer_processes_with_the_same_steps(resumed, case, tmp_path, tiny_data, still_model):
+    from pathlib import Path
+
+    strategy, world = RESIZE[case]
+    original = Path(resumed["root"]) / case / "run"
+    _resume_and_compare(original, world, _still(strategy), tmp_path, tiny_data, still_model)
+
+
+def test_a_run_resumes_on_more_processes_with_the_same_steps(tmp_path, tiny_data, still_model):
+    original = tmp_path / "one"
+    # One process accumulating 2 micro-batches of 8: 16 examples per step, as 2 processes make without accumulating.
+    settings = [*_still("zero3"), "train.grad_accum=2"]
+    args = tiny_args(still_model, tiny_data, original, "train.epochs=2", *settings)
+    proc = run(["launcher", "run", RECIPE, "--nproc", "1", *args], cwd=tmp_path)
+    assert proc.returncode == 0, why_failed(proc)
+    _resume_and_compare(original, 2, _still("zero3"), tmp_path, tiny_data, still_model)
 
 
 # ------------------------------------------------------------------ a real run's checkpoints, damaged and refused
@@ -179,7 +245,7 @@ def test_a_damaged_checkpoint_is_refused_and_auto_falls_back_saying_so(finished,
     assert str(shard) in str(e.value) and "checksum" in str(e.value)
 
 
-def test_a_resume_with_other_settings_or_another_world_size_is_refused(finished, tiny_model, tiny_data, tmp_path):
+def test_a_resume_with_other_settings_or_another_global_batch_is_refused(finished, tiny_model, tiny_data, tmp_path):
     ckpt = finished / "checkpoints/step-00000006"
     with pytest.raises(ConfigError) as e:
         _choose(_config(tiny_model, tiny_data, tmp_path / "x", f"resume={ckpt}", "train.lr=0.01", "seed=7"), 2)
@@ -188,9 +254,15 @@ def test_a_resume_with_other_settings_or_another_world_size_is_refused(finished,
     # Where and how often a run reports may change.
     ok = _choose(_config(tiny_model, tiny_data, tmp_path / "y", f"resume={ckpt}", "train.log_every=5"), 2)
     assert ok.path == str(ckpt)
+    # One process must accumulate twice as many micro-batches to train the same 16 examples a step...
     with pytest.raises(ConfigError) as e:
         _choose(_config(tiny_model, tiny_data, tmp_path / "z", f"resume={ckpt}"), 1)
-    assert "written by 2 processes, this job has 1: rerun with --nproc 2" in str(e.value)
+    assert "its global batch is 16 examples per step, this job's 8: train.grad_accum=2 keeps it" in str(e.value)
+    assert _choose(_config(tiny_model, tiny_data, tmp_path / "z", f"resume={ckpt}", "train.grad_accum=2"), 1)
+    # ... and 3 processes of 8 cannot make 16.
+    with pytest.raises(ConfigError) as e:
+        _choose(_config(tiny_model, tiny_data, tmp_path / "w", f"resume={ckpt}"), 3)
+    assert "16 is not a multiple of 24); rerun with --nproc 1 or 2" in str(e.value)
 
 
 def test_resume_settings_that_cannot_work_stop_before_launch(tiny_model, tiny_data, tmp_path):
@@ -206,3 +278,6 @@ def test_resume_settings_that_cannot_work_stop_before_launch(tiny_model, tiny_da
         )
         assert proc.returncode == 2 and expected in proc.stderr, (extra, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
+    no_folder = [a for a in tiny_args(tiny_model, tiny_data, out, "resume=auto") if not a.startswith("output_dir=")]
+    proc = run(["launcher", "run", RECIPE, "--nproc", "2", *no_folder], cwd=tmp_path)
+    assert proc.returncode == 2 and "add output_dir=FOLDER of the run to resume" in proc.stderr, proc.stderr[-2000:]

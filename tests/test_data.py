@@ -334,3 +334,31 @@ def test_resume_yields_exactly_the_remaining_batches():
     assert list(resumed) == batches[3:]
     resumed.set_epoch(3)  # the next epoch starts from its first batch
     assert len(list(resumed)) == len(batches)
+
+
+def test_a_resize_keeps_the_examples_of_every_step():
+    """2 processes -> 1 (accumulating 2) and 1 -> 2 from the middle of an epoch: every later step trains the
+    examples the uninterrupted job's step trains, so no example is skipped or seen twice."""
+    from launcher.checkpoints import resumed_batches_done
+
+    def steps(world: int, accum: int, *, skip: int = 0, lengths=None) -> list[list[int]]:
+        per_rank = []
+        for rank in range(world):
+            s = DistributedBatchSampler(
+                101, 4, rank=rank, world_size=world, seed=5, lengths=lengths, grad_accum=accum, mark_repeats=True
+            )
+            s.set_epoch(1)
+            s.skip = skip
+            micro = list(s)
+            per_rank.append([sum(micro[k : k + accum], []) for k in range(0, len(micro), accum)])
+        return [sorted(i for r in per_rank for i in r[k]) for k in range(len(per_rank[0]))]
+
+    lengths = [(i * 37) % 50 + 1 for i in range(101)]
+    for grouping in (None, lengths):
+        two = steps(2, 1, lengths=grouping)
+        one = steps(1, 2, lengths=grouping)
+        assert one == two and len(two) == 13  # ceil(101 / 8) steps, the last completed by repeats
+        assert sorted({i % 101 for s in two for i in s}) == list(range(101))
+        # Resumed after 5 steps: rank 0 of the 2-process job had done 5 micro-batches, the 1-process job does 10.
+        assert steps(1, 2, skip=resumed_batches_done(5, 1, 2), lengths=grouping) == two[5:]
+        assert steps(2, 1, skip=resumed_batches_done(10, 2, 1), lengths=grouping) == one[5:]

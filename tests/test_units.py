@@ -165,6 +165,14 @@ def test_each_python_environment_compiles_deepspeed_ops_in_its_own_folder(tmp_pa
     where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     built = where.stdout.strip().splitlines()[-1]
     tag = os.path.basename(extension_build_dir(sys.prefix))
+    # ... built by this environment's ninja, whatever PATH the process was started with.
+    code_ninja = code + "import shutil\nprint(shutil.which('ninja'))\n"
+    env_no_bin = {**env, "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    found = subprocess.run(
+        [sys.executable, "-c", code_ninja], env=env_no_bin, capture_output=True, text=True, check=True
+    )
+    if os.path.isfile(os.path.join(os.path.dirname(sys.executable), "ninja")):
+        assert found.stdout.split()[-1] == os.path.join(os.path.dirname(sys.executable), "ninja")
     assert built.startswith(str(tmp_path / "torch_extensions" / tag / "")), built
     # A folder the user chose is kept.
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")

@@ -1,7 +1,9 @@
 """Which examples each rank trains on, step by step: seeded, length-grouped, resumable.
 
 Every rank computes the same global order from (seed, epoch) and takes its slice of each global batch, so no
-rank needs to talk to another. With length grouping, examples of similar length share a global batch (little
+rank needs to talk to another. A global batch is one optimizer step's examples (micro-batch x processes x
+accumulation): a job resumed on another number of processes, with the accumulation that keeps that batch, trains
+the very same examples in each step. With length grouping, examples of similar length share a global batch (little
 padding within a rank's micro-batch, similar work on every rank in the same step), while the order of the
 batches stays random. The state is (epoch, batches done), so a run can continue where it stopped.
 """
@@ -69,8 +71,11 @@ class DistributedBatchSampler:
         seed: int,
         lengths: Sequence[int] | None = None,
         mark_repeats: bool = False,
+        grad_accum: int = 1,
     ):
         self.size, self.micro, self.rank, self.world, self.seed = size, micro_batch_size, rank, world_size, seed
+        self.accum = grad_accum
+        """Micro-batches per optimizer step: each global batch gives this rank that many, in order."""
         self.lengths = lengths
         self.mark_repeats = mark_repeats
         """Yield `i + size` for an example that completes the epoch's last batch a second time (see repeats())."""
@@ -91,14 +96,18 @@ class DistributedBatchSampler:
         self.epoch, self.skip, self.seed = state["epoch"], state["batches_done"], state["seed"]
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = global_batches(
-            self.size, self.micro * self.world, seed=self.seed, epoch=self.epoch, lengths=self.lengths
-        )
+        step = self.micro * self.world * self.accum
+        batches = global_batches(self.size, step, seed=self.seed, epoch=self.epoch, lengths=self.lengths)
         repeated = repeats(batches) if self.mark_repeats else set()
-        for b, g in enumerate(batches[self.skip :], start=self.skip):
-            lo = self.rank * self.micro
-            yield [i + self.size if (b, lo + k) in repeated else i for k, i in enumerate(g[lo : lo + self.micro])]
+        for b in range(self.skip // self.accum, len(batches)):
+            for j in range(self.accum):
+                if b * self.accum + j < self.skip:
+                    continue
+                # Micro-batch j of every rank, then j + 1: consecutive slices of the step's examples.
+                lo = (j * self.world + self.rank) * self.micro
+                part = batches[b][lo : lo + self.micro]
+                yield [i + self.size if (b, lo + k) in repeated else i for k, i in enumerate(part)]
 
     def __len__(self) -> int:
         """Micro-batches in a whole epoch (a resumed epoch yields `skip` fewer)."""
-        return math.ceil(self.size / (self.micro * self.world))
+        return math.ceil(self.size / (self.micro * self.world * self.accum)) * self.accum

@@ -54,10 +54,12 @@ class Resume:
     note: str
     """What the run log says about it."""
 
-    @property
-    def position(self) -> Position:
+    def position(self, grad_accum: int) -> Position:
+        """Where the run goes on, for a job accumulating `grad_accum` micro-batches per step (it may differ from
+        the checkpoint's when the number of processes does)."""
         m = self.manifest
-        return Position(step=m["step"], epoch=m["epoch"], batches_done=m["batches_done"])
+        done = checkpoints.resumed_batches_done(m["batches_done"], m["config"]["train"]["grad_accum"], grad_accum)
+        return Position(step=m["step"], epoch=m["epoch"], batches_done=done)
 
 
 def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks) -> str:
@@ -114,8 +116,9 @@ def choose(cfg, ranks: dist.Ranks) -> Resume | None:
     return chosen
 
 
-def load(engine: Engine, chosen: Resume, ranks: dist.Ranks) -> Position:
-    """Give the engine the checkpoint's trained state, and this rank its random generators back."""
+def load(engine: Engine, chosen: Resume, ranks: dist.Ranks, *, grad_accum: int) -> Position:
+    """Give the engine the checkpoint's trained state, and this rank its random generators back; returns where
+    training goes on for a job accumulating `grad_accum` micro-batches per step."""
     from safetensors import safe_open
 
     index_path = os.path.join(chosen.path, f"{STEM}.safetensors.index.json")
@@ -128,8 +131,10 @@ def load(engine: Engine, chosen: Resume, ranks: dist.Ranks) -> Position:
 
     state = torch.load(os.path.join(chosen.path, STATE), weights_only=True)
     engine.load_train_state(state, set(weight_map), tensor)
-    _set_rng_state(state["rng"][ranks.rank])
-    return chosen.position
+    # Each rank's own generators; a rank the checkpoint's job did not have keeps the ones it started with.
+    if ranks.rank < len(state["rng"]):
+        _set_rng_state(state["rng"][ranks.rank])
+    return chosen.position(grad_accum)
 
 
 def _choose(cfg, world_size: int) -> Resume | None:
@@ -188,11 +193,19 @@ def _check(path: str, cfg, world_size: int) -> list[str]:
             + "; ".join(differs)
             + " (give the checkpoint's values, or start a new run without resume=)"
         )
-    if manifest["world_size"] != world_size:
-        problems.append(
-            f"it was written by {manifest['world_size']} processes, this job has {world_size}: rerun with "
-            f"--nproc {manifest['world_size']} (resuming on another number of processes is not supported yet)"
-        )
+    saved_batch = checkpoints.global_batch(manifest["config"], manifest["world_size"])
+    batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    if batch != saved_batch:
+        try:
+            keep = checkpoints.accumulation_for(
+                manifest["config"], manifest["world_size"], cfg.train.micro_batch_size, world_size
+            )
+            problems.append(
+                f"its global batch is {saved_batch} examples per step, this job's {batch}: train.grad_accum={keep} "
+                f"keeps it on {world_size} processes"
+            )
+        except ValueError as e:
+            problems.append(str(e))
     return problems
 
 

@@ -30,6 +30,7 @@ def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
         seed=cfg.seed,
         lengths=task.lengths if cfg.data.group_by_length else None,
         mark_repeats=True,
+        grad_accum=cfg.train.grad_accum,
     )
     # A generator of its own: each epoch's iterator would otherwise draw its seed from the global one, which a
     # resumed run restores from its checkpoint, and the resumed run's dropout would differ from the original's.
@@ -75,8 +76,8 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def groups(loader: Iterable, size: int) -> Iterator[list]:
-    """Consecutive groups of `size` micro-batches; an incomplete last group is dropped so every
-    optimizer step sees the same number of micro-batches on every rank."""
+    """Consecutive groups of `size` micro-batches, one optimizer step each (the sampler gives whole steps: it
+    completes an epoch's last global batch; an incomplete group would be dropped)."""
     group = []
     for batch in loader:
         group.append(batch)

@@ -208,7 +208,7 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     start = None
     if chosen is not None:
         say(f"loading the checkpoint {chosen.path}")
-        start = checkpoint.load(engine, chosen, ranks)
+        start = checkpoint.load(engine, chosen, ranks, grad_accum=cfg.train.grad_accum)
         notes.append(chosen.note)
     elif cfg.resume == "auto":
         notes.append(f"resume=auto: no checkpoint in {os.path.join(cfg.output_dir, 'checkpoints')} yet: a fresh start")

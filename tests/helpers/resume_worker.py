@@ -48,11 +48,12 @@ def one(recipe: Recipe, name: str, case: dict, settings: list[str], root: str, r
     job = job_from_environ()
     env = launch_env(job)
     first = os.path.join(root, name, "run")
-    base = [*settings, *case["overrides"]]
+    replaced = {o.split("=", 1)[0] for o in case["overrides"]}
+    base = [s for s in settings if s.split("=", 1)[0] not in replaced] + case["overrides"]
     run(recipe, build_plan(recipe, [*base, f"output_dir={first}"], env), ranks)
     gc.collect()
     out = {"run": {"losses": losses(first)} if ranks.is_main else {}, "resumed": {}}
-    reference = saved(first) if ranks.is_main else {}
+    reference = saved(first) if ranks.is_main and case["resume_from"] else {}
     for step in case["resume_from"]:
         folder = os.path.join(root, name, f"from-{step}")
         checkpoint = os.path.join(first, "checkpoints", f"step-{step:08d}")
