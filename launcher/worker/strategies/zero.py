@@ -121,7 +121,6 @@ class ZeroEngine(Engine):
             return super().optimizer_state(p)
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        _link_fragments(self.optimizer)
         sample = _inner_state(self.optimizer)
         out = {
             k: safe_get_full_optimizer_state(p, k).reshape(_whole_shape(p))
@@ -137,8 +136,8 @@ class ZeroEngine(Engine):
             return super().set_optimizer_state(p, state)
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        _ensure_states(self.optimizer, state)
-        _link_fragments(self.optimizer)
+        if _ensure_states(self.optimizer, state):
+            _link_fragments(self.optimizer)
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
                 safe_set_full_optimizer_state(p, value.to(self.device), key)
@@ -147,7 +146,12 @@ class ZeroEngine(Engine):
             for st in inner.state.values():
                 st["step"] = state["step"].clone() if torch.is_tensor(state["step"]) else state["step"]
 
+    def train_state(self):
+        _link_fragments(self.optimizer)
+        return super().train_state()
+
     def load_train_state(self, scalars, keys, tensor):
+        _link_fragments(self.optimizer)
         super().load_train_state(scalars, keys, tensor)
         # DeepSpeed counts steps itself (its accumulation boundary, its logging); the run goes on from this one.
         steps = scalars["scheduler"].get("last_epoch", 0)
@@ -258,10 +262,10 @@ def _whole_shape(p: torch.nn.Parameter) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
 
-def _ensure_states(optimizer, like: dict) -> None:
+def _ensure_states(optimizer, like: dict) -> bool:
     """Give every flat partition an optimizer state with the keys of `like` (a checkpoint's, for one parameter),
-    zeros until they are set. A fresh ZeRO optimizer makes its states in its first step, and a resumed run must set
-    them before that step."""
+    zeros until they are set; returns whether any was made. A fresh ZeRO optimizer makes its states in its first
+    step, and a resumed run must set them before that step."""
     inner = getattr(optimizer, "optimizer", optimizer)
     # ZeRO-3 hands its inner optimizer one sub-group's partition at a time (param_groups are empty between steps).
     flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or getattr(
@@ -269,14 +273,17 @@ def _ensure_states(optimizer, like: dict) -> None:
     )
     if flats is None:
         flats = [p for group in inner.param_groups for p in group["params"]]
+    made = False
     for flat in flats:
         if not inner.state.get(flat):
+            made = True
             inner.state[flat] = {
                 k: torch.zeros_like(flat)
                 if torch.is_tensor(v) and v.dim() > 0
                 else (v.clone() if torch.is_tensor(v) else v)
                 for k, v in like.items()
             }
+    return made
 
 
 def _link_fragments(optimizer) -> None:
