@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 USAGE_EXIT_CODE = 2
+REQUEUE_EXIT_CODE = 75
+"""A run asked to stop (SIGTERM, SIGUSR1 or SIGUSR2: a preemption) that saved a checkpoint first: rerun it with
+resume=auto. 75 is EX_TEMPFAIL, "try again later"; batch scripts requeue on it."""
 
 
 class TrainingStopped(Exception):
@@ -12,6 +15,15 @@ class TrainingStopped(Exception):
 
     def render(self) -> str:
         return f"error: {self}"
+
+
+class Preempted(Exception):
+    """Every rank finished the same step, saved a checkpoint and stopped, as a stop signal asked."""
+
+    exit_code = REQUEUE_EXIT_CODE
+
+    def render(self) -> str:
+        return f"stopped: {self}"
 
 
 class ConfigError(Exception):

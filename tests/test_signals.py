@@ -1,5 +1,6 @@
-"""How a job ends: signals to the launcher stop every rank, a launcher killed outright takes its ranks along, and a
-rank that dies is named. Each check finds the ranks by pid and asserts that none is left running.
+"""How a job ends: signals to the launcher stop every rank (a preemption signal to a training job checkpoints it
+first, exit 75), a launcher killed outright takes its ranks along, and a rank that dies is named. Each check finds
+the ranks by pid and asserts that none is left running.
 
 Most checks drive `run_local` from a small script (so the test can signal that process) with ranks that only write
 their pid and sleep; one runs the real `launcher run` on a tiny model.
@@ -7,6 +8,7 @@ their pid and sleep; one runs the real `launcher run` on a tiny model.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -15,8 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
-from tests.conftest import BIN, RECIPE, ROOT, tiny_args
+from launcher.checkpoints import complete
+from tests.conftest import BIN, RECIPE, ROOT, run, tiny_args, why_failed
 
 LINUX = sys.platform.startswith("linux")
 
@@ -195,10 +199,33 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+# 300 steps of the tiny model: long enough to be signalled mid-run, short enough to finish.
+LONG = ["train.max_steps=300", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole") / "run"
+    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG)]
+    proc = run(argv, cwd=out.parent)
+    assert proc.returncode == 0, why_failed(proc)
+    return out
+
+
+def _last_loss(out: Path) -> float:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"][-1]["loss"]
+
+
 @pytest.mark.skipif(not LINUX, reason="finds the ranks through /proc")
-def test_launcher_run_stops_training_ranks_on_sigterm(tiny_model, tiny_data, tmp_path, leftovers):
+@pytest.mark.parametrize("to", ["SIGTERM to the launcher", "SIGUSR1 to the ranks"])
+def test_a_preempted_run_checkpoints_exits_75_and_resumes_to_the_same_end(
+    tiny_model, tiny_data, tmp_path, leftovers, uninterrupted, to
+):
+    """A preemption (the launcher signalled, or every rank as Slurm does): each rank finishes its step, they agree,
+    a checkpoint is written and the job exits with the requeue code; resume=auto then ends as a run never stopped."""
     out, log = tmp_path / "run", tmp_path / "launcher.log"
-    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, "train.max_steps=100000")]
+    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG)]
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     with log.open("w") as sink:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT)
@@ -211,8 +238,26 @@ def test_launcher_run_stops_training_ranks_on_sigterm(tiny_model, tiny_data, tmp
     ranks = _children(proc.pid)
     leftovers.extend(ranks)
     assert len(ranks) == 2, ranks
-    proc.send_signal(signal.SIGTERM)
-    code, output = finish(proc, log, "SIGTERM")
+    if to.endswith("launcher"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        for pid in ranks:
+            os.kill(pid, signal.SIGUSR1)
+    code, output = finish(proc, log, to)
     assert_gone(ranks)
-    assert code == 143, output
-    assert last_line(output) == "launcher: stopped every rank on SIGTERM"
+    assert code == 75, output
+    assert "rerun with resume=auto to continue (exit 75)" in last_line(output), output
+    found = complete(str(out))
+    assert len(found) == 1 and 0 < found[0][0] < 300, found
+    step = found[0][0]
+    assert f"after step {step} of 300: checkpoint {found[0][1]} written" in output
+    again = run(
+        ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG, "resume=auto")],
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, why_failed(again)
+    assert json.loads((out / "summary.json").read_text())["resumed_from"] == found[0][1]
+    assert _last_loss(out) == pytest.approx(_last_loss(uninterrupted), abs=1e-6)
+    a = load_file(str(uninterrupted / "adapter/adapter_model.safetensors"))
+    b = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

@@ -5,7 +5,12 @@ What `run_local` guarantees:
 - The first rank to fail stops the others, and the launcher's last line names it, its pid and how it ended
   ("rank 1 (pid 12345) was killed by SIGKILL", "rank 1 (pid 12345) exited with code 3"). The exit code follows
   the shell's convention: 128 + the signal that killed the rank, else the rank's own code.
-- SIGTERM, SIGHUP or SIGINT to the launcher stop every rank and the launcher exits with 128 + that signal. SIGINT
+- SIGTERM, SIGUSR1 or SIGUSR2 to the launcher (a preemption) is passed on to every rank; a training rank finishes
+  its step, the ranks agree, save a checkpoint and exit with 75 (errors.REQUEUE_EXIT_CODE), and so does the
+  launcher, its last line saying to rerun with resume=auto. A rank that is not training yet dies of the signal, and
+  the launcher stops the others as below (128 + the signal). Ranks given the signal directly (Slurm signals every
+  task) end the same way.
+- SIGHUP or SIGINT to the launcher stop every rank and the launcher exits with 128 + that signal. SIGINT
   works even when it was inherited as ignored (bash ignores it for `cmd &` in a script); an inherited ignored
   SIGHUP is kept, so `nohup launcher run ...` still outlives its terminal.
 - Stopping means SIGTERM to each live rank, then SIGKILL to any rank still there GRACE_SECONDS later; every rank
@@ -25,12 +30,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.launch.commands import RankCommand
 
 GRACE_SECONDS = 10.0
 """How long a rank has to exit after SIGTERM before it gets SIGKILL."""
 POLL_SECONDS = 0.1
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (*PREEMPT_SIGNALS, signal.SIGHUP, signal.SIGINT)
+PREEMPT_SECONDS = 600.0
+"""How long ranks asked to checkpoint and stop may take (their step under way, then the save) before they are
+stopped anyway."""
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -117,17 +127,42 @@ def _prefix(proc: subprocess.Popen, prefix: str) -> None:
 
 
 def _wait(ranks: list[Rank], signals: StopSignals) -> Outcome:
-    """Until every rank succeeded, one failed, or the launcher was asked to stop (checked first: a Ctrl-C also
-    reaches the ranks, whose own exits are then no failure)."""
+    """Until every rank succeeded, one failed, the ranks checkpointed and stopped (preemption), or the launcher
+    was asked to stop (checked first: a Ctrl-C also reaches the ranks, whose own exits are then no failure)."""
+    preempted: int | None = None  # the signal passed on to the ranks
+    deadline = 0.0
     while True:
-        if signals.received:
-            return Outcome(128 + signals.received, f"stopped every rank on {signal_name(signals.received)}")
+        sig = signals.received
+        if sig and sig not in PREEMPT_SIGNALS:
+            return Outcome(128 + sig, f"stopped every rank on {signal_name(sig)}")
+        if sig and preempted is None:
+            preempted, deadline = sig, time.monotonic() + PREEMPT_SECONDS
+            for r in ranks:
+                if r.proc.poll() is None:
+                    r.proc.send_signal(sig)
         for r in ranks:
             code = r.proc.poll()
-            if code:
+            if code == REQUEUE_EXIT_CODE:
+                deadline = deadline or time.monotonic() + PREEMPT_SECONDS  # signalled directly (Slurm): wait too
+            elif code and preempted is not None:
+                return Outcome(128 + preempted, f"stopped every rank on {signal_name(preempted)}")
+            elif code:
                 return Outcome(shell_code(code), r.describe(code))
-        if all(r.proc.returncode == 0 for r in ranks):
+        codes = [r.proc.returncode for r in ranks]
+        if all(c == 0 for c in codes):
             return Outcome(0)
+        if all(c in (0, REQUEUE_EXIT_CODE) for c in codes):
+            what = f" ({signal_name(preempted)})" if preempted else ""
+            return Outcome(
+                REQUEUE_EXIT_CODE,
+                f"every rank saved a checkpoint and stopped{what}: rerun with resume=auto to continue "
+                f"(exit {REQUEUE_EXIT_CODE})",
+            )
+        if deadline and time.monotonic() > deadline:
+            return Outcome(
+                128 + (preempted or signal.SIGTERM),
+                f"ranks still running {PREEMPT_SECONDS:g} s after being asked to checkpoint and stop",
+            )
         time.sleep(POLL_SECONDS)
 
 
@@ -152,9 +187,9 @@ def _stop(ranks: list[Rank]) -> None:
 
 
 class StopSignals:
-    """While open, SIGTERM, SIGHUP and SIGINT are noted instead of killing the launcher, so it can stop its ranks
-    first; the previous handlers come back on exit. The handler only notes the signal: an exception raised in the
-    middle of starting a rank could leave that rank untracked."""
+    """While open, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP and SIGINT are noted instead of killing the launcher, so it can
+    pass them on or stop its ranks first; the previous handlers come back on exit. The handler only notes the
+    signal: an exception raised in the middle of starting a rank could leave that rank untracked."""
 
     def __init__(self) -> None:
         self.received: int = 0

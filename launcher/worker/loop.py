@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -13,10 +14,11 @@ from torch.utils.data import DataLoader
 from launcher.config import RunConfig
 from launcher.data import EvalShard
 from launcher.data.sampling import DistributedBatchSampler
-from launcher.errors import TrainingStopped
+from launcher.errors import REQUEUE_EXIT_CODE, Preempted, TrainingStopped
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.checkpoint import Position
+from launcher.worker.preempt import StopRequests
 from launcher.worker.runlog import RunLog
 from launcher.worker.strategies.base import Engine
 
@@ -96,10 +98,12 @@ def train(
     loader: DataLoader,
     *,
     start: Position | None = None,
-    save: Callable[[Position], object] | None = None,
+    save: Callable[[Position], str] | None = None,
 ) -> dict:
     """Train to the plan's last step, from `start` (a resumed checkpoint's position) or from the beginning;
-    `save(position)` writes a checkpoint every checkpoint.every_steps steps and after the last."""
+    `save(position)` writes a checkpoint every checkpoint.every_steps steps and after the last. A stop signal to
+    any rank (worker.preempt) ends training after the step under way on every rank, with a checkpoint of it:
+    errors.Preempted."""
     total = total_steps(loader, cfg)
     step, epoch, seen, busy, real = 0, 0, 0.0, 0.0, 0.0
     sampler = loader.batch_sampler
@@ -112,40 +116,54 @@ def train(
     every = cfg.checkpoint.every_steps
     engine.train(True)
     log.begin(step)
-    while step < total:
-        sampler.set_epoch(epoch)
-        done = sampler.skip  # micro-batches of this epoch trained before (a resumed epoch)
-        for micro in groups(loader, cfg.train.grad_accum):
-            done += len(micro)
-            t0 = time.perf_counter()
-            samples = sum(fresh for _, fresh in micro)  # repeats completing the last batch are not counted twice
-            micro = [to_device(b, engine.device) for b, _ in micro]
-            tokens = sum(count_tokens(b) for b in micro)
-            result = engine.train_step(micro)
-            # One small all-reduce: the logged loss and throughput are the whole job's, on every rank.
-            stats = torch.tensor([result.loss, samples, tokens], dtype=torch.float64, device=engine.device)
-            torch.distributed.all_reduce(stats)
-            step += 1
-            _check_finite(step, stats[0].item() / ranks.world_size, result, cfg, log)
-            elapsed = time.perf_counter() - t0
-            seen, busy, real = seen + stats[1].item(), busy + elapsed, real + stats[2].item()
-            log.step(
-                step,
-                loss=stats[0].item() / ranks.world_size,
-                lr=result.lr,
-                grad_norm=result.grad_norm,
-                samples=stats[1].item(),
-                tokens=stats[2].item(),
-                seconds=elapsed,
-                epoch=epoch,
-            )
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total and task.eval is not None:
-                log.eval(step, evaluate(engine, task, recipe, cfg, ranks)[0])
-            if save is not None and every and (step % every == 0 or step >= total):
-                save(Position(step=step, epoch=epoch, batches_done=done))
-            if step >= total:
-                break
-        epoch += 1
+    with StopRequests() as requests:
+        while step < total:
+            sampler.set_epoch(epoch)
+            done = sampler.skip  # micro-batches of this epoch trained before (a resumed epoch)
+            for micro in groups(loader, cfg.train.grad_accum):
+                done += len(micro)
+                t0 = time.perf_counter()
+                samples = sum(fresh for _, fresh in micro)  # repeats completing the last batch are not counted twice
+                micro = [to_device(b, engine.device) for b, _ in micro]
+                tokens = sum(count_tokens(b) for b in micro)
+                result = engine.train_step(micro)
+                # One small all-reduce: the logged loss and throughput are the whole job's, on every rank.
+                # ... and whether any rank was asked to stop: every rank then stops after this same step.
+                stats = torch.tensor(
+                    [result.loss, samples, tokens, requests.received], dtype=torch.float64, device=engine.device
+                )
+                torch.distributed.all_reduce(stats)
+                step += 1
+                _check_finite(step, stats[0].item() / ranks.world_size, result, cfg, log)
+                elapsed = time.perf_counter() - t0
+                seen, busy, real = seen + stats[1].item(), busy + elapsed, real + stats[2].item()
+                log.step(
+                    step,
+                    loss=stats[0].item() / ranks.world_size,
+                    lr=result.lr,
+                    grad_norm=result.grad_norm,
+                    samples=stats[1].item(),
+                    tokens=stats[2].item(),
+                    seconds=elapsed,
+                    epoch=epoch,
+                )
+                asked = stats[3].item() > 0
+                evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total
+                if evaluating and task.eval is not None and not asked:
+                    log.eval(step, evaluate(engine, task, recipe, cfg, ranks)[0])
+                path = None
+                if save is not None and (asked or (every and (step % every == 0 or step >= total))):
+                    path = save(Position(step=step, epoch=epoch, batches_done=done))
+                if asked and step < total:
+                    log.end_progress()
+                    what = signal_name(requests.received) if requests.received else "a stop signal to another rank"
+                    raise Preempted(
+                        f"{what} after step {step} of {total}: checkpoint {path} written; rerun with resume=auto "
+                        f"(exit {REQUEUE_EXIT_CODE})"
+                    )
+                if step >= total:
+                    break
+            epoch += 1
     log.end_progress()
     return {
         "steps": step,
@@ -155,6 +173,10 @@ def train(
         "train_tokens": int(real),
         "train_tokens_per_s": round(real / busy, 2) if busy else 0.0,
     }
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
 
 
 def _check_finite(step: int, loss: float, result, cfg: RunConfig, log: RunLog) -> None:

@@ -15,7 +15,7 @@ from types import ModuleType
 
 from launcher.config import Lora, choice_name
 from launcher.environment import quiet_libraries
-from launcher.errors import USAGE_EXIT_CODE, ConfigError, TrainingStopped
+from launcher.errors import USAGE_EXIT_CODE, ConfigError, Preempted, TrainingStopped
 from launcher.files import write_atomic
 from launcher.job import Job, job_from_environ, launch_env
 from launcher.plan import Plan, build_plan, check_job, read_plan
@@ -48,7 +48,8 @@ def plan_for_rank(recipe: Recipe, argv: list[str], job: Job) -> tuple[Plan, str 
 def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     """Entry point of every recipe's `main()`, under any launcher."""
     quiet_libraries()
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID` prints where a hung rank is
+    # `kill -QUIT PID` prints where a hung rank is (SIGUSR1 and SIGUSR2 ask a training rank to checkpoint and stop).
+    faulthandler.register(signal.SIGQUIT, all_threads=True)
     argv = sys.argv[1:] if argv is None else argv
     job = job_from_environ()
     try:
@@ -73,6 +74,10 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
         if ranks.is_main:
             print(e.render(), file=sys.stderr)
         code = USAGE_EXIT_CODE
+    except Preempted as e:  # agreed by every rank at the same step, its checkpoint written
+        if ranks.is_main:
+            print(e.render(), file=sys.stderr, flush=True)
+        code = e.exit_code
     except TrainingStopped as e:  # decided on every rank alike (all-reduced loss, global gradient norm)
         if ranks.is_main:
             print(e.render(), file=sys.stderr)
@@ -248,12 +253,17 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
         ],
     )
 
-    def save_checkpoint(position: checkpoint.Position) -> None:
+    def save_checkpoint(position: checkpoint.Position) -> str:
         path = checkpoint.save(engine, cfg, position, ranks)
         if ranks.is_main:
             log.console.print(f"checkpoint: {path}")
+        return path
 
-    progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
+    try:
+        progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
+    except Preempted:
+        log.close()
+        raise
     metrics: dict[str, float] = {}
     if task.eval is not None:
         metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
