@@ -32,11 +32,12 @@ from dataclasses import dataclass
 
 from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.launch.commands import RankCommand
+from launcher.signals import PREEMPT, NotedSignals, signal_name
 
 GRACE_SECONDS = 10.0
 """How long a rank has to exit after SIGTERM before it gets SIGKILL."""
 POLL_SECONDS = 0.1
-PREEMPT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+PREEMPT_SIGNALS = PREEMPT  # passed on to the ranks, which note the same ones
 STOP_SIGNALS = (*PREEMPT_SIGNALS, signal.SIGHUP, signal.SIGINT)
 PREEMPT_SECONDS = 600.0
 """How long ranks asked to checkpoint and stop may take (their step under way, then the save) before they are
@@ -66,7 +67,8 @@ def run_local(commands: list[RankCommand]) -> int:
     """Run the ranks to completion; returns 0, or the exit code described in the module docstring."""
     ranks: list[Rank] = []
     readers: list[threading.Thread] = []
-    with StopSignals() as signals:
+    # SIGHUP inherited as ignored stays ignored: `nohup launcher run ...` outlives its terminal.
+    with NotedSignals(STOP_SIGNALS, keep_ignored=(signal.SIGHUP,)) as signals:
         try:
             ranks = _spawn(commands)
             readers = [_start_reader(r) for r in ranks if r.proc.stdout is not None]
@@ -126,7 +128,7 @@ def _prefix(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
-def _wait(ranks: list[Rank], signals: StopSignals) -> Outcome:
+def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
     """Until every rank succeeded, one failed, the ranks checkpointed and stopped (preemption), or the launcher
     was asked to stop (checked first: a Ctrl-C also reaches the ranks, whose own exits are then no failure)."""
     preempted: int | None = None  # the signal passed on to the ranks
@@ -186,42 +188,6 @@ def _stop(ranks: list[Rank]) -> None:
             r.proc.wait()
 
 
-class StopSignals:
-    """While open, SIGTERM, SIGUSR1, SIGUSR2, SIGHUP and SIGINT are noted instead of killing the launcher, so it can
-    pass them on or stop its ranks first; the previous handlers come back on exit. The handler only notes the
-    signal: an exception raised in the middle of starting a rank could leave that rank untracked."""
-
-    def __init__(self) -> None:
-        self.received: int = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> StopSignals:
-        if threading.current_thread() is not threading.main_thread():
-            return self  # Python lets only the main thread set handlers; the caller's own handling applies
-        for sig in STOP_SIGNALS:
-            previous = signal.getsignal(sig)
-            if sig == signal.SIGHUP and previous == signal.SIG_IGN:
-                continue  # nohup: the user asked to outlive the terminal
-            self._previous[sig] = previous
-            signal.signal(sig, self._note)
-        return self
-
-    def _note(self, signum: int, frame: object) -> None:
-        self.received = self.received or signum
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            # None: a handler set outside Python, which cannot be put back; the default is the nearest.
-            signal.signal(sig, signal.SIG_DFL if previous is None else previous)
-
-
 def shell_code(returncode: int) -> int:
     """A Popen return code as a shell reports it: 128 + N for a process killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"

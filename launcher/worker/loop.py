@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -15,10 +14,11 @@ from launcher.config import RunConfig
 from launcher.data import EvalShard
 from launcher.data.sampling import DistributedBatchSampler
 from launcher.errors import REQUEUE_EXIT_CODE, Preempted, TrainingStopped
+from launcher.signals import signal_name
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.checkpoint import Position
-from launcher.worker.preempt import StopRequests
+from launcher.worker.preempt import stop_requests
 from launcher.worker.runlog import RunLog
 from launcher.worker.strategies.base import Engine
 
@@ -116,7 +116,7 @@ def train(
     every = cfg.checkpoint.every_steps
     engine.train(True)
     log.begin(step)
-    with StopRequests() as requests:
+    with stop_requests() as requests:
         while step < total:
             sampler.set_epoch(epoch)
             done = sampler.skip  # micro-batches of this epoch trained before (a resumed epoch)
@@ -173,10 +173,6 @@ def train(
         "train_tokens": int(real),
         "train_tokens_per_s": round(real / busy, 2) if busy else 0.0,
     }
-
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
 
 
 def _check_finite(step: int, loss: float, result, cfg: RunConfig, log: RunLog) -> None:
