@@ -25,6 +25,7 @@ MAY_CHANGE = (
     "overwrite",
     "resume",
     "checkpoint.",
+    "watchdog.",
     "train.eval_every",
     "train.eval_at_start",
     "train.log_every",

@@ -40,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. strategy=zero2 train.lr=1e-4")
     run.add_argument("--nproc", type=int, default=1, help="processes on this machine (default 1)")
     run.add_argument(
+        "--max-restarts",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after a rank fails, start every rank again from the newest checkpoint, up to N times (default 0)",
+    )
+    run.add_argument(
         "--dry-run",
         action="store_true",
         help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; start nothing",
@@ -123,6 +130,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     quiet_libraries()
     if args.nproc < 1:
         raise ConfigError(f"--nproc {args.nproc}: give at least 1 process")
+    if args.max_restarts < 0:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: give 0 (no restart) or more")
     from launcher.job import Job, has_cuda, launch_env
     from launcher.plan import build_plan
     from launcher.recipe import Recipe
@@ -144,14 +153,22 @@ def cmd_run(args: argparse.Namespace) -> int:
         sections = dry_run_sections(plan.config, args.nproc, job.cuda)
         print_dry_run(plan.to_json(), path, [render(c) for c in commands], args.nproc, sections)
         return 0
-    from launcher.launch.execute import run_local
+    from launcher.launch.execute import run_restarting
     from launcher.rundir import claim
 
-    for note in plan.notes:
+    notes = list(plan.notes)
+    if args.max_restarts and not plan.config.checkpoint.every_steps:
+        notes.append(
+            f"--max-restarts {args.max_restarts} with checkpoint.every_steps=0: a restart trains again from step 0; "
+            "set checkpoint.every_steps=N to restart from the newest checkpoint"
+        )
+    for note in notes:
         print(f"note: {note}", file=sys.stderr)
     plan = claim(plan)  # held until this launcher exits; a default directory may get a -2 suffix
     print(f"{recipe.name}: starting {args.nproc} process(es) in {plan.config.output_dir}", flush=True)
-    return run_local(_rank_commands(plan, args.nproc)[1])
+    logs = os.path.join(os.path.abspath(plan.config.output_dir), "logs")
+    # Each start gets a fresh rendezvous port: the last one's may still be held by its dead ranks' sockets.
+    return run_restarting(lambda restart: _rank_commands(plan, args.nproc)[1], args.max_restarts, logs)
 
 
 def _rank_commands(plan, nproc: int):

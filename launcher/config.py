@@ -227,6 +227,15 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class WatchdogConfig:
+    """Stop a job whose ranks stopped advancing (a stuck collective, a dead peer, a rank stuck in its own code)."""
+
+    timeout: float = 600.0
+    """Seconds a rank may go without finishing a step, an eval batch or a saved tensor; then every stalled rank
+    writes its stacks to output_dir/logs and the job stops, naming the rank the others wait for. 0 turns it off."""
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where the data lives. Recipes subclass this with their own fields."""
 
@@ -272,6 +281,8 @@ class RunConfig:
     """Data files and fields."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Periodic checkpoints (checkpoint.every_steps, checkpoint.keep)."""
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    """Hang detection (watchdog.timeout)."""
     resume: str = ""
     """Continue a run from a checkpoint: auto (the newest complete one in output_dir; a fresh start when there is
     none), or a checkpoint folder (output_dir/checkpoints/step-N); empty starts afresh."""

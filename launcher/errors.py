@@ -6,12 +6,17 @@ USAGE_EXIT_CODE = 2
 REQUEUE_EXIT_CODE = 75
 """A run asked to stop (SIGTERM, SIGUSR1 or SIGUSR2: a preemption) that saved a checkpoint first: rerun it with
 resume=auto. 75 is EX_TEMPFAIL, "try again later"; batch scripts requeue on it."""
+HUNG_EXIT_CODE = 124
+"""A rank that made no progress for watchdog.timeout seconds (worker.watchdog); 124 as timeout(1) uses."""
+DIVERGED_EXIT_CODE = 3
+"""Training stopped on a nan/inf loss or gradient norm; not restarted (--max-restarts): it would diverge again at
+the same step."""
 
 
 class TrainingStopped(Exception):
-    """Training cannot go on (e.g. the loss became nan); the run ends with exit code 1 and saves nothing."""
+    """Training cannot go on (e.g. the loss became nan); the run ends with exit code 3 and saves nothing."""
 
-    exit_code = 1
+    exit_code = DIVERGED_EXIT_CODE
 
     def render(self) -> str:
         return f"error: {self}"

@@ -29,6 +29,8 @@ class LaunchEnv:
     """libaio is installed (DeepSpeed's asynchronous NVMe I/O needs it)."""
     now: float | None = None
     """Wall-clock time used for the default run directory name (None: the current time)."""
+    elastic_shared_store: bool = False
+    """Started by torchrun with --max-restarts and its rendezvous store shared with the ranks (Job)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,14 @@ class Job:
     """Processes on this node (LOCAL_WORLD_SIZE from torchrun and ours, LOCAL_SIZE from DeepSpeed's runner)."""
     cuda: bool = False
     """This process sees CUDA devices."""
+    restart: int = 0
+    """Times the job was started again after a failure: LAUNCHER_RESTART (launcher run --max-restarts) or
+    TORCHELASTIC_RESTART_COUNT (torchrun --max-restarts)."""
+    restart_reason: str = ""
+    """What ended the previous start (LAUNCHER_RESTART_REASON, from launcher run)."""
+    elastic_shared_store: bool = False
+    """torchrun may restart the job (TORCHELASTIC_MAX_RESTARTS > 0) and shares its rendezvous store with the ranks
+    (TORCHELASTIC_USE_AGENT_STORE=True)."""
 
     @property
     def is_main(self) -> bool:
@@ -66,6 +76,10 @@ def job_from_environ(environ: Mapping[str, str] | None = None, *, cuda: bool | N
         world_size=world,
         local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world),
         cuda=has_cuda() if cuda is None else cuda,
+        restart=int(env.get("LAUNCHER_RESTART") or env.get("TORCHELASTIC_RESTART_COUNT") or 0),
+        restart_reason=env.get("LAUNCHER_RESTART_REASON", ""),
+        elastic_shared_store=int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0) > 0
+        and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 
@@ -85,6 +99,7 @@ def launch_env(job: Job, *, deepspeed_runner: bool = False) -> LaunchEnv:
         world_size=job.world_size,
         local_world_size=job.local_world_size,
         deepspeed_runner=deepspeed_runner,
+        elastic_shared_store=job.elastic_shared_store,
         cuda=job.cuda,
         gpus=torch.cuda.device_count() if job.cuda else 0,
         bf16_supported=job.cuda and torch.cuda.is_bf16_supported(),

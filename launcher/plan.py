@@ -140,6 +140,8 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
         problems.append(f"checkpoint.every_steps={ck.every_steps}: use 0 for no checkpoints, or a step count")
     if ck.keep < 1:
         problems.append(f"checkpoint.keep={ck.keep}: keep at least 1 checkpoint")
+    if cfg.watchdog.timeout < 0:
+        problems.append(f"watchdog.timeout={cfg.watchdog.timeout:g}: give seconds (e.g. 600), or 0 to turn it off")
     if cfg.resume not in ("", "auto"):
         if not os.path.isfile(os.path.join(cfg.resume, checkpoints.MANIFEST)):
             found = checkpoints.complete(cfg.resume)  # the run directory given instead of one of its checkpoints
@@ -280,10 +282,44 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         local_world_size=env.local_world_size,
         nodes=max(1, env.world_size // max(1, env.local_world_size)),
         device="cuda" if env.cuda else "cpu",
-        notes=ignored_settings(cfg, given) + resumed,
+        notes=ignored_settings(cfg, given) + resumed + _elastic_notes(env),
         output_dir_given="output_dir" in given,
         config=cfg,
     )
+
+
+def _elastic_notes(env: LaunchEnv) -> list[str]:
+    if not env.elastic_shared_store:
+        return []
+    return [
+        "torchrun --max-restarts shares its rendezvous store with the ranks, and a restarted group can read the "
+        "previous start's addresses and fail or hang while it connects (pytorch/pytorch#135712): set "
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun, or use launcher run --max-restarts"
+    ]
+
+
+def restarted(plan: Plan, restart: int) -> Plan:
+    """The plan of a job started again after a failure (`launcher run --max-restarts`, `torchrun --max-restarts`):
+    it resumes from the newest complete checkpoint of its output_dir, and never deletes them (overwrite off). A
+    run that resumed from resume=PATH and has written no checkpoint of its own yet resumes from PATH again."""
+    from launcher import checkpoints
+
+    cfg = plan.config
+    if restart <= 0:
+        return plan
+    resume = cfg.resume
+    if resume in ("", "auto") or checkpoints.complete(cfg.output_dir):
+        resume = "auto"
+    notes = [f"restart {restart}: resuming from the newest complete checkpoint (resume={resume})"]
+    if not cfg.checkpoint.every_steps:
+        notes.append("checkpoint.every_steps=0 writes no checkpoint before the end: a restart trains from step 0")
+    if not plan.output_dir_given:
+        notes.append(
+            "no output_dir was given, so each start of the job has a new default folder and resumes nothing: "
+            "give output_dir= for restarts to continue"
+        )
+    cfg = dataclasses.replace(cfg, resume=resume, overwrite=False)
+    return dataclasses.replace(plan, config=cfg, notes=[*plan.notes, *notes])
 
 
 def _resumed_accumulation(cfg: RunConfig, env: LaunchEnv, given: set[str]) -> tuple[RunConfig, list[str]]:

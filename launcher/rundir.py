@@ -36,6 +36,7 @@ RUN_FILES = (
     "adapter.tmp",
     "model.tmp",
     "checkpoints",
+    "logs",
 )
 
 _held: list[IO] = []  # locks this process holds until it exits

@@ -39,7 +39,7 @@ def test_unsupported_cell_is_refused_before_any_worker_starts(cell, monkeypatch,
     def no_workers(*_a, **_k):
         raise AssertionError("a worker was started for an unsupported combination")
 
-    monkeypatch.setattr("launcher.launch.execute.run_local", no_workers)
+    monkeypatch.setattr("launcher.launch.execute.run_restarting", no_workers)
     out = tmp_path / "run"
     code = cli.main(["run", RECIPE, "--nproc", "2", *cell.overrides, f"output_dir={out}"])
     err = capsys.readouterr().err

@@ -10,7 +10,7 @@ import pytest
 from launcher.config import Ddp, QLora, Zero
 from launcher.errors import ConfigError
 from launcher.job import Job, LaunchEnv, job_from_environ
-from launcher.plan import PLAN_FILE, Plan, build_plan, check_job, ignored_settings, read_plan
+from launcher.plan import PLAN_FILE, Plan, build_plan, check_job, ignored_settings, read_plan, restarted
 from launcher.recipe import Recipe
 from tests.conftest import RECIPE, ROOT, run, tiny_args
 
@@ -152,3 +152,36 @@ def test_a_plan_for_two_processes_run_on_one_stops_before_any_model_is_built(two
 def test_settings_given_with_a_plan_are_refused(two_process_plan, tmp_path):
     proc = run([sys.executable, RECIPE, "--plan", str(two_process_plan), "train.lr=1"], cwd=tmp_path)
     assert proc.returncode == 2 and "given with --plan" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_restarted_job_resumes_from_its_newest_checkpoint_and_never_overwrites(recipes, tmp_path):
+    out = tmp_path / "run"
+    plan = build_plan(recipes["lora_cls"], [f"output_dir={out}", "checkpoint.every_steps=2", "overwrite=true"], TWO)
+    assert restarted(plan, 0) is plan
+    again = restarted(plan, 1)
+    assert (again.config.resume, again.config.overwrite) == ("auto", False)
+    assert again.notes[-1] == "restart 1: resuming from the newest complete checkpoint (resume=auto)"
+    bare = restarted(build_plan(recipes["lora_cls"], [], TWO), 2)
+    assert any("a restart trains from step 0" in n for n in bare.notes)
+    assert any("give output_dir= for restarts to continue" in n for n in bare.notes)
+    # A run resumed from another run's checkpoint that has written none of its own yet resumes from it again.
+    elsewhere = tmp_path / "other" / "checkpoints" / "step-00000004"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "manifest.json").write_text("{}")
+    given = build_plan(recipes["lora_cls"], [f"output_dir={out}", f"resume={elsewhere}"], TWO)
+    assert restarted(given, 1).config.resume == str(elsewhere)
+    mine = out / "checkpoints" / "step-00000002"
+    mine.mkdir(parents=True)
+    (mine / "manifest.json").write_text("{}")
+    assert restarted(given, 1).config.resume == "auto"
+
+
+def test_restart_variables_are_read_in_the_job_and_a_torchrun_sharing_its_store_is_warned_about(recipes):
+    assert job_from_environ({"LAUNCHER_RESTART": "2", "LAUNCHER_RESTART_REASON": "r"}, cuda=False).restart == 2
+    assert job_from_environ({"TORCHELASTIC_RESTART_COUNT": "1"}, cuda=False).restart == 1
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "1", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert job_from_environ(shared, cuda=False).elastic_shared_store
+    assert not job_from_environ({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}, cuda=False).elastic_shared_store
+    plan = build_plan(recipes["lora_cls"], [], LaunchEnv(world_size=2, local_world_size=2, elastic_shared_store=True))
+    assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in n for n in plan.notes)
+    assert not any("TORCH_DISABLE" in n for n in build_plan(recipes["lora_cls"], [], TWO).notes)

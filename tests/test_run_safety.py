@@ -197,7 +197,7 @@ def test_a_loss_that_turns_non_finite_stops_the_run_and_saves_nothing(tiny_model
     out = tmp_path / "run"
     args = tiny_args(tiny_model, tiny_data, out, "train.max_steps=8", "train.lr=1e30", "train.max_grad_norm=0")
     proc = run(["launcher", "run", RECIPE, "--nproc", "2", *args], cwd=tmp_path)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("error: step "))
     step = int(line.split()[2].rstrip(":"))
     assert 1 < step <= 8 and "training diverged" in line and "saved no weights" in line and "train.lr" in line

@@ -12,10 +12,10 @@ import torch
 
 from launcher.data import EvalShard
 from launcher.launch.commands import RankCommand, local_commands, render
-from launcher.launch.execute import run_local
+from launcher.launch.execute import run_local, run_restarting
 from launcher.tasks.metrics import accuracy, macro_f1
 from launcher.worker.optim import lr_factor, param_groups
-from tests.conftest import ROOT
+from tests.conftest import RECIPE, ROOT
 
 
 def test_lr_schedule_warms_up_then_decays():
@@ -178,3 +178,45 @@ def test_each_python_environment_compiles_deepspeed_ops_in_its_own_folder(tmp_pa
     env["TORCH_EXTENSIONS_DIR"] = str(tmp_path / "mine")
     where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert where.stdout.strip().splitlines()[-1].startswith(str(tmp_path / "mine" / "")), where.stdout
+
+
+def test_the_executor_starts_the_ranks_again_after_a_failure_a_restart_can_mend(tmp_path, capfd):
+    """Restart N's ranks see LAUNCHER_RESTART=N and the reason; a usage error (exit 2) is never restarted."""
+    starts = tmp_path / "starts"
+
+    def ranks(code_on_first_start: int):
+        script = (
+            "import os, sys\n"
+            "open(sys.argv[1], 'a').write(os.environ.get('LAUNCHER_RESTART', '0') + '\\n')\n"
+            f"sys.exit({code_on_first_start} if 'LAUNCHER_RESTART' not in os.environ else 0)"
+        )
+        return lambda restart: [RankCommand(rank=0, argv=[sys.executable, "-c", script, str(starts)])]
+
+    assert run_restarting(ranks(1), 2, None) == 0
+    assert starts.read_text().split() == ["0", "1"]
+    err = capfd.readouterr().err
+    assert "launcher: rank 0 (pid " in err and "exited with code 1; starting every rank again" in err
+    assert "(restart 1 of 2)" in err
+    starts.unlink()
+    assert run_restarting(ranks(2), 2, None) == 2
+    assert starts.read_text().split() == ["0"], "a usage error was restarted"
+    starts.unlink()
+    assert run_restarting(ranks(1), 0, None) == 1
+    assert starts.read_text().split() == ["0"]
+    assert "no restart left" not in capfd.readouterr().err
+
+
+def test_which_failures_a_restart_may_mend():
+    from launcher.launch.execute import Outcome
+
+    assert [Outcome(c).restartable for c in (0, 1, 2, 3, 75, 124, 137)] == [
+        False, True, False, False, False, True, True,
+    ]  # fmt: skip
+    assert not Outcome(143, "stopped every rank on SIGTERM", asked=True).restartable
+
+
+def test_a_negative_max_restarts_is_a_usage_error(capsys):
+    from launcher import cli
+
+    assert cli.main(["run", RECIPE, "--max-restarts", "-1"]) == 2
+    assert "--max-restarts -1: give 0 (no restart) or more" in capsys.readouterr().err

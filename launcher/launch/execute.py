@@ -16,11 +16,18 @@ What `run_local` guarantees:
 - Stopping means SIGTERM to each live rank, then SIGKILL to any rank still there GRACE_SECONDS later; every rank
   is reaped before `run_local` returns.
 - On Linux a rank is SIGKILLed by the kernel when the launcher dies, even by SIGKILL, so no rank outlives it.
+- With `logs` (output_dir/logs), a failure first asks the ranks still running for their Python stacks (SIGQUIT:
+  each writes logs/stacks-rank-N.txt); a rank's watchdog (worker.watchdog) that found it stalled leaves a report
+  there, and the last line names the rank the others wait for, where it is stuck, and the stacks (exit 124).
+- `run_restarting` starts every rank again after a failure, up to `max_restarts` times (LAUNCHER_RESTART=N in
+  their environment: they resume from the newest checkpoint), but not after a usage error, a divergence (it would
+  come back at the same step), a preemption or a stop asked of the launcher.
 """
 
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -28,9 +35,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from launcher.errors import REQUEUE_EXIT_CODE
+from launcher.errors import DIVERGED_EXIT_CODE, HUNG_EXIT_CODE, REQUEUE_EXIT_CODE, USAGE_EXIT_CODE
 from launcher.launch.commands import RankCommand
 from launcher.signals import PREEMPT, NotedSignals, signal_name
 
@@ -43,6 +50,14 @@ PREEMPT_SECONDS = 600.0
 """How long ranks asked to checkpoint and stop may take (their step under way, then the save) before they are
 stopped anyway."""
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+SETTLE_SECONDS = 1.0
+"""After a first failure, how long the other ranks have to end on their own (a peer's death breaks their
+collective): the rank that died first is named, not one that failed because of it."""
+HUNG_SETTLE_SECONDS = 8.0
+"""... and after a rank's watchdog stopped it: the ranks that stalled with it write their reports too."""
+STACKS_SECONDS = 1.0
+"""How long ranks asked for their stacks (SIGQUIT) have to write them before they are stopped."""
+NO_RESTART = (USAGE_EXIT_CODE, DIVERGED_EXIT_CODE, REQUEUE_EXIT_CODE)
 
 
 @dataclass
@@ -61,10 +76,55 @@ class Outcome:
     code: int
     message: str | None = None
     """The launcher's last line; None when every rank succeeded."""
+    asked: bool = False
+    """The launcher itself was asked to stop (a signal to it): never restarted."""
+    details: list[str] = field(default_factory=list)
+    """Lines printed before the last one (where the stacks are)."""
+
+    @property
+    def restartable(self) -> bool:
+        return self.code != 0 and not self.asked and self.code not in NO_RESTART
 
 
-def run_local(commands: list[RankCommand]) -> int:
+def run_local(commands: list[RankCommand], logs: str | None = None) -> int:
     """Run the ranks to completion; returns 0, or the exit code described in the module docstring."""
+    return _report(_run_once(commands, logs))
+
+
+def run_restarting(make_commands: Callable[[int], list[RankCommand]], max_restarts: int, logs: str | None) -> int:
+    """Like run_local, starting every rank again (the commands of restart N) after a failure that a restart can
+    mend, up to `max_restarts` times; each restart is said on screen (and by the ranks, in the run log)."""
+    reason = ""
+    for restart in range(max_restarts + 1):
+        commands = make_commands(restart)
+        if restart:  # the ranks resume from the newest checkpoint and say why in the run log
+            extra = {"LAUNCHER_RESTART": str(restart), "LAUNCHER_RESTART_REASON": reason}
+            commands = [dataclasses.replace(c, env={**c.env, **extra}) for c in commands]
+        outcome = _run_once(commands, logs)
+        reason = outcome.message or ""
+        if restart == max_restarts or not outcome.restartable:
+            if outcome.restartable and max_restarts:
+                outcome.message = f"{outcome.message}; no restart left (--max-restarts {max_restarts})"
+            return _report(outcome)
+        for line in outcome.details:
+            print(f"launcher: {line}", file=sys.stderr, flush=True)
+        print(
+            f"launcher: {outcome.message}; starting every rank again from the newest checkpoint "
+            f"(restart {restart + 1} of {max_restarts})",
+            file=sys.stderr,
+            flush=True,
+        )
+    raise AssertionError("unreachable")
+
+
+def _report(outcome: Outcome) -> int:
+    for line in [*outcome.details, outcome.message]:
+        if line:
+            print(f"launcher: {line}", file=sys.stderr, flush=True)
+    return outcome.code
+
+
+def _run_once(commands: list[RankCommand], logs: str | None) -> Outcome:
     ranks: list[Rank] = []
     readers: list[threading.Thread] = []
     # SIGHUP inherited as ignored stays ignored: `nohup launcher run ...` outlives its terminal.
@@ -73,13 +133,13 @@ def run_local(commands: list[RankCommand]) -> int:
             ranks = _spawn(commands)
             readers = [_start_reader(r) for r in ranks if r.proc.stdout is not None]
             outcome = _wait(ranks, signals)
+            if outcome.code and not outcome.asked and outcome.code != REQUEUE_EXIT_CODE:
+                outcome = _failure(ranks, outcome, logs)
         finally:
             _stop(ranks)
             for t in readers:
                 t.join(timeout=1.0)  # a rank's own child may hold its pipe open: don't wait on it
-    if outcome.message:
-        print(f"launcher: {outcome.message}", file=sys.stderr, flush=True)
-    return outcome.code
+    return outcome
 
 
 def _spawn(commands: list[RankCommand]) -> list[Rank]:
@@ -136,7 +196,7 @@ def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
     while True:
         sig = signals.received
         if sig and sig not in PREEMPT_SIGNALS:
-            return Outcome(128 + sig, f"stopped every rank on {signal_name(sig)}")
+            return Outcome(128 + sig, f"stopped every rank on {signal_name(sig)}", asked=True)
         if sig and preempted is None:
             preempted, deadline = sig, time.monotonic() + PREEMPT_SECONDS
             for r in ranks:
@@ -147,7 +207,7 @@ def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
             if code == REQUEUE_EXIT_CODE:
                 deadline = deadline or time.monotonic() + PREEMPT_SECONDS  # signalled directly (Slurm): wait too
             elif code and preempted is not None:
-                return Outcome(128 + preempted, f"stopped every rank on {signal_name(preempted)}")
+                return Outcome(128 + preempted, f"stopped every rank on {signal_name(preempted)}", asked=True)
             elif code:
                 return Outcome(shell_code(code), r.describe(code))
         codes = [r.proc.returncode for r in ranks]
@@ -164,7 +224,75 @@ def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
             return Outcome(
                 128 + (preempted or signal.SIGTERM),
                 f"ranks still running {PREEMPT_SECONDS:g} s after being asked to checkpoint and stop",
+                asked=preempted is not None,
             )
+        time.sleep(POLL_SECONDS)
+
+
+def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
+    """The failure to report, once the other ranks had a moment to end on their own: a rank killed by a signal
+    before one that exited (its peers' collectives broke because it died), a rank the others wait for before the
+    waiting ones (watchdog reports), else the first seen. The ranks still running write their stacks first."""
+    hung = any(r.proc.poll() == HUNG_EXIT_CODE for r in ranks)
+    _settle(ranks, HUNG_SETTLE_SECONDS if hung else SETTLE_SECONDS)
+    # Judged before the stacks are asked for: a rank that ends on that SIGQUIT is not a rank that was killed.
+    killed = [r for r in ranks if (r.proc.returncode or 0) < 0]
+    hung = hung or any(r.proc.returncode == HUNG_EXIT_CODE for r in ranks)
+    details = []
+    alive = [r for r in ranks if r.proc.poll() is None]
+    if logs is not None and alive:
+        for r in alive:
+            r.proc.send_signal(signal.SIGQUIT)
+        time.sleep(STACKS_SECONDS)
+        where = os.path.join(logs, "stacks-rank-N.txt")
+        details.append(f"the Python stacks of {_ranks([r.rank for r in alive])}, still running then: {where}")
+    if logs is not None and hung:
+        return _hang(ranks, logs, details)
+    if killed:
+        r = killed[0]
+        return Outcome(shell_code(r.proc.returncode), r.describe(r.proc.returncode), details=details)
+    return Outcome(first.code, first.message, details=details)
+
+
+def _hang(ranks: list[Rank], logs: str, details: list[str]) -> Outcome:
+    from launcher.hangs import read_reports
+
+    reports = read_reports(logs, {r.rank: r.proc.pid for r in ranks})
+    # A rank stuck in its own code first, then one that never stalled while the others waited for it.
+    lagging = [r for r in ranks if r.rank in reports and not reports[r.rank].waiting]
+    lagging += [r for r in ranks if r.rank not in reports]
+    waiting = [r.rank for r in ranks if r.rank in reports and reports[r.rank].waiting]
+    others = ""
+    if waiting:
+        others = f"; {_ranks(waiting)} {'waits' if len(waiting) == 1 else 'wait'} for it in a collective"
+    if not lagging:  # every rank waits: a collective only some of them entered, or one lost in the network
+        where = "; ".join(f"rank {k} at {v.where}" for k, v in sorted(reports.items()))
+        step = min(v.step for v in reports.values())
+        message = (
+            f"every rank waits in a collective after step {step} ({where}): a collective the ranks did not all "
+            "call, or a peer lost on the network"
+        )
+        return Outcome(HUNG_EXIT_CODE, message, details=details)
+    r = lagging[0]
+    report = reports.get(r.rank)
+    if report is None:
+        message = f"rank {r.rank} (pid {r.proc.pid}) kept running while the others stalled waiting for it{others}"
+    else:
+        message = (
+            f"rank {r.rank} (pid {r.proc.pid}, {report.host}) made no progress for {report.seconds:.0f} s "
+            f"({report.phase}, after step {report.step}): stuck at {report.where}{others}; stacks: "
+            f"{os.path.join(logs, 'stacks-rank-N.txt')}"
+        )
+    return Outcome(HUNG_EXIT_CODE, message, details=details)
+
+
+def _ranks(numbers: list[int]) -> str:
+    return f"rank {numbers[0]}" if len(numbers) == 1 else f"ranks {', '.join(map(str, numbers))}"
+
+
+def _settle(ranks: list[Rank], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while any(r.proc.poll() is None for r in ranks) and time.monotonic() < deadline:
         time.sleep(POLL_SECONDS)
 
 

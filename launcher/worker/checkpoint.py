@@ -27,6 +27,7 @@ from launcher.overrides import to_dict
 from launcher.shards import write_shards
 from launcher.worker import dist
 from launcher.worker.strategies.base import Engine
+from launcher.worker.watchdog import beating
 
 STEM = "trained"
 STATE = "state.pt"
@@ -68,6 +69,7 @@ def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks) -> str:
     tmp = final + ".tmp"
     rng = dist.gather_objects(_rng_state())
     scalars, tensors = engine.train_state()
+    tensors = beating(tensors, "saving a checkpoint")
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)

@@ -15,6 +15,7 @@ from launcher.shards import write_shards
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.strategies.base import Engine
+from launcher.worker.watchdog import beating
 
 # A full model's shard size: what rank 0 holds at most while it writes (transformers' own default is 5 GB).
 EXPORT_SHARD_MB = 1000
@@ -41,7 +42,7 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
                 # LABEL_0, LABEL_1... AutoConfig.from_pretrained(adapter) gives it back.
                 engine.module.get_base_model().config.save_pretrained(tmp)
     else:
-        tensors = engine.full_tensors()
+        tensors = beating(engine.full_tensors(), "saving the model")
         if ranks.is_main:
             write_shards(tmp, tensors, shard_mb=EXPORT_SHARD_MB)
             _save_configs(engine.module, tmp)

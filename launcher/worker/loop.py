@@ -21,6 +21,7 @@ from launcher.worker.checkpoint import Position
 from launcher.worker.preempt import stop_requests
 from launcher.worker.runlog import RunLog
 from launcher.worker.strategies.base import Engine
+from launcher.worker.watchdog import beat, beating
 
 
 def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
@@ -134,6 +135,7 @@ def train(
                 )
                 torch.distributed.all_reduce(stats)
                 step += 1
+                beat(step, "training")
                 _check_finite(step, stats[0].item() / ranks.world_size, result, cfg, log)
                 elapsed = time.perf_counter() - t0
                 seen, busy, real = seen + stats[1].item(), busy + elapsed, real + stats[2].item()
@@ -213,7 +215,7 @@ def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ran
     parts: list[dict[str, torch.Tensor]] = []
     engine.train(False)
     with torch.no_grad():
-        for index, batch in loader:
+        for index, batch in beating(loader, "evaluating"):
             batch = to_device(batch, engine.device)
             out = recipe.eval_outputs(engine.forward(batch), batch)
             keep = index >= 0

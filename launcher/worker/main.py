@@ -18,7 +18,7 @@ from launcher.environment import quiet_libraries
 from launcher.errors import USAGE_EXIT_CODE, ConfigError, Preempted, TrainingStopped
 from launcher.files import write_atomic
 from launcher.job import Job, job_from_environ, launch_env
-from launcher.plan import Plan, build_plan, check_job, read_plan
+from launcher.plan import Plan, build_plan, check_job, read_plan, restarted
 from launcher.recipe import Recipe, parse_worker_argv
 
 
@@ -41,14 +41,16 @@ def plan_for_rank(recipe: Recipe, argv: list[str], job: Job) -> tuple[Plan, str 
         problems = check_job(plan, job, args.plan_path)
         if problems:
             raise ConfigError(problems)
-        return plan, args.plan_path
-    return build_plan(recipe, args.overrides, launch_env(job, deepspeed_runner=args.deepspeed_runner)), None
+        return restarted(plan, job.restart), args.plan_path
+    plan = build_plan(recipe, args.overrides, launch_env(job, deepspeed_runner=args.deepspeed_runner))
+    return restarted(plan, job.restart), None
 
 
 def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     """Entry point of every recipe's `main()`, under any launcher."""
     quiet_libraries()
-    # `kill -QUIT PID` prints where a hung rank is (SIGUSR1 and SIGUSR2 ask a training rank to checkpoint and stop).
+    # `kill -QUIT PID` prints where a hung rank is (SIGUSR1 and SIGUSR2 ask a training rank to checkpoint and stop);
+    # once the run directory is known, into output_dir/logs/stacks-rank-N.txt.
     faulthandler.register(signal.SIGQUIT, all_threads=True)
     argv = sys.argv[1:] if argv is None else argv
     job = job_from_environ()
@@ -69,7 +71,7 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     code = 0
     try:
         plan = _settle(plan, source, recipe, job, ranks)
-        run(recipe, plan, ranks)
+        run(recipe, plan, ranks, job)
     except ConfigError as e:  # found only once the model exists (e.g. target modules it lacks): same on every rank
         if ranks.is_main:
             print(e.render(), file=sys.stderr)
@@ -140,7 +142,7 @@ def _set_threads(plan: Plan) -> None:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // plan.local_world_size))
 
 
-def run(recipe: Recipe, plan: Plan, ranks) -> dict:
+def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -153,11 +155,14 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
+    from launcher.worker.watchdog import Watchdog
     from launcher.worker.weights import has_meta, weights_for
 
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
     cfg = plan.config
+    job = job or Job()
+    _stacks_to_logs(cfg, ranks.rank)
 
     def say(what: str) -> None:  # rank 0 tells what the seconds before the first step are spent on
         if ranks.is_main:
@@ -225,8 +230,15 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
         active=ranks.is_main,
         total_steps=total,
         log_every=cfg.train.log_every,
-        append=start is not None,
+        resumed_at=start.step if start is not None else None,
     )
+    if job.restart:  # the run log says the job was started again, from which step and why
+        log.event(
+            "restart",
+            start.step if start is not None else 0,
+            restart=job.restart,
+            after=job.restart_reason or "a failure (the job was started again by its launcher, e.g. torchrun)",
+        )
     effective = cfg.train.micro_batch_size * cfg.train.grad_accum * ranks.world_size
     log.table(
         f"{type(cfg).recipe}: starting",
@@ -259,21 +271,24 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
             log.console.print(f"checkpoint: {path}")
         return path
 
-    try:
-        progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
-    except Preempted:
+    # From the first step to the saved model, a rank that stops advancing is stopped and says where it was.
+    with Watchdog(cfg.watchdog.timeout, logs_folder(cfg), ranks.rank) as watchdog:
+        try:
+            progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
+        except Preempted:
+            log.close()
+            raise
+        metrics: dict[str, float] = {}
+        if task.eval is not None:
+            metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
+            log.eval(progress["steps"], metrics)
+            if ranks.is_main:
+                _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
+        if recipe.finish is not None:  # e.g. generations from the trained model; on every rank (collective forwards)
+            watchdog.beat(phase="finishing (the recipe's finish)")
+            recipe.finish(engine, task, cfg, ranks)
         log.close()
-        raise
-    metrics: dict[str, float] = {}
-    if task.eval is not None:
-        metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
-        log.eval(progress["steps"], metrics)
-        if ranks.is_main:
-            _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
-    if recipe.finish is not None:  # e.g. generations from the trained model; on every rank (collective forwards)
-        recipe.finish(engine, task, cfg, ranks)
-    log.close()
-    saved = save_model(engine, cfg, task, tokenizer, ranks)
+        saved = save_model(engine, cfg, task, tokenizer, ranks)
     elapsed = time.time() - t_start
     # Every rank's peak resident memory (ru_maxrss is KiB on Linux): the memory a run really needed per rank.
     peak = [round(kib / 1024, 1) for kib in dist.gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)]
@@ -305,6 +320,24 @@ def run(recipe: Recipe, plan: Plan, ranks) -> dict:
             ],
         )
     return summary
+
+
+def logs_folder(cfg) -> str:
+    return os.path.join(cfg.output_dir, "logs")
+
+
+_stacks_file = None  # kept open: faulthandler writes to its descriptor when the signal comes
+
+
+def _stacks_to_logs(cfg, rank: int) -> None:
+    """`kill -QUIT` (the launcher's, when another rank failed) writes this rank's stacks to
+    output_dir/logs/stacks-rank-N.txt instead of stderr."""
+    global _stacks_file
+    from launcher.worker.watchdog import stacks_path
+
+    os.makedirs(logs_folder(cfg), exist_ok=True)
+    _stacks_file = open(stacks_path(logs_folder(cfg), rank), "a")
+    faulthandler.register(signal.SIGQUIT, file=_stacks_file, all_threads=True)
 
 
 def _write_predictions(path: str, outputs: dict) -> None:

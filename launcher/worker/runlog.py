@@ -14,10 +14,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from launcher.files import write_atomic
+
 
 class RunLog:
-    def __init__(self, out_dir: str, *, active: bool, total_steps: int, log_every: int, append: bool = False):
-        """`append`: a resumed run adds to the metrics of the run it continues."""
+    def __init__(self, out_dir: str, *, active: bool, total_steps: int, log_every: int, resumed_at: int | None = None):
+        """`resumed_at`: the step of the checkpoint a resumed run continues from; it adds to that run's metrics,
+        dropping those of later steps (a run that died after its checkpoint trains them again)."""
         self.active = active
         self.total_steps = total_steps
         self.log_every = log_every
@@ -30,7 +33,10 @@ class RunLog:
         if not active:
             return
         os.makedirs(out_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a" if append else "w", buffering=1)
+        path = os.path.join(out_dir, "metrics.jsonl")
+        if resumed_at is not None:
+            _keep_until(path, resumed_at)
+        self._jsonl = open(path, "a" if resumed_at is not None else "w", buffering=1)
         from torch.utils.tensorboard import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(out_dir, "tensorboard"))
@@ -112,6 +118,12 @@ class RunLog:
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         self.console.print(f"[bold green]eval[/] step {step}  {shown}")
 
+    def event(self, kind: str, step: int, **fields: Any) -> None:
+        """A line of the run log that is not a metric (a restart, say), on screen and in metrics.jsonl."""
+        if not self.active:
+            return
+        self._jsonl.write(json.dumps({"step": step, "split": kind, **fields}) + "\n")
+
     def _write(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
         split = record["split"]
@@ -130,3 +142,12 @@ class RunLog:
             self._jsonl.close()
             self._tb.close()
             self._jsonl = self._tb = None
+
+
+def _keep_until(path: str, step: int) -> None:
+    """Drop the records of steps after `step` from a metrics file, atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    write_atomic(path, "".join(lines))

@@ -1,0 +1,164 @@
+"""A rank that dies or hangs mid-run (tests/helpers/faulty_cls.py injects the fault): the job stops in seconds,
+names the rank, leaves every rank's stacks in output_dir/logs and no process behind; its checkpoints resume; and
+`launcher run --max-restarts` (or torchrun's) starts it again to the same final weights as a run that never failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import BIN, ROOT, run, tiny_args, why_failed
+
+FAULTY = str(ROOT / "tests" / "helpers" / "faulty_cls.py")
+# 8 steps of 16 examples (96 rows: an epoch boundary after step 6), a checkpoint every 2 steps.
+STEPS = ["train.max_steps=8", "checkpoint.every_steps=2", "train.eval_every=0"]
+
+
+def launch(
+    argv: list[str], tmp_path: Path, fault: str = "", env: dict | None = None
+) -> tuple[subprocess.CompletedProcess, float]:
+    t0 = time.monotonic()
+    proc = run(argv, cwd=tmp_path, timeout=240, env={**(env or {}), **({"FAULT": fault} if fault else {})})
+    return proc, time.monotonic() - t0
+
+
+def settings(tiny_model, tiny_data, out: Path, *extra: str) -> list[str]:
+    """The tiny run's settings, STEPS and `extra` (which replace a STEPS setting of the same key)."""
+    given = {e.split("=", 1)[0] for e in extra}
+    return tiny_args(tiny_model, tiny_data, out, *[s for s in STEPS if s.split("=", 1)[0] not in given], *extra)
+
+
+@pytest.fixture(scope="module")
+def whole(tiny_model, tiny_data, tmp_path_factory) -> Path:
+    """The run no fault interrupts."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    proc, _ = launch(["launcher", "run", FAULTY, "--nproc", "2", *settings(tiny_model, tiny_data, out)], out.parent)
+    assert proc.returncode == 0, why_failed(proc)
+    return out
+
+
+def train_rows(out: Path) -> list[dict]:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"]
+
+
+def assert_same_end(out: Path, whole: Path) -> None:
+    """Each step logged once, with the uninterrupted run's loss, and the same trained weights."""
+    ours, theirs = train_rows(out), train_rows(whole)
+    assert [r["step"] for r in ours] == list(range(1, 9)), [r["step"] for r in ours]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs)) <= 1e-6
+    a = load_file(str(whole / "adapter/adapter_model.safetensors"))
+    b = load_file(str(out / "adapter/adapter_model.safetensors"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def left_running(out: Path) -> list[int]:
+    """Processes whose command line names this run (its plan file, or its output_dir): none may outlive it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                continue
+            if str(out) in cmdline and state != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds leftover processes through /proc")
+def test_a_rank_killed_mid_run_is_named_and_the_previous_checkpoint_resumes(tiny_model, tiny_data, tmp_path, whole):
+    out = tmp_path / "run"
+    fault = f"die-once:1:5:{tmp_path / 'died'}"  # rank 1 is SIGKILLed in step 5, after the checkpoint of step 4
+    proc, seconds = launch(
+        ["launcher", "run", FAULTY, "--nproc", "2", *settings(tiny_model, tiny_data, out)], tmp_path, fault
+    )
+    assert proc.returncode == 137, why_failed(proc)
+    assert seconds < 60, seconds
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("launcher: rank 1 (pid ") and last.endswith(") was killed by SIGKILL"), proc.stderr[-3000:]
+    assert left_running(out) == []
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
+    again, _ = launch(
+        ["launcher", "run", FAULTY, "--nproc", "2", *settings(tiny_model, tiny_data, out, "resume=auto")], tmp_path
+    )
+    assert again.returncode == 0, why_failed(again)
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000004")
+    assert_same_end(out, whole)
+
+
+def test_max_restarts_starts_every_rank_again_and_ends_as_a_run_that_never_failed(
+    tiny_model, tiny_data, tmp_path, whole
+):
+    out = tmp_path / "run"
+    fault = f"die-once:1:5:{tmp_path / 'died'}"
+    argv = ["launcher", "run", FAULTY, "--nproc", "2", "--max-restarts", "2", *settings(tiny_model, tiny_data, out)]
+    proc, _ = launch(argv, tmp_path, fault)
+    assert proc.returncode == 0, why_failed(proc)
+    assert (tmp_path / "died").exists(), "the fault was never injected"
+    assert "was killed by SIGKILL; starting every rank again from the newest checkpoint (restart 1 of 2)" in proc.stderr
+    assert "restart 1: resuming from the newest complete checkpoint (resume=auto)" in " ".join(proc.stdout.split())
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    restarts = [r for r in rows if r["split"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["step"] == 4 and "killed by SIGKILL" in restarts[0]["after"], restarts
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000004")
+    assert_same_end(out, whole)
+
+
+def test_torchrun_max_restarts_resumes_the_recipe_from_its_newest_checkpoint(tiny_model, tiny_data, tmp_path, whole):
+    """The direct form: torchrun's elastic agent starts the ranks again (TORCHELASTIC_RESTART_COUNT=1), and the
+    recipe resumes on its own."""
+    out = tmp_path / "run"
+    fault = f"die-once:1:5:{tmp_path / 'died'}"
+    torchrun = [str(BIN / "torchrun"), "--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
+    argv = [*torchrun, FAULTY, *settings(tiny_model, tiny_data, out)]
+    told = "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun"
+    proc, _ = launch(argv, tmp_path, fault, env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert proc.returncode == 0, why_failed(proc)
+    assert told not in " ".join(proc.stdout.split()), "the note is for a torchrun that shares its store"
+    assert (tmp_path / "died").exists(), "the fault was never injected"
+    assert_same_end(out, whole)
+
+
+def test_a_failure_a_restart_cannot_mend_is_not_restarted(tiny_model, tiny_data, tmp_path):
+    """A usage error comes back at every start: one start, exit 2, no restart said."""
+    out = tmp_path / "run"
+    argv = ["launcher", "run", FAULTY, "--nproc", "2", "--max-restarts", "2", *settings(tiny_model, tiny_data, out)]
+    proc, _ = launch([*argv, "adapter.target_modules=nothing_like_this"], tmp_path)
+    assert proc.returncode == 2, why_failed(proc)
+    assert "starting every rank again" not in proc.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds leftover processes through /proc")
+def test_a_rank_stuck_in_a_collective_is_named_and_every_stalled_rank_writes_its_stacks(
+    tiny_model, tiny_data, tmp_path
+):
+    out, timeout = tmp_path / "run", 8
+    argv = [
+        "launcher", "run", FAULTY, "--nproc", "2",
+        *settings(tiny_model, tiny_data, out, f"watchdog.timeout={timeout}", "train.max_steps=50"),
+    ]  # fmt: skip
+    proc, seconds = launch(argv, tmp_path, "hang:1:3")  # rank 1 sleeps in step 3's all-reduce
+    assert proc.returncode == 124, why_failed(proc)
+    assert seconds < timeout + 30 + 15, seconds  # + the start of the run (about 10 s here)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("launcher: rank 1 (pid "), proc.stderr[-3000:]
+    assert f"(training, after step 2): stuck at {FAULTY}:" in last and "in all_reduce" in last, last
+    assert "rank 0 waits for it in a collective" in last, last
+    assert left_running(out) == []
+    logs = out / "logs"
+    stuck, waiting = (logs / "stacks-rank-1.txt").read_text(), (logs / "stacks-rank-0.txt").read_text()
+    assert "faulty_cls.py" in stuck and "in all_reduce" in stuck, stuck
+    assert "distributed_c10d.py" in waiting and "loop.py" in waiting, waiting
+    reports = {r: json.loads((logs / f"hang-rank-{r}.json").read_text()) for r in (0, 1)}
+    assert [reports[0]["waiting"], reports[1]["waiting"]] == [True, False], reports
+    assert reports[0]["step"] == reports[1]["step"] == 2 and reports[1]["seconds"] >= timeout
