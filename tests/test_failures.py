@@ -162,3 +162,27 @@ def test_a_rank_stuck_in_a_collective_is_named_and_every_stalled_rank_writes_its
     reports = {r: json.loads((logs / f"hang-rank-{r}.json").read_text()) for r in (0, 1)}
     assert [reports[0]["waiting"], reports[1]["waiting"]] == [True, False], reports
     assert reports[0]["step"] == reports[1]["step"] == 2 and reports[1]["seconds"] >= timeout
+
+
+def test_a_save_killed_halfway_leaves_the_previous_checkpoint_the_one_resume_auto_takes(
+    tiny_model, tiny_data, tmp_path, whole
+):
+    out = tmp_path / "run"
+    fault = f"die-saving:0:4:{tmp_path / 'died'}"  # rank 0 dies writing step 4's checkpoint, before its manifest
+    proc, _ = launch(
+        ["launcher", "run", FAULTY, "--nproc", "2", *settings(tiny_model, tiny_data, out)], tmp_path, fault
+    )
+    assert proc.returncode == 137, why_failed(proc)
+    assert proc.stderr.strip().splitlines()[-1].endswith(") was killed by SIGKILL"), proc.stderr[-2000:]
+    half = out / "checkpoints" / "step-00000004.tmp"
+    assert sorted(p.name for p in half.iterdir()) == [
+        "state.pt", "trained-00001-of-00001.safetensors", "trained.safetensors.index.json",
+    ]  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004.tmp"]
+    again, _ = launch(
+        ["launcher", "run", FAULTY, "--nproc", "2", *settings(tiny_model, tiny_data, out, "resume=auto")], tmp_path
+    )
+    assert again.returncode == 0, why_failed(again)
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000002")
+    assert not half.exists(), "the next complete save cleans up the half-written one"
+    assert_same_end(out, whole)

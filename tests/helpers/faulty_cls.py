@@ -3,6 +3,8 @@
 - hang:RANK:STEP           rank RANK sleeps inside the per-step all-reduce of its STEP-th step; the others wait
 - die-once:RANK:STEP:FILE  rank RANK kills itself (SIGKILL) in its STEP-th step's all-reduce, unless FILE exists
                            (it creates FILE first): one death, however often the job is started
+- die-saving:RANK:STEP:FILE the same, halfway through writing the checkpoint of step STEP: its tensors and state
+                           written, not its manifest
 """
 
 from __future__ import annotations
@@ -41,6 +43,20 @@ def build_model(cfg, task):
 
 def _inject(kind: str, rank: str, step: str, marker: str = "") -> None:
     if int(os.environ.get("RANK", "0")) != int(rank):
+        return
+    if kind == "die-saving":
+        from launcher import checkpoints
+        from launcher.worker import checkpoint
+
+        describe = checkpoint._describe
+
+        def die_before_the_manifest(path):
+            if f"{checkpoints.folder_name(int(step))}.tmp" in path and not os.path.exists(marker):
+                Path(marker).write_text("died saving")
+                os.kill(os.getpid(), signal.SIGKILL)
+            return describe(path)
+
+        checkpoint._describe = die_before_the_manifest
         return
     real, steps = torch.distributed.all_reduce, [0]
 
