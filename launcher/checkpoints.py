@@ -149,3 +149,13 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
 
 def _shown(value: Any) -> str:
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def unmatched_parameters(names: list[str], keys: set[str]) -> str | None:
+    """How a checkpoint's stored tensors (`keys`: "param/NAME", "optim/NAME/KEY") miss the trained parameters
+    `names` of a model, or None when each trained parameter is stored and nothing else is."""
+    stored = {k.split("/", 1)[1] for k in keys if k.startswith("param/")}
+    if stored == set(names):
+        return None
+    missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
+    return f"missing {missing[:5]}, unexpected {extra[:5]}"

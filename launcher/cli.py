@@ -15,6 +15,7 @@ EPILOG = """examples:
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 train.max_steps=50
   launcher run recipes/lora_cls.py --nproc 2 --dry-run strategy=zero3
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 adapter=qlora optimizer=adamw8bit
+  launcher export runs/sst2/checkpoints/step-00000500 --out sst2-model --merge
   launcher matrix                          (which strategy x adapter x optimizer combinations work)
   launcher recipes                         (the recipes, one line each)
   launcher new my_cls --from lora_cls      (copy a recipe to recipes/my_cls.py, ready to edit)
@@ -51,6 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; start nothing",
     )
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint as a Hugging Face model folder (the adapter, or merged with --merge)",
+    )
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="a checkpoint folder: OUTPUT_DIR/checkpoints/step-N")
+    export.add_argument("--out", required=True, metavar="DIR", help="the new model folder (must not exist yet)")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the adapter into the base weights (a quantized base is dequantized, the model written in bf16)",
+    )
     matrix = sub.add_parser(
         "matrix",
         help="show which strategy x adapter x optimizer combinations are supported, and why not",
@@ -71,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_EXIT_CODE
-    if args.command in ("matrix", "recipes", "new"):
+    if args.command in ("matrix", "recipes", "new", "export"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:
-            return {"matrix": cmd_matrix, "recipes": cmd_recipes, "new": cmd_new}[args.command](args)
+            commands = {"matrix": cmd_matrix, "recipes": cmd_recipes, "new": cmd_new, "export": cmd_export}
+            return commands[args.command](args)
         except ConfigError as e:
             print(e.render(), file=sys.stderr)
             return USAGE_EXIT_CODE
@@ -113,6 +126,26 @@ def cmd_recipes(args: argparse.Namespace) -> int:
     for name, description in describe_recipes(args.dir):
         table.add_row(name, description)
     Console().print(table)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.environment import quiet_libraries
+
+    quiet_libraries()
+    from launcher.worker.export_checkpoint import export
+
+    print(f"launcher: exporting {args.checkpoint}{' (merged)' if args.merge else ''}", flush=True)
+    done = export(args.checkpoint, args.out, merge=args.merge)
+    for note in done.notes:
+        print(f"note: {note}")
+    what = {"adapter": "the adapter (peft)", "merged": "the merged model", "model": "the model"}[done.kind]
+    print(f"wrote {what} to {done.folder}")
+    if done.max_logit_difference is not None:
+        print(
+            f"checked: loaded back with transformers, its logits on {done.examples} examples are within "
+            f"{done.max_logit_difference:.2e} of the trained model's"
+        )
     return 0
 
 

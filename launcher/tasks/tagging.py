@@ -106,3 +106,30 @@ class TokenTagger(PreTrainedModel):
             else:
                 pred = emissions.argmax(-1).masked_fill(~mask, -1)
         return TaggerOutput(loss=loss, logits=emissions, pred=pred)
+
+    def as_transformers(self) -> tuple[PreTrainedModel, dict[str, dict[str, torch.Tensor]]]:
+        """This tagger as the transformers token classifier of its encoder (`BertForTokenClassification`, ...),
+        sharing its tensors, and the files that go beside it: for head="crf", crf.safetensors with the scores a
+        decoder uses (transitions [from, to], start, end; moves BIO forbids already at -1e4). The classifier's
+        per-token logits, taken at each word's first sub-token, are this tagger's emissions (docs/export.md)."""
+        from transformers import AutoModelForTokenClassification
+
+        with torch.device("meta"):
+            hf = AutoModelForTokenClassification.from_config(self.config)
+        state = {f"{hf.base_model_prefix}.{k}": v for k, v in self.encoder.state_dict().items()}
+        state.update({f"classifier.{k}": v for k, v in self.classifier.state_dict().items()})
+        missing, unexpected = hf.load_state_dict(state, strict=False, assign=True)
+        if missing or unexpected:
+            raise ValueError(
+                f"{type(hf).__name__} does not hold this tagger's tensors (missing {missing[:3]}, unexpected "
+                f"{unexpected[:3]})"
+            )
+        extra = {}
+        if self.crf is not None:
+            with torch.no_grad():
+                extra["crf.safetensors"] = {
+                    "transitions": (self.crf.transitions + self.crf.trans_penalty).float().contiguous(),
+                    "start": (self.crf.start + self.crf.start_penalty).float().contiguous(),
+                    "end": self.crf.end.float().contiguous(),
+                }
+        return hf, extra

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -63,8 +64,9 @@ class Resume:
         return Position(step=m["step"], epoch=m["epoch"], batches_done=done)
 
 
-def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks) -> str:
-    """Write a checkpoint of the run at `position`; returns its folder. Collective: call on every rank."""
+def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks, *, recipe: str = "") -> str:
+    """Write a checkpoint of the run at `position` (of the recipe at path `recipe`); returns its folder.
+    Collective: call on every rank."""
     final = os.path.join(checkpoints.root(cfg.output_dir), checkpoints.folder_name(position.step))
     tmp = final + ".tmp"
     rng = dist.gather_objects(_rng_state())
@@ -83,6 +85,7 @@ def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks) -> str:
             "epoch": position.epoch,
             "batches_done": position.batches_done,
             "world_size": ranks.world_size,
+            "recipe": recipe,
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
             "config": to_dict(cfg),
             "files": files,
@@ -121,22 +124,49 @@ def choose(cfg, ranks: dist.Ranks) -> Resume | None:
 def load(engine: Engine, chosen: Resume, ranks: dist.Ranks, *, grad_accum: int) -> Position:
     """Give the engine the checkpoint's trained state, and this rank its random generators back; returns where
     training goes on for a job accumulating `grad_accum` micro-batches per step."""
-    from safetensors import safe_open
-
-    index_path = os.path.join(chosen.path, f"{STEM}.safetensors.index.json")
-    with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-    handles = {name: safe_open(os.path.join(chosen.path, name), "pt") for name in set(weight_map.values())}
-
-    def tensor(key: str) -> torch.Tensor:
-        return handles[weight_map[key]].get_tensor(key)
-
+    keys, tensor = stored_tensors(chosen.path)
     state = torch.load(os.path.join(chosen.path, STATE), weights_only=True)
-    engine.load_train_state(state, set(weight_map), tensor)
+    engine.load_train_state(state, keys, tensor)
     # Each rank's own generators; a rank the checkpoint's job did not have keeps the ones it started with.
     if ranks.rank < len(state["rng"]):
         _set_rng_state(state["rng"][ranks.rank])
     return chosen.position(grad_accum)
+
+
+def stored_tensors(path: str) -> tuple[set[str], Callable[[str], torch.Tensor]]:
+    """A checkpoint's tensor names ("param/NAME", "optim/NAME/KEY") and a reader of one of them, whole."""
+    from safetensors import safe_open
+
+    with open(os.path.join(path, f"{STEM}.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    handles = {name: safe_open(os.path.join(path, name), "pt") for name in set(weight_map.values())}
+
+    def tensor(key: str) -> torch.Tensor:
+        return handles[weight_map[key]].get_tensor(key)
+
+    return set(weight_map), tensor
+
+
+def damage(path: str) -> list[str]:
+    """What is wrong with the checkpoint folder `path` itself: no manifest, another format, a file missing or
+    not matching its checksum (each named); empty when it is whole."""
+    manifest_path = os.path.join(path, checkpoints.MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return [f"damaged: {path} is not a complete checkpoint (no {checkpoints.MANIFEST})"]
+    try:
+        manifest = manifest_of(path)
+    except (OSError, ValueError) as e:
+        return [f"damaged: {manifest_path} cannot be read ({e})"]
+    if manifest.get("format") != checkpoints.FORMAT:
+        return [f"{path} is a checkpoint of format {manifest.get('format')}; this launcher reads {checkpoints.FORMAT}"]
+    problems = []
+    for name, want in manifest["files"].items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"damaged: {file} is missing")
+        elif _describe(file) != want:
+            problems.append(f"damaged: {file} does not match its checksum in {checkpoints.MANIFEST}")
+    return problems
 
 
 def _choose(cfg, world_size: int) -> Resume | None:
@@ -146,7 +176,7 @@ def _choose(cfg, world_size: int) -> Resume | None:
         problems = _check(cfg.resume, cfg, world_size)
         if problems:
             raise ConfigError([f"resume={cfg.resume}: {p}" for p in problems])
-        return Resume(cfg.resume, _manifest(cfg.resume), f"resumed from {cfg.resume}")
+        return Resume(cfg.resume, manifest_of(cfg.resume), f"resumed from {cfg.resume}")
     skipped = []
     for step, path in reversed(checkpoints.complete(cfg.output_dir)):
         problems = _check(path, cfg, world_size)
@@ -159,7 +189,7 @@ def _choose(cfg, world_size: int) -> Resume | None:
         note = f"resumed from {path} (step {step})"
         if skipped:
             note += "; skipped the newer " + ", ".join(skipped)
-        return Resume(path, _manifest(path), note)
+        return Resume(path, manifest_of(path), note)
     if skipped:
         raise ConfigError(
             [f"resume=auto: no readable checkpoint in {checkpoints.root(cfg.output_dir)}: " + "; ".join(skipped)]
@@ -170,24 +200,10 @@ def _choose(cfg, world_size: int) -> Resume | None:
 def _check(path: str, cfg, world_size: int) -> list[str]:
     """What stops `path` from resuming this run: damaged files (each named), another format, configuration or
     world size."""
-    manifest_path = os.path.join(path, checkpoints.MANIFEST)
-    if not os.path.isfile(manifest_path):
-        return [f"damaged: {path} is not a complete checkpoint (no {checkpoints.MANIFEST})"]
-    try:
-        manifest = _manifest(path)
-    except (OSError, ValueError) as e:
-        return [f"damaged: {manifest_path} cannot be read ({e})"]
-    if manifest.get("format") != checkpoints.FORMAT:
-        return [f"{path} is a checkpoint of format {manifest.get('format')}; this launcher reads {checkpoints.FORMAT}"]
-    problems = []
-    for name, want in manifest["files"].items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            problems.append(f"damaged: {file} is missing")
-        elif _describe(file) != want:
-            problems.append(f"damaged: {file} does not match its checksum in {checkpoints.MANIFEST}")
+    problems = damage(path)
     if problems:
         return problems
+    manifest = manifest_of(path)
     differs = checkpoints.differences(manifest["config"], to_dict(cfg))
     if differs:
         problems.append(
@@ -211,7 +227,7 @@ def _check(path: str, cfg, world_size: int) -> list[str]:
     return problems
 
 
-def _manifest(path: str) -> dict:
+def manifest_of(path: str) -> dict:
     with open(os.path.join(path, checkpoints.MANIFEST)) as f:
         return json.load(f)
 

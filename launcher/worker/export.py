@@ -35,36 +35,55 @@ def save_model(engine: Engine, cfg: RunConfig, task: Task, tokenizer, ranks: dis
     if is_lora:
         state = engine.gathered_state_dict(trainable_only=True)
         if ranks.is_main:
-            engine.module.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-            _check_adapter(tmp, engine.trainable_numel())
-            if task.peft_task_type in ("SEQ_CLS", "TOKEN_CLS"):
-                # The classifier's config (label names, id2label): an adapter alone would leave a merged model with
-                # LABEL_0, LABEL_1... AutoConfig.from_pretrained(adapter) gives it back.
-                engine.module.get_base_model().config.save_pretrained(tmp)
+            write_adapter(engine.module, state, tmp, task, engine.trainable_numel())
     else:
         tensors = beating(engine.full_tensors(), "saving the model")
         if ranks.is_main:
-            write_shards(tmp, tensors, shard_mb=EXPORT_SHARD_MB)
-            _save_configs(engine.module, tmp)
+            write_model(tensors, engine.module, tmp)
         else:
             for _ in tensors:  # the same collectives, in the same order, as rank 0's writes
                 pass
     if ranks.is_main:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, content in task.files.items():
-            with open(os.path.join(tmp, name), "w") as f:
-                json.dump(content, f, indent=2)
         shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        publish(tmp, final, tokenizer, task)
     torch.distributed.barrier()
     return final
+
+
+def write_adapter(module, state: dict[str, torch.Tensor], folder: str, task: Task, trained_numel: int) -> None:
+    """A peft adapter (its trained tensors `state`, checked against `trained_numel`) and, for a classifier or a
+    tagger, the model's config with its label names."""
+    module.save_pretrained(folder, state_dict=state, safe_serialization=True)
+    _check_adapter(folder, trained_numel)
+    if task.peft_task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        # The classifier's config (label names, id2label): an adapter alone would leave a merged model with
+        # LABEL_0, LABEL_1... AutoConfig.from_pretrained(adapter) gives it back.
+        module.get_base_model().config.save_pretrained(folder)
+
+
+def write_model(tensors, module: torch.nn.Module, folder: str) -> None:
+    """A whole model from (name, tensor) pairs, in safetensors shards with their index, and its configs."""
+    write_shards(folder, tensors, shard_mb=EXPORT_SHARD_MB)
+    _save_configs(module, folder)
+
+
+def publish(tmp: str, final: str, tokenizer, task: Task) -> None:
+    """Add the tokenizer and the task's files (labels.json) to the folder `tmp`, then rename it `final`."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, content in task.files.items():
+        with open(os.path.join(tmp, name), "w") as f:
+            json.dump(content, f, indent=2)
+    os.replace(tmp, final)
 
 
 def _save_configs(module: torch.nn.Module, folder: str) -> None:
     """What `save_pretrained` writes beside the weights: the model's config and, for a generative model, its
     generation config."""
-    module.config.architectures = [type(module).__name__]  # as save_pretrained records it
+    module.config.architectures = [type(module).__name__]  # as save_pretrained records them: the class and the
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)  # weights' dtype
+    if dtype is not None:
+        module.config.dtype = dtype
     module.config.save_pretrained(folder)
     generation = getattr(module, "generation_config", None)
     if generation is not None and getattr(module, "can_generate", lambda: False)():

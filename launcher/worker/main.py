@@ -266,7 +266,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     )
 
     def save_checkpoint(position: checkpoint.Position) -> str:
-        path = checkpoint.save(engine, cfg, position, ranks)
+        path = checkpoint.save(engine, cfg, position, ranks, recipe=recipe.path)
         if ranks.is_main:
             log.console.print(f"checkpoint: {path}")
         return path

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from launcher.checkpoints import unmatched_parameters
 from launcher.config import RunConfig
 from launcher.worker.weights import Weights
 
@@ -80,10 +81,7 @@ class Engine(ABC):
         one at a time: a CPU copy on rank 0, None on the others. Collective: every rank runs it through, in the
         same order. A rank holds one whole tensor at a time, never the whole model."""
         main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
-        saved = set(self.module.state_dict().keys())  # placeholders or local shards under sharding: cheap
-        for name, t in [*self.module.named_parameters(), *self.module.named_buffers()]:
-            if name not in saved:
-                continue
+        for name, t in saved_tensors(self.module):
             with self.whole(t) as full:
                 copy = full.detach().to("cpu", copy=True).contiguous() if main else None
             yield name, copy
@@ -134,14 +132,9 @@ class Engine(ABC):
     def load_train_state(self, scalars: dict, keys: set[str], tensor: Callable[[str], torch.Tensor]) -> None:
         """Put back what `train_state` gave: `keys` are the stored tensors' names, `tensor(key)` reads one whole.
         Collective where the strategy's setters are."""
-        names = [n for n, _ in self.trained_parameters()]
-        stored = {k.split("/", 1)[1] for k in keys if k.startswith("param/")}
-        if stored != set(names):
-            missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
-            raise ValueError(
-                f"the checkpoint's trained parameters differ from this model's: missing {missing[:5]}, "
-                f"unexpected {extra[:5]}"
-            )
+        unmatched = unmatched_parameters([n for n, _ in self.trained_parameters()], keys)
+        if unmatched:
+            raise ValueError(f"the checkpoint's trained parameters differ from this model's: {unmatched}")
         for name, p in self.trained_parameters():
             self.set_trained(p, tensor(f"param/{name}"))
             prefix = f"optim/{name}/"
@@ -253,3 +246,10 @@ def frozen_dtype(precision: str) -> Callable[[torch.nn.Parameter], torch.dtype]:
 def compute_dtype(precision: str) -> torch.dtype | None:
     """The autocast / mixed-precision dtype, or None for fp32."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+
+def saved_tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a saved model holds, as `save_pretrained` would write it: each parameter (a tied one once, under its
+    first name) and each persistent buffer."""
+    saved = set(module.state_dict().keys())  # placeholders or local shards under sharding: cheap
+    return [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if n in saved]

@@ -1,0 +1,270 @@
+"""`launcher export CHECKPOINT --out DIR [--merge]`: a checkpoint -> a Hugging Face model folder that plain
+`transformers` (and peft, for an adapter) loads.
+
+The trained model is rebuilt in this one process the way a rank builds it (the recipe's tokenizer, task and model,
+the adapter, the frozen base from `model=`), and the checkpoint's trained tensors, whole whatever the strategy
+that wrote them, are put into it. Then:
+- an adapter run without --merge: the peft adapter, the tokenizer, labels.json and the model's config (id2label);
+- --merge: the adapter merged into the base, a whole model in safetensors shards; a 4-bit or 8-bit base is
+  dequantized first and the merged model written in bf16 (the quantized weights are what the adapter was trained
+  against: they, not the original weights, are what it is merged into);
+- a full fine-tune: the whole model.
+The folder is written as DIR.tmp and renamed, then loaded back with `transformers` and its logits compared with
+the trained model's on a few eval examples: the command says by how much they differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from launcher.config import Full, Lora, Lora8, QLora
+from launcher.errors import ConfigError
+
+MERGED_DTYPE = torch.bfloat16
+"""The dtype of a merged model whose base was quantized (its dequantized weights)."""
+CHECK_EXAMPLES = 8
+AUTO_CLASSES = {
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "CAUSAL_LM": "AutoModelForCausalLM",
+}
+
+
+@dataclasses.dataclass
+class Exported:
+    folder: str
+    kind: str
+    """adapter, merged or model."""
+    max_logit_difference: float | None
+    """Between the folder, loaded back with transformers, and the trained model; None when not checked."""
+    examples: int
+    notes: list[str]
+
+
+def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
+    """Write `checkpoint` as a model folder `out` (which must not exist yet). Raises ConfigError for a bad
+    checkpoint, recipe or folder."""
+    from launcher.recipe import Recipe
+    from launcher.worker import checkpoint as checkpoints_io
+
+    checkpoint = os.path.abspath(checkpoint)
+    problems = checkpoints_io.damage(checkpoint)
+    if problems:
+        raise ConfigError([f"CHECKPOINT {checkpoint}: {p}" for p in problems])
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ConfigError(f"--out {out} already exists: give a new folder (an export never overwrites)")
+    manifest = checkpoints_io.manifest_of(checkpoint)
+    recipe = Recipe.load(_recipe_path(checkpoint, manifest))
+    from launcher.overrides import from_dict
+
+    cfg = from_dict(recipe.Config, manifest["config"])
+    notes: list[str] = []
+    if merge and isinstance(cfg.adapter, Full):
+        notes.append("adapter=full: the model is written whole; there is no adapter to merge")
+    tokenizer, task = _tokenizer_and_task(recipe, cfg)
+    model = trained_model(recipe, cfg, task, checkpoint)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        kind = _write(model, recipe, cfg, task, tmp, merge)
+        from launcher.worker.export import publish
+
+        if os.path.isdir(out):
+            os.rmdir(out)  # empty (checked above)
+        publish(tmp, out, tokenizer, task)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    difference, examples, why = _check(model, out, kind, cfg, task)
+    if why:
+        notes.append(why)
+    return Exported(out, kind, difference, examples, notes)
+
+
+def _recipe_path(checkpoint: str, manifest: dict) -> str:
+    """The recipe that wrote the checkpoint: named in its manifest, or in the plan of its run directory."""
+    path = manifest.get("recipe") or ""
+    if not path:
+        plan = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "config.json")
+        if os.path.isfile(plan):
+            with open(plan) as f:
+                path = json.load(f).get("recipe", "")
+    if not path or not os.path.isfile(path):
+        raise ConfigError(
+            f"CHECKPOINT {checkpoint}: the recipe that wrote it ({path or 'not recorded'}) is not there; export "
+            "needs it to rebuild the model: put the recipe back at that path"
+        )
+    return path
+
+
+def _tokenizer_and_task(recipe, cfg):
+    from transformers import AutoTokenizer
+
+    tokenizer = recipe.build_tokenizer(cfg) if recipe.build_tokenizer is not None else None
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    return tokenizer, recipe.build_task(cfg, tokenizer)
+
+
+def trained_model(recipe, cfg, task, checkpoint: str) -> torch.nn.Module:
+    """The model a rank trained, rebuilt on this process's CPU (the frozen base in fp32, or quantized as in
+    training) with the checkpoint's trained tensors, in eval mode."""
+    from launcher.checkpoints import unmatched_parameters
+    from launcher.worker.adapters import apply_adapter
+    from launcher.worker.checkpoint import stored_tensors
+    from launcher.worker.weights import has_meta, materialize, weights_for
+
+    cpu = torch.device("cpu")
+    torch.manual_seed(cfg.seed)  # as a rank does before build_model: any untrained random part is the same
+    base = recipe.build_model(cfg, task)
+    weights = weights_for(base, cfg.model_path, seed=cfg.seed) if has_meta(base) else None
+    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=cpu, weights=weights)
+    if has_meta(model):
+        materialize(model, weights, cpu, lambda _: torch.float32)
+    keys, tensor = stored_tensors(checkpoint)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    unmatched = unmatched_parameters(list(trained), keys)
+    if unmatched:
+        raise ConfigError(
+            f"CHECKPOINT {checkpoint}: its trained parameters are not those of the model the recipe builds "
+            f"({unmatched}): was the recipe changed since?"
+        )
+    with torch.no_grad():
+        for name, p in trained.items():
+            p.copy_(tensor(f"param/{name}").to(p.dtype))
+    model.eval()
+    return model
+
+
+def _write(model, recipe, cfg, task, folder: str, merge: bool) -> str:
+    from launcher.worker.export import write_adapter
+
+    if isinstance(cfg.adapter, Full):
+        _write_whole(model, folder)
+        return "model"
+    if not merge:
+        state = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        write_adapter(model, state, folder, task, sum(t.numel() for t in state.values()))
+        return "adapter"
+    _write_whole(merged_model(model, recipe, cfg, task), folder)
+    return "merged"
+
+
+def _write_whole(model: torch.nn.Module, folder: str) -> None:
+    """A whole model; a model of the launcher's own (the tagger) as the transformers class it maps to
+    (`as_transformers()`), with its extra tensors (a CRF's scores) in files beside it."""
+    from safetensors.torch import save_file
+
+    from launcher.worker.export import write_model
+    from launcher.worker.strategies.base import saved_tensors
+
+    extra: dict[str, dict[str, torch.Tensor]] = {}
+    if hasattr(model, "as_transformers"):
+        model, extra = model.as_transformers()
+    write_model(saved_tensors(model), model, folder)
+    for name, tensors in extra.items():
+        save_file(tensors, os.path.join(folder, name))
+
+
+def merged_model(model, recipe, cfg, task) -> torch.nn.Module:
+    """The adapter merged into its base: peft's merge_and_unload on a plain (unquantized) copy when the base was
+    quantized, its linear layers holding the dequantized weights, written in bf16."""
+    import copy
+
+    if not isinstance(cfg.adapter, (QLora, Lora8)):
+        return copy.deepcopy(model).merge_and_unload()
+    from launcher.worker.adapters import apply_adapter
+    from launcher.worker.weights import has_meta, materialize, weights_for
+
+    plain_cfg = dataclasses.replace(cfg, adapter=_plain_lora(cfg.adapter))
+    cpu = torch.device("cpu")
+    torch.manual_seed(cfg.seed)
+    base = recipe.build_model(plain_cfg, task)
+    if has_meta(base):
+        materialize(base, weights_for(base, cfg.model_path, seed=cfg.seed), cpu, lambda _: torch.float32)
+    _take_dequantized(base, model)
+    plain = apply_adapter(base, plain_cfg, task_type=task.peft_task_type, heads=task.heads, device=cpu)
+    trained = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if p.requires_grad:
+                p.copy_(trained[name])
+    return plain.merge_and_unload().to(MERGED_DTYPE)
+
+
+def _plain_lora(adapter: Lora) -> Lora:
+    return Lora(r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout, target_modules=list(adapter.target_modules))
+
+
+def _take_dequantized(base: torch.nn.Module, quantized_peft: torch.nn.Module) -> None:
+    """Give each linear layer of `base` the dequantized weight of its quantized twin in the trained peft model."""
+    import bitsandbytes as bnb
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    inner = quantized_peft.get_base_model()
+    with torch.no_grad():
+        for name, module in inner.named_modules():
+            if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                state = getattr(module, "state", None)
+                value = dequantize_bnb_weight(module.weight, state=state)
+                target = base.get_submodule(name.removesuffix(".base_layer"))
+                target.weight.copy_(value.to(target.weight.dtype))
+
+
+def _check(trained, folder: str, kind: str, cfg, task) -> tuple[float | None, int, str]:
+    """(max |logits difference| between the folder loaded back with transformers and the trained model, examples
+    compared, why not checked)."""
+    import transformers
+
+    rows = task.eval if task.eval is not None and len(task.eval) else task.train
+    rows = [rows[i] for i in range(min(CHECK_EXAMPLES, len(rows)))]
+    name = AUTO_CLASSES.get(task.peft_task_type)
+    if name is None:
+        return None, 0, f"not checked: no transformers class loads a {task.peft_task_type} model"
+    auto = getattr(transformers, name)
+    try:
+        if kind == "adapter":
+            if hasattr(trained.get_base_model(), "as_transformers"):
+                return None, 0, "not checked: this adapter is for the launcher's own model class; --merge to check"
+            if isinstance(cfg.adapter, (QLora, Lora8)):
+                return None, 0, "not checked: an adapter of a quantized base loads on that base; --merge to check"
+            from launcher.models import is_random
+
+            if is_random(cfg.model):
+                return None, 0, f"not checked: the base {cfg.model} is no folder; --merge gives a loadable model"
+            from peft import PeftModel
+
+            config = transformers.AutoConfig.from_pretrained(folder)
+            loaded = PeftModel.from_pretrained(
+                auto.from_pretrained(cfg.model_path, config=config, dtype=torch.float32), folder
+            )
+        else:
+            loaded = auto.from_pretrained(folder, dtype=torch.float32)
+    except (OSError, ValueError) as e:  # a custom model class (e.g. the CRF tagger) transformers cannot build
+        return None, 0, f"not checked: transformers cannot load it as {name} ({e})"
+    loaded.eval()
+    collated = task.collate(rows)
+    batch = _inputs(collated)
+    with torch.no_grad():
+        want = _logits(trained(**collated))
+        got = _logits(loaded(**batch))
+    if got is not None and "word_pos" in collated:  # a tagger scores each word at its first sub-token
+        got = got.gather(1, collated["word_pos"].unsqueeze(-1).expand(-1, -1, got.shape[-1]))
+    if want is None or got is None or want.shape != got.shape:
+        return None, 0, "not checked: the trained model's outputs have no logits to compare"
+    return float((want.float() - got.float()).abs().max()), len(rows), ""
+
+
+def _inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def _logits(outputs) -> torch.Tensor | None:
+    return getattr(outputs, "logits", None)
