@@ -11,6 +11,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from launcher.errors import ConfigError
@@ -283,3 +284,44 @@ def test_resume_settings_that_cannot_work_stop_before_launch(tiny_model, tiny_da
     no_folder = [a for a in tiny_args(tiny_model, tiny_data, out, "resume=auto") if not a.startswith("output_dir=")]
     proc = run(["launcher", "run", RECIPE, "--nproc", "2", *no_folder], cwd=tmp_path)
     assert proc.returncode == 2 and "add output_dir=FOLDER of the run to resume" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_deepspeeds_dynamic_loss_scale_goes_into_the_checkpoint_and_back(monkeypatch):
+    """fp16 under ZeRO (GPUs only, so this checks the state round trip on DeepSpeed's own scaler object): the scale
+    it lowered on overflows and its window position are saved as plain numbers and set on a fresh scaler."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16 import loss_scaler
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    from launcher.worker.strategies.zero import scaler_state, set_scaler_state
+
+    # Its overflow message asks for the rank: one process, rank 0.
+    monkeypatch.setattr(loss_scaler, "dist", SimpleNamespace(get_rank=lambda: 0))
+
+    def scaler():
+        return DynamicLossScaler(init_scale=2.0**16, scale_window=4, min_scale=1.0, delayed_shift=2,
+                                 consecutive_hysteresis=False)  # fmt: skip
+
+    trained = SimpleNamespace(loss_scaler=scaler())
+    for overflow in (True, True, False, True, True, False, False):
+        trained.loss_scaler.update_scale(overflow)
+    state = scaler_state(trained)
+    assert state["cur_scale"] < 2.0**16 and state["cur_iter"] == 7, state
+    fresh = SimpleNamespace(loss_scaler=scaler())
+    set_scaler_state(fresh, torch.load(_roundtrip(state), weights_only=True))
+    assert {k: getattr(fresh.loss_scaler, k) for k in state} == state
+    for overflow in (False, True, False, False, False, False):  # and both go on alike
+        trained.loss_scaler.update_scale(overflow)
+        fresh.loss_scaler.update_scale(overflow)
+    assert fresh.loss_scaler.cur_scale == trained.loss_scaler.cur_scale
+    assert scaler_state(SimpleNamespace(loss_scaler=None)) is None
+
+
+def _roundtrip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer

@@ -148,11 +148,14 @@ class ZeroEngine(Engine):
 
     def train_state(self):
         _link_fragments(self.optimizer)
-        return super().train_state()
+        scalars, tensors = super().train_state()
+        scalars["deepspeed_loss_scaler"] = scaler_state(self.optimizer)  # fp16: its dynamic loss scale
+        return scalars, tensors
 
     def load_train_state(self, scalars, keys, tensor):
         _link_fragments(self.optimizer)
         super().load_train_state(scalars, keys, tensor)
+        set_scaler_state(self.optimizer, scalars.get("deepspeed_loss_scaler"))
         # DeepSpeed counts steps itself (its accumulation boundary, its logging); the run goes on from this one.
         steps = scalars["scheduler"].get("last_epoch", 0)
         self.ds.global_steps = steps
@@ -249,6 +252,27 @@ def _release_4bit_weights_after_use(module: torch.nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             m.forward = types.MethodType(_forward_4bit, m)
+
+
+SCALER_STATE = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+"""What DeepSpeed's dynamic loss scaler (fp16) has learnt: the scale, and where it is in its window."""
+
+
+def scaler_state(optimizer) -> dict | None:
+    """The ZeRO optimizer's dynamic loss-scaler state as plain numbers (None without one: bf16, fp32)."""
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return None
+    return {
+        k: float(v) if k == "cur_scale" else int(v) for k in SCALER_STATE if (v := getattr(scaler, k, None)) is not None
+    }
+
+
+def set_scaler_state(optimizer, state: dict | None) -> None:
+    scaler = getattr(optimizer, "loss_scaler", None)
+    if state and scaler is not None and getattr(scaler, "dynamic", False):
+        for key, value in state.items():
+            setattr(scaler, key, value)
 
 
 def _partitioned(p: torch.nn.Parameter) -> bool:
