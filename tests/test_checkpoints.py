@@ -42,6 +42,8 @@ CASES = {
 # Runs that other tests resume on another number of processes: no dropout, since each rank draws its own masks.
 RESIZE = {
     "ddp 2->1": ("ddp", 1),
+    "zero1 2->1": ("zero1", 1),
+    "zero2 2->1": ("zero2", 1),
     "zero3 2->1": ("zero3", 1),
     "fsdp 2->1": ("fsdp", 1),
 }

@@ -105,6 +105,11 @@ def sft(tmp_path_factory) -> Path:
     """QLoRA on the recipe's tiny random Llama (its own learnt tokenizer, sample data), 3 steps, 1 process."""
     out = tmp_path_factory.mktemp("sft") / "run"
     settings = ["train.max_steps=3", "checkpoint.every_steps=3", "train.lr=2e-2", "train.eval_every=0"]
+    settings += [
+        "train.micro_batch_size=4",
+        "data.max_eval_rows=8",
+        "data.max_new_tokens=4",
+    ]  # seconds, not half a minute
     proc = run(["launcher", "run", SFT, *settings, f"output_dir={out}"], cwd=out.parent)
     assert proc.returncode == 0, why_failed(proc)
     return out

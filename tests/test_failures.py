@@ -99,18 +99,27 @@ def test_a_rank_killed_mid_run_is_named_and_the_previous_checkpoint_resumes(tiny
 def test_max_restarts_starts_every_rank_again_and_ends_as_a_run_that_never_failed(
     tiny_model, tiny_data, tmp_path, whole
 ):
+    """Restarted twice: rank 1 dies in step 5 (restart from step 4), then rank 0 in step 7 (from step 6)."""
     out = tmp_path / "run"
-    fault = f"die-once:1:5:{tmp_path / 'died'}"
+    fault = f"die-once:1:5:{tmp_path / 'died-1'},die-once:0:7:{tmp_path / 'died-0'}"
     argv = ["launcher", "run", FAULTY, "--nproc", "2", "--max-restarts", "2", *settings(tiny_model, tiny_data, out)]
     proc, _ = launch(argv, tmp_path, fault)
     assert proc.returncode == 0, why_failed(proc)
-    assert (tmp_path / "died").exists(), "the fault was never injected"
-    assert "was killed by SIGKILL; starting every rank again from the newest checkpoint (restart 1 of 2)" in proc.stderr
-    assert "restart 1: resuming from the newest complete checkpoint (resume=auto)" in " ".join(proc.stdout.split())
+    assert (tmp_path / "died-1").exists() and (tmp_path / "died-0").exists(), "a fault was never injected"
+    for restart, rank in ((1, 1), (2, 0)):
+        said = f"launcher: rank {rank} (pid "
+        lines = [x for x in proc.stderr.splitlines() if x.startswith(said) and f"(restart {restart} of 2)" in x]
+        assert (
+            len(lines) == 1
+            and "was killed by SIGKILL; starting every rank again from the newest checkpoint" in lines[0]
+        )
+    shown = " ".join(proc.stdout.split())
+    assert "restart 2: resuming from the newest complete checkpoint (resume=auto)" in shown
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    restarts = [r for r in rows if r["split"] == "restart"]
-    assert len(restarts) == 1 and restarts[0]["step"] == 4 and "killed by SIGKILL" in restarts[0]["after"], restarts
-    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000004")
+    restarts = [(r["restart"], r["step"]) for r in rows if r["split"] == "restart"]
+    assert restarts == [(1, 4), (2, 6)], restarts
+    assert all("killed by SIGKILL" in r["after"] for r in rows if r["split"] == "restart")
+    assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000006")
     assert_same_end(out, whole)
 
 

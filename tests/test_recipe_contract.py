@@ -44,6 +44,7 @@ def test_a_direct_form_reads_each_split_once_for_the_plan_and_the_task(monkeypat
     loads = []
     real = files.load_table
     monkeypatch.setattr(files, "load_table", lambda path, setting: loads.append(setting) or real(path, setting))
+    monkeypatch.setattr(files, "_READ", {})  # what earlier tests in this process read is not this run's
     recipe = _recipe("lora_cls")
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps({"text": f"t{i}" if i % 7 else "", "label": i % 2}) + "\n" for i in range(40)))

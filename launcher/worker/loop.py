@@ -117,6 +117,7 @@ def train(
     every = cfg.checkpoint.every_steps
     engine.train(True)
     log.begin(step)
+    beat(step, "training")  # the watchdog counts from here (a resumed run: from its checkpoint's step)
     with stop_requests() as requests:
         while step < total:
             sampler.set_epoch(epoch)

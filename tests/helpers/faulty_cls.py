@@ -1,8 +1,9 @@
-"""recipes/lora_cls.py with one fault injected, chosen by the FAULT variable (for the watchdog and restart tests):
+"""recipes/lora_cls.py with faults injected, chosen by the FAULT variable (comma-separated), for the watchdog and
+restart tests; STEP is the training step (1 is the first):
 
-- hang:RANK:STEP           rank RANK sleeps inside the per-step all-reduce of its STEP-th step; the others wait
-- die-once:RANK:STEP:FILE  rank RANK kills itself (SIGKILL) in its STEP-th step's all-reduce, unless FILE exists
-                           (it creates FILE first): one death, however often the job is started
+- hang:RANK:STEP           rank RANK sleeps inside the per-step all-reduce of step STEP; the others wait
+- die-once:RANK:STEP:FILE  rank RANK kills itself (SIGKILL) in step STEP's all-reduce, unless FILE exists (it
+                           creates FILE first): one death, however often the job is started
 - die-saving:RANK:STEP:FILE the same, halfway through writing the checkpoint of step STEP: its tensors and state
                            written, not its manifest
 """
@@ -35,8 +36,7 @@ compute_metrics = _base.compute_metrics
 
 
 def build_model(cfg, task):
-    fault = os.environ.get("FAULT", "")
-    if fault:
+    for fault in filter(None, os.environ.get("FAULT", "").split(",")):
         _inject(*fault.split(":"))
     return _base.build_model(cfg, task)
 
@@ -58,12 +58,14 @@ def _inject(kind: str, rank: str, step: str, marker: str = "") -> None:
 
         checkpoint._describe = die_before_the_manifest
         return
-    real, steps = torch.distributed.all_reduce, [0]
+    from launcher.worker import watchdog
+
+    real = torch.distributed.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
         if tensor.dtype == torch.float64 and tensor.numel() == 4:  # the loop's per-step statistics
-            steps[0] += 1
-            if steps[0] == int(step):
+            # The watchdog knows the last step finished (the loop's beat); a resumed run starts from its checkpoint's.
+            if watchdog._current is not None and watchdog._current.step + 1 == int(step):
                 if kind == "hang":
                     time.sleep(600)
                 elif kind == "die-once" and not os.path.exists(marker):
