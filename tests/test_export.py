@@ -196,3 +196,31 @@ print(json.dumps([tag(words, model, tokenizer, crf) for words in json.loads(sys.
     want = {r["index"]: [labels[t] for t in r["pred"] if t >= 0] for r in written}
     assert [got[i] for i in sorted(want)] == [want[i] for i in sorted(want)]
     assert any(t != "O" for row in got for t in row), "every word decoded as O: the check would be void"
+
+
+@pytest.mark.parametrize("run_name", ["classifier", "sft"])
+def test_the_streamed_merge_writes_exactly_what_the_in_memory_merge_does(run_name, request, tmp_path):
+    """--merge streams tensor by tensor (never the model whole); the same tensors as peft's merge_and_unload of
+    the trained model (for QLoRA: of its dequantized copy), bit for bit."""
+    from safetensors.torch import load_file
+
+    from launcher.overrides import from_dict
+    from launcher.recipe import Recipe
+    from launcher.worker import checkpoint as io
+    from launcher.worker.export_checkpoint import _tokenizer_and_task, merged_model, stream_merged, trained_model
+    from launcher.worker.strategies.base import saved_tensors
+
+    out = request.getfixturevalue(run_name)
+    checkpoint = str(sorted((out / "checkpoints").iterdir())[-1])
+    manifest = io.manifest_of(checkpoint)
+    recipe = Recipe.load(manifest["recipe"])
+    cfg = from_dict(recipe.Config, manifest["config"])
+    _, task = _tokenizer_and_task(recipe, cfg)
+    assert stream_merged(recipe, cfg, task, checkpoint, str(tmp_path))
+    streamed = {}
+    for shard in tmp_path.glob("model-*.safetensors"):
+        streamed.update(load_file(str(shard)))
+    merged = merged_model(trained_model(recipe, cfg, task, checkpoint), recipe, cfg, task)
+    whole = {n: t.detach() for n, t in saved_tensors(merged)}
+    assert streamed.keys() == whole.keys()
+    assert all(streamed[k].dtype == whole[k].dtype and torch.equal(streamed[k], whole[k]) for k in whole)

@@ -70,10 +70,7 @@ def quantize(
     import bitsandbytes as bnb
 
     adapter = cfg.adapter
-    skip = _skipped(model, heads)
-    targets = [
-        (n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear and n and not _is_skipped(n, skip)
-    ]
+    targets = [(n, model.get_submodule(n)) for n in quantized_layers(model, heads)]
     for name, old in targets:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         if weights is not None:  # built on meta: this layer's weight (and bias) read whole, only now
@@ -90,14 +87,7 @@ def quantize(
                 quant_storage=quant_storage(cfg),
                 device="meta",
             )
-            new.weight = bnb.nn.Params4bit(
-                weight,
-                requires_grad=False,
-                compress_statistics=adapter.double_quant,
-                quant_type=adapter.quant_type,
-                quant_storage=quant_storage(cfg),
-                module=new,
-            )._quantize(device)
+            new.weight = four_bit(weight, cfg, device, module=new)
             # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode forward,
             # rounding the block scales to bf16: the frozen base would silently change after an evaluation.
             new.support_avx512bf16_for_cpu = False
@@ -116,6 +106,27 @@ def quantize(
         setattr(parent, name.rsplit(".", 1)[-1], new)
         old.to("meta")  # `targets` still holds the old layer: free its full-precision weight now, not at the end
     return len(targets)
+
+
+def quantized_layers(model: torch.nn.Module, heads: list[str]) -> list[str]:
+    """Names of the linear layers a 4-bit or 8-bit base quantizes: all but the heads and the output embedding."""
+    skip = _skipped(model, heads)
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n and not _is_skipped(n, skip)]
+
+
+def four_bit(weight: torch.Tensor, cfg: RunConfig, device: torch.device, module=None):
+    """`weight` quantized as qlora stores it (bitsandbytes Params4bit on `device`)."""
+    import bitsandbytes as bnb
+
+    adapter = cfg.adapter
+    return bnb.nn.Params4bit(
+        weight,
+        requires_grad=False,
+        compress_statistics=adapter.double_quant,
+        quant_type=adapter.quant_type,
+        quant_storage=quant_storage(cfg),
+        module=module,
+    )._quantize(device)
 
 
 def apply_adapter(

@@ -61,10 +61,11 @@ def write_adapter(module, state: dict[str, torch.Tensor], folder: str, task: Tas
         module.get_base_model().config.save_pretrained(folder)
 
 
-def write_model(tensors, module: torch.nn.Module, folder: str) -> None:
-    """A whole model from (name, tensor) pairs, in safetensors shards with their index, and its configs."""
+def write_model(tensors, module: torch.nn.Module, folder: str, dtype: torch.dtype | None = None) -> None:
+    """A whole model from (name, tensor) pairs, in safetensors shards with their index, and its configs (`dtype`:
+    the tensors', when the module's own parameters are not)."""
     write_shards(folder, tensors, shard_mb=EXPORT_SHARD_MB)
-    _save_configs(module, folder)
+    _save_configs(module, folder, dtype)
 
 
 def publish(tmp: str, final: str, tokenizer, task: Task) -> None:
@@ -77,11 +78,11 @@ def publish(tmp: str, final: str, tokenizer, task: Task) -> None:
     os.replace(tmp, final)
 
 
-def _save_configs(module: torch.nn.Module, folder: str) -> None:
+def _save_configs(module: torch.nn.Module, folder: str, dtype: torch.dtype | None = None) -> None:
     """What `save_pretrained` writes beside the weights: the model's config and, for a generative model, its
     generation config."""
     module.config.architectures = [type(module).__name__]  # as save_pretrained records them: the class and the
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)  # weights' dtype
+    dtype = dtype or next((p.dtype for p in module.parameters() if p.is_floating_point()), None)  # weights' dtype
     if dtype is not None:
         module.config.dtype = dtype
     module.config.save_pretrained(folder)

@@ -29,6 +29,8 @@ from launcher.errors import ConfigError
 MERGED_DTYPE = torch.bfloat16
 """The dtype of a merged model whose base was quantized (its dequantized weights)."""
 CHECK_EXAMPLES = 8
+CHECK_LIMIT_BYTES = 4 * 2**30
+"""The check loads the folder and rebuilds the trained model: only for models up to this size (fp32)."""
 AUTO_CLASSES = {
     "SEQ_CLS": "AutoModelForSequenceClassification",
     "TOKEN_CLS": "AutoModelForTokenClassification",
@@ -68,12 +70,18 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
     if merge and isinstance(cfg.adapter, Full):
         notes.append("adapter=full: the model is written whole; there is no adapter to merge")
     tokenizer, task = _tokenizer_and_task(recipe, cfg)
-    model = trained_model(recipe, cfg, task, checkpoint)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    model = None
     try:
-        kind = _write(model, recipe, cfg, task, tmp, merge)
+        # A merge streams tensor by tensor (peak memory: a shard being written), without the trained model whole.
+        streamed = merge and not isinstance(cfg.adapter, Full) and stream_merged(recipe, cfg, task, checkpoint, tmp)
+        if streamed:
+            kind = "merged"
+        else:
+            model = trained_model(recipe, cfg, task, checkpoint)
+            kind = _write(model, recipe, cfg, task, tmp, merge)
         from launcher.worker.export import publish
 
         if os.path.isdir(out):
@@ -82,10 +90,87 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    size = _fp32_bytes(recipe, cfg, task)
+    if size > CHECK_LIMIT_BYTES:
+        notes.append(
+            f"not checked: the model is {size / 2**30:.1f} GiB in fp32, and the check would hold it twice; load "
+            f"{out} with transformers to compare"
+        )
+        return Exported(out, kind, None, 0, notes)
+    model = model or trained_model(recipe, cfg, task, checkpoint)
     difference, examples, why = _check(model, out, kind, cfg, task)
     if why:
         notes.append(why)
     return Exported(out, kind, difference, examples, notes)
+
+
+def _fp32_bytes(recipe, cfg, task) -> int:
+    from launcher.worker.weights import empty_weights
+
+    with empty_weights():
+        base = recipe.build_model(cfg, task)
+    return sum(p.numel() * 4 for p in base.parameters())
+
+
+def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
+    """The adapter merged into its base, written tensor by tensor as the base's tensors are read (from the model
+    folder, or seeded for random:SHAPE): W + alpha/r * B @ A for each LoRA layer, the trained copy of each head,
+    and for qlora each quantized layer's weight quantized as in training and dequantized, all in bf16. Peak
+    memory is one tensor and the shard being written, never the model. Returns False, writing nothing, for what
+    it does not stream (DoRA, an 8-bit base, a model class of our own, other trained tensors): the in-memory
+    merge does those."""
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    from launcher.config import Dora
+    from launcher.worker.adapters import four_bit, quantized_layers
+    from launcher.worker.checkpoint import stored_tensors
+    from launcher.worker.export import write_model
+    from launcher.worker.strategies.base import saved_tensors
+    from launcher.worker.watchdog import beating
+    from launcher.worker.weights import has_meta, weights_for
+
+    if isinstance(cfg.adapter, (Dora, Lora8)):
+        return False
+    torch.manual_seed(cfg.seed)
+    base = recipe.build_model(cfg, task)
+    if hasattr(base, "as_transformers") or not has_meta(base):
+        return False
+    keys, tensor = stored_tensors(checkpoint)
+    lora: dict[str, dict[str, str]] = {}
+    heads: dict[str, str] = {}
+    for key in sorted(k for k in keys if k.startswith("param/")):
+        name = key.removeprefix("param/").removeprefix("base_model.model.")
+        for suffix, slot in ((".lora_A.default.weight", "A"), (".lora_B.default.weight", "B")):
+            if name.endswith(suffix):
+                lora.setdefault(name.removesuffix(suffix), {})[slot] = key
+                break
+        else:
+            if ".modules_to_save.default." not in name:
+                return False
+            heads[name.replace(".modules_to_save.default.", ".")] = key
+    cpu = torch.device("cpu")
+    weights = weights_for(base, cfg.model_path, seed=cfg.seed)
+    quantized = set(quantized_layers(base, task.heads)) if isinstance(cfg.adapter, QLora) else set()
+    dtype = MERGED_DTYPE if quantized else torch.float32
+    scaling = cfg.adapter.alpha / cfg.adapter.r
+
+    def tensors():
+        for name, t in saved_tensors(base):
+            if name in heads:
+                value = tensor(heads[name]).float()
+            elif t.device.type == "meta":
+                value = weights.tensor(name, tuple(t.shape), torch.float32)
+            else:  # a buffer, built real
+                value = t.detach()
+            layer, _, leaf = name.rpartition(".")
+            if leaf == "weight" and layer in quantized:  # what the adapter was trained against
+                value = dequantize_bnb_weight(four_bit(value, cfg, cpu)).float()
+            if leaf == "weight" and layer in lora:
+                value = value + scaling * (tensor(lora[layer]["B"]).float() @ tensor(lora[layer]["A"]).float())
+            yield name, value.to(dtype) if value.is_floating_point() else value
+
+    write_model(beating(tensors(), "merging"), base, folder, dtype=dtype)
+    return True
 
 
 def _recipe_path(checkpoint: str, manifest: dict) -> str:
