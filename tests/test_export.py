@@ -224,3 +224,24 @@ def test_the_streamed_merge_writes_exactly_what_the_in_memory_merge_does(run_nam
     whole = {n: t.detach() for n, t in saved_tensors(merged)}
     assert streamed.keys() == whole.keys()
     assert all(streamed[k].dtype == whole[k].dtype and torch.equal(streamed[k], whole[k]) for k in whole)
+
+
+def test_a_full_fine_tune_exports_whole_and_streamed_with_the_training_runs_logits(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    settings = tiny_args(tiny_model, tiny_data, out, "adapter=full", "train.max_steps=2", "checkpoint.every_steps=2")
+    proc = run(["launcher", "run", RECIPE, "--nproc", "2", "strategy=fsdp", *settings], cwd=tmp_path)
+    assert proc.returncode == 0, why_failed(proc)
+    exported = run(
+        ["launcher", "export", str(out / "checkpoints" / "step-00000002"), "--out", str(tmp_path / "m")], cwd=tmp_path
+    )
+    assert exported.returncode == 0, why_failed(exported)
+    assert "wrote the model to" in exported.stdout and "are within" in exported.stdout, exported.stdout
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "m")
+    texts = [json.loads(line)["text"] for line in tiny_data["test"].read_text().splitlines()]
+    written = [json.loads(line) for line in (out / "eval_predictions.jsonl").read_text().splitlines()]
+    rows = [dict(tokenizer(texts[r["index"]], truncation=True, max_length=128, return_tensors="pt")) for r in written]
+    got = fresh_logits(tmp_path, "classifier", tmp_path / "m", "", [{k: v[0] for k, v in r.items()} for r in rows])
+    want = torch.tensor([r["logits"] for r in written])
+    assert float((torch.stack(got["logits"]) - want).abs().max()) <= 1e-4

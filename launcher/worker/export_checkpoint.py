@@ -76,9 +76,9 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
     model = None
     try:
         # A merge streams tensor by tensor (peak memory: a shard being written), without the trained model whole.
-        streamed = merge and not isinstance(cfg.adapter, Full) and stream_merged(recipe, cfg, task, checkpoint, tmp)
+        streamed = (merge or isinstance(cfg.adapter, Full)) and stream_merged(recipe, cfg, task, checkpoint, tmp)
         if streamed:
-            kind = "merged"
+            kind = "model" if isinstance(cfg.adapter, Full) else "merged"
         else:
             model = trained_model(recipe, cfg, task, checkpoint)
             kind = _write(model, recipe, cfg, task, tmp, merge)
@@ -116,11 +116,12 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
     """The adapter merged into its base, written tensor by tensor as the base's tensors are read (from the model
     folder, or seeded for random:SHAPE): W + alpha/r * B @ A for each LoRA layer, the trained copy of each head,
     and for qlora each quantized layer's weight quantized as in training and dequantized, all in bf16. Peak
-    memory is one tensor and the shard being written, never the model. Returns False, writing nothing, for what
-    it does not stream (DoRA, an 8-bit base, a model class of our own, other trained tensors): the in-memory
-    merge does those."""
+    memory is one tensor and the shard being written, never the model. A full fine-tune's checkpoint holds every
+    parameter: they are written as they are. Returns False, writing nothing, for what it does not stream (DoRA,
+    an 8-bit base, a model class of our own, other trained tensors): the in-memory merge does those."""
     from peft.utils.integrations import dequantize_bnb_weight
 
+    from launcher.checkpoints import unmatched_parameters
     from launcher.config import Dora
     from launcher.worker.adapters import four_bit, quantized_layers
     from launcher.worker.checkpoint import stored_tensors
@@ -136,10 +137,15 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
     if hasattr(base, "as_transformers") or not has_meta(base):
         return False
     keys, tensor = stored_tensors(checkpoint)
+    if isinstance(cfg.adapter, Full) and unmatched_parameters([n for n, _ in base.named_parameters()], keys):
+        return False  # the in-memory path names what differs
     lora: dict[str, dict[str, str]] = {}
     heads: dict[str, str] = {}
     for key in sorted(k for k in keys if k.startswith("param/")):
         name = key.removeprefix("param/").removeprefix("base_model.model.")
+        if isinstance(cfg.adapter, Full):  # every parameter trained, under its own name
+            heads[name] = key
+            continue
         for suffix, slot in ((".lora_A.default.weight", "A"), (".lora_B.default.weight", "B")):
             if name.endswith(suffix):
                 lora.setdefault(name.removesuffix(suffix), {})[slot] = key
@@ -152,7 +158,7 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
     weights = weights_for(base, cfg.model_path, seed=cfg.seed)
     quantized = set(quantized_layers(base, task.heads)) if isinstance(cfg.adapter, QLora) else set()
     dtype = MERGED_DTYPE if quantized else torch.float32
-    scaling = cfg.adapter.alpha / cfg.adapter.r
+    scaling = cfg.adapter.alpha / cfg.adapter.r if lora else 0.0
 
     def tensors():
         for name, t in saved_tensors(base):
