@@ -48,7 +48,7 @@ def main() -> int:
         "train.max_steps=1",
         "checkpoint.every_steps=1",
         "train.micro_batch_size=1",
-        "data.max_length=64",
+        "data.max_length=128",
         "data.packing=false",
         "data.eval=",
         "data.generations=0",

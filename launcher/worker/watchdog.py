@@ -32,7 +32,7 @@ WAITING_IN = (
     "deepspeed/comm/",
     "deepspeed/runtime/zero/",
 )
-SETTLE_SECONDS = 5.0
+SETTLE_SECONDS = 3.0
 """How long a rank that stalled waits before it exits: the ranks it waits for (or that wait for it) stalled at
 the same moment, and their reports should be written before the launcher reads them."""
 
