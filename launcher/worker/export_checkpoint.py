@@ -1,16 +1,17 @@
 """`launcher export CHECKPOINT --out DIR [--merge]`: a checkpoint -> a Hugging Face model folder that plain
 `transformers` (and peft, for an adapter) loads.
 
-The trained model is rebuilt in this one process the way a rank builds it (the recipe's tokenizer, task and model,
-the adapter, the frozen base from `model=`), and the checkpoint's trained tensors, whole whatever the strategy
-that wrote them, are put into it. Then:
-- an adapter run without --merge: the peft adapter, the tokenizer, labels.json and the model's config (id2label);
-- --merge: the adapter merged into the base, a whole model in safetensors shards; a 4-bit or 8-bit base is
-  dequantized first and the merged model written in bf16 (the quantized weights are what the adapter was trained
-  against: they, not the original weights, are what it is merged into);
-- a full fine-tune: the whole model.
-The folder is written as DIR.tmp and renamed, then loaded back with `transformers` and its logits compared with
-the trained model's on a few eval examples: the command says by how much they differ.
+- --merge (and a full fine-tune): streamed (`stream_merged`): the base tensors read one at a time from the model
+  folder (or seeded, for random:SHAPE), a 4-bit layer quantized as training did and dequantized (the quantized
+  weights are what the adapter was trained against, so they, not the original ones, are what it is merged into),
+  the LoRA update added, heads' trained copies taken, written into shards in bf16 for a quantized base: the model
+  is never whole in memory. What that path does not cover (DoRA, an 8-bit base, a model class of our own such as
+  the tagger) is merged in memory: the trained model rebuilt in this process the way a rank builds it (the
+  recipe's tokenizer, task and model, the adapter, the frozen base from `model=`), with the checkpoint's trained
+  tensors (whole, whatever strategy wrote them), then peft's merge_and_unload.
+- an adapter run without --merge: the peft adapter, the tokenizer, labels.json and the model's config (id2label).
+The folder is written as DIR.tmp and renamed, then (models up to CHECK_LIMIT_BYTES) loaded back with
+`transformers` and its logits compared with the trained model's on a few eval examples.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ AUTO_CLASSES = {
 
 @dataclasses.dataclass
 class Exported:
+    """What an export wrote, and how it checked."""
+
     folder: str
     kind: str
     """adapter, merged or model."""
