@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -42,9 +43,20 @@ os.environ.update(
 
 
 def run(argv: list[str], *, cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run a command, capturing output; the environment gets the venv's bin first on PATH."""
+    """Run a command, capturing output; the environment gets the venv's bin first on PATH. The command runs in a
+    process group of its own, and a timeout kills the whole group: a launcher's ranks (torchrun's do not die with
+    it) must not outlive a test that gave up on them."""
     full_env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
-    return subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(
+        argv, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise subprocess.TimeoutExpired(argv, timeout, output=out, stderr=err) from None
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def why_failed(proc: subprocess.CompletedProcess, limit: int = 6000) -> str:

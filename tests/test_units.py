@@ -220,3 +220,19 @@ def test_a_negative_max_restarts_is_a_usage_error(capsys):
 
     assert cli.main(["run", RECIPE, "--max-restarts", "-1"]) == 2
     assert "--max-restarts -1: give 0 (no restart) or more" in capsys.readouterr().err
+
+
+def test_a_test_command_that_times_out_takes_its_children_along(tmp_path):
+    """tests.conftest.run kills the command's whole process group on a timeout (torchrun's ranks outlived it)."""
+    from tests.conftest import run
+
+    pid_file = tmp_path / "child.pid"
+    with pytest.raises(subprocess.TimeoutExpired):
+        run(["bash", "-c", f"sleep 120 & echo $! > {pid_file}; wait"], cwd=tmp_path, timeout=2)
+    child = int(pid_file.read_text())
+    state = ""
+    try:
+        state = open(f"/proc/{child}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        pass
+    assert state in ("", "Z"), f"the command's child {child} is still running ({state})"
