@@ -199,7 +199,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"note: {note}", file=sys.stderr)
     plan = claim(plan)  # held until this launcher exits; a default directory may get a -2 suffix
     print(f"{recipe.name}: starting {args.nproc} process(es) in {plan.config.output_dir}", flush=True)
-    logs = os.path.join(os.path.abspath(plan.config.output_dir), "logs")
+    from launcher.hangs import logs_folder
+
+    logs = logs_folder(os.path.abspath(plan.config.output_dir))
     # Each start gets a fresh rendezvous port: the last one's may still be held by its dead ranks' sockets.
     return run_restarting(lambda restart: _rank_commands(plan, args.nproc)[1], args.max_restarts, logs)
 

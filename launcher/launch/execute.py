@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from launcher.errors import DIVERGED_EXIT_CODE, HUNG_EXIT_CODE, REQUEUE_EXIT_CODE, USAGE_EXIT_CODE
+from launcher.hangs import ranks_named
 from launcher.launch.commands import RankCommand
 from launcher.signals import PREEMPT, NotedSignals, signal_name
 
@@ -106,14 +107,11 @@ def run_restarting(make_commands: Callable[[int], list[RankCommand]], max_restar
             if outcome.restartable and max_restarts:
                 outcome.message = f"{outcome.message}; no restart left (--max-restarts {max_restarts})"
             return _report(outcome)
-        for line in outcome.details:
-            print(f"launcher: {line}", file=sys.stderr, flush=True)
-        print(
-            f"launcher: {outcome.message}; starting every rank again from the newest checkpoint "
-            f"(restart {restart + 1} of {max_restarts})",
-            file=sys.stderr,
-            flush=True,
+        outcome.message = (
+            f"{outcome.message}; starting every rank again from the newest checkpoint "
+            f"(restart {restart + 1} of {max_restarts})"
         )
+        _report(outcome)
     raise AssertionError("unreachable")
 
 
@@ -233,11 +231,10 @@ def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
     """The failure to report, once the other ranks had a moment to end on their own: a rank killed by a signal
     before one that exited (its peers' collectives broke because it died), a rank the others wait for before the
     waiting ones (watchdog reports), else the first seen. The ranks still running write their stacks first."""
-    hung = any(r.proc.poll() == HUNG_EXIT_CODE for r in ranks)
-    _settle(ranks, HUNG_SETTLE_SECONDS if hung else SETTLE_SECONDS)
+    _settle(ranks, HUNG_SETTLE_SECONDS if any(r.proc.poll() == HUNG_EXIT_CODE for r in ranks) else SETTLE_SECONDS)
     # Judged before the stacks are asked for: a rank that ends on that SIGQUIT is not a rank that was killed.
     killed = [r for r in ranks if (r.proc.returncode or 0) < 0]
-    hung = hung or any(r.proc.returncode == HUNG_EXIT_CODE for r in ranks)
+    hung = any(r.proc.returncode == HUNG_EXIT_CODE for r in ranks)
     details = []
     alive = [r for r in ranks if r.proc.poll() is None]
     if logs is not None and alive:
@@ -245,7 +242,7 @@ def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
             r.proc.send_signal(signal.SIGQUIT)
         time.sleep(STACKS_SECONDS)
         where = os.path.join(logs, "stacks-rank-N.txt")
-        details.append(f"the Python stacks of {_ranks([r.rank for r in alive])}, still running then: {where}")
+        details.append(f"the Python stacks of {ranks_named([r.rank for r in alive])}, still running then: {where}")
     if logs is not None and hung:
         return _hang(ranks, logs, details)
     if killed:
@@ -255,39 +252,10 @@ def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
 
 
 def _hang(ranks: list[Rank], logs: str, details: list[str]) -> Outcome:
-    from launcher.hangs import read_reports
+    from launcher.hangs import describe_hang, read_reports
 
-    reports = read_reports(logs, {r.rank: r.proc.pid for r in ranks})
-    # A rank stuck in its own code first, then one that never stalled while the others waited for it.
-    lagging = [r for r in ranks if r.rank in reports and not reports[r.rank].waiting]
-    lagging += [r for r in ranks if r.rank not in reports]
-    waiting = [r.rank for r in ranks if r.rank in reports and reports[r.rank].waiting]
-    others = ""
-    if waiting:
-        others = f"; {_ranks(waiting)} {'waits' if len(waiting) == 1 else 'wait'} for it in a collective"
-    if not lagging:  # every rank waits: a collective only some of them entered, or one lost in the network
-        where = "; ".join(f"rank {k} at {v.where}" for k, v in sorted(reports.items()))
-        step = min(v.step for v in reports.values())
-        message = (
-            f"every rank waits in a collective after step {step} ({where}): a collective the ranks did not all "
-            "call, or a peer lost on the network"
-        )
-        return Outcome(HUNG_EXIT_CODE, message, details=details)
-    r = lagging[0]
-    report = reports.get(r.rank)
-    if report is None:
-        message = f"rank {r.rank} (pid {r.proc.pid}) kept running while the others stalled waiting for it{others}"
-    else:
-        message = (
-            f"rank {r.rank} (pid {r.proc.pid}, {report.host}) made no progress for {report.seconds:.0f} s "
-            f"({report.phase}, after step {report.step}): stuck at {report.where}{others}; stacks: "
-            f"{os.path.join(logs, 'stacks-rank-N.txt')}"
-        )
-    return Outcome(HUNG_EXIT_CODE, message, details=details)
-
-
-def _ranks(numbers: list[int]) -> str:
-    return f"rank {numbers[0]}" if len(numbers) == 1 else f"ranks {', '.join(map(str, numbers))}"
+    pids = {r.rank: r.proc.pid for r in ranks}
+    return Outcome(HUNG_EXIT_CODE, describe_hang(pids, read_reports(logs, pids), logs), details=details)
 
 
 def _settle(ranks: list[Rank], seconds: float) -> None:

@@ -110,7 +110,7 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
 def _fp32_bytes(recipe, cfg, task) -> int:
     from launcher.worker.weights import empty_weights
 
-    with empty_weights():
+    with empty_weights():  # whatever the recipe builds on: only the shapes are wanted
         base = recipe.build_model(cfg, task)
     return sum(p.numel() * 4 for p in base.parameters())
 
@@ -131,13 +131,11 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
     from launcher.worker.export import write_model
     from launcher.worker.strategies.base import saved_tensors
     from launcher.worker.watchdog import beating
-    from launcher.worker.weights import has_meta, weights_for
 
     if isinstance(cfg.adapter, (Dora, Lora8)):
         return False
-    torch.manual_seed(cfg.seed)
-    base = recipe.build_model(cfg, task)
-    if hasattr(base, "as_transformers") or not has_meta(base):
+    base, weights = _base(recipe, cfg, task)
+    if hasattr(base, "as_transformers") or weights is None:
         return False
     keys, tensor = stored_tensors(checkpoint)
     if isinstance(cfg.adapter, Full) and unmatched_parameters([n for n, _ in base.named_parameters()], keys):
@@ -158,7 +156,6 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
                 return False
             heads[name.replace(".modules_to_save.default.", ".")] = key
     cpu = torch.device("cpu")
-    weights = weights_for(base, cfg.model_path, seed=cfg.seed)
     quantized = set(quantized_layers(base, task.heads)) if isinstance(cfg.adapter, QLora) else set()
     dtype = MERGED_DTYPE if quantized else torch.float32
     scaling = cfg.adapter.alpha / cfg.adapter.r if lora else 0.0
@@ -207,18 +204,26 @@ def _tokenizer_and_task(recipe, cfg):
     return tokenizer, recipe.build_task(cfg, tokenizer)
 
 
+def _base(recipe, cfg, task):
+    """(the recipe's model as a rank builds it, on the meta device where the recipe says so; where its meta
+    parameters' values come from, or None when it has none)."""
+    from launcher.worker.weights import has_meta, weights_for
+
+    torch.manual_seed(cfg.seed)  # as a rank does before build_model: any untrained random part is the same
+    base = recipe.build_model(cfg, task)
+    return base, weights_for(base, cfg.model_path, seed=cfg.seed) if has_meta(base) else None
+
+
 def trained_model(recipe, cfg, task, checkpoint: str) -> torch.nn.Module:
     """The model a rank trained, rebuilt on this process's CPU (the frozen base in fp32, or quantized as in
     training) with the checkpoint's trained tensors, in eval mode."""
     from launcher.checkpoints import unmatched_parameters
     from launcher.worker.adapters import apply_adapter
     from launcher.worker.checkpoint import stored_tensors
-    from launcher.worker.weights import has_meta, materialize, weights_for
+    from launcher.worker.weights import has_meta, materialize
 
     cpu = torch.device("cpu")
-    torch.manual_seed(cfg.seed)  # as a rank does before build_model: any untrained random part is the same
-    base = recipe.build_model(cfg, task)
-    weights = weights_for(base, cfg.model_path, seed=cfg.seed) if has_meta(base) else None
+    base, weights = _base(recipe, cfg, task)
     model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=cpu, weights=weights)
     if has_meta(model):
         materialize(model, weights, cpu, lambda _: torch.float32)
@@ -275,14 +280,13 @@ def merged_model(model, recipe, cfg, task) -> torch.nn.Module:
     if not isinstance(cfg.adapter, (QLora, Lora8)):
         return copy.deepcopy(model).merge_and_unload()
     from launcher.worker.adapters import apply_adapter
-    from launcher.worker.weights import has_meta, materialize, weights_for
+    from launcher.worker.weights import materialize
 
     plain_cfg = dataclasses.replace(cfg, adapter=_plain_lora(cfg.adapter))
     cpu = torch.device("cpu")
-    torch.manual_seed(cfg.seed)
-    base = recipe.build_model(plain_cfg, task)
-    if has_meta(base):
-        materialize(base, weights_for(base, cfg.model_path, seed=cfg.seed), cpu, lambda _: torch.float32)
+    base, weights = _base(recipe, plain_cfg, task)
+    if weights is not None:
+        materialize(base, weights, cpu, lambda _: torch.float32)
     _take_dequantized(base, model)
     plain = apply_adapter(base, plain_cfg, task_type=task.peft_task_type, heads=task.heads, device=cpu)
     trained = dict(model.named_parameters())

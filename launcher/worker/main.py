@@ -148,6 +148,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from launcher.data import take_notes
+    from launcher.hangs import logs_folder
     from launcher.worker import dist, loop
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.export import save_model
@@ -155,14 +156,14 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
-    from launcher.worker.watchdog import Watchdog
+    from launcher.worker.watchdog import Watchdog, stacks_on_sigquit
     from launcher.worker.weights import has_meta, weights_for
 
     transformers.utils.logging.disable_progress_bar()
     t_start = time.time()
     cfg = plan.config
     job = job or Job()
-    _stacks_to_logs(cfg, ranks.rank)
+    stacks_on_sigquit(logs_folder(cfg.output_dir), ranks.rank)
 
     def say(what: str) -> None:  # rank 0 tells what the seconds before the first step are spent on
         if ranks.is_main:
@@ -272,7 +273,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         return path
 
     # From the first step to the saved model, a rank that stops advancing is stopped and says where it was.
-    with Watchdog(cfg.watchdog.timeout, logs_folder(cfg), ranks.rank) as watchdog:
+    with Watchdog(cfg.watchdog.timeout, logs_folder(cfg.output_dir), ranks.rank) as watchdog:
         try:
             progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
         except Preempted:
@@ -320,24 +321,6 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             ],
         )
     return summary
-
-
-def logs_folder(cfg) -> str:
-    return os.path.join(cfg.output_dir, "logs")
-
-
-_stacks_file = None  # kept open: faulthandler writes to its descriptor when the signal comes
-
-
-def _stacks_to_logs(cfg, rank: int) -> None:
-    """`kill -QUIT` (the launcher's, when another rank failed) writes this rank's stacks to
-    output_dir/logs/stacks-rank-N.txt instead of stderr."""
-    global _stacks_file
-    from launcher.worker.watchdog import stacks_path
-
-    os.makedirs(logs_folder(cfg), exist_ok=True)
-    _stacks_file = open(stacks_path(logs_folder(cfg), rank), "a")
-    faulthandler.register(signal.SIGQUIT, file=_stacks_file, all_threads=True)
 
 
 def _write_predictions(path: str, outputs: dict) -> None:

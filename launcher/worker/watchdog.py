@@ -13,6 +13,7 @@ from __future__ import annotations
 import faulthandler
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -128,6 +129,16 @@ class Watchdog:
 
 
 _current: Watchdog | None = None
+_stacks_file = None  # kept open: faulthandler writes to its descriptor when the signal comes
+
+
+def stacks_on_sigquit(logs: str, rank: int) -> None:
+    """`kill -QUIT` (the launcher's, when another rank failed) writes this rank's stacks to logs/stacks-rank-N.txt
+    instead of stderr."""
+    global _stacks_file
+    os.makedirs(logs, exist_ok=True)
+    _stacks_file = open(stacks_path(logs, rank), "a")
+    faulthandler.register(signal.SIGQUIT, file=_stacks_file, all_threads=True)
 
 
 def beat(step: int | None = None, phase: str | None = None) -> None:
