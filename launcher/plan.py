@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, choice_name, default_output_dir
+from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, default_output_dir
 from launcher.errors import ConfigError
 from launcher.job import Job, LaunchEnv
 from launcher.overrides import from_dict, to_dict
@@ -157,14 +157,6 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
         problems.append(
             f"resume={cfg.resume} with overwrite=true: overwrite deletes the checkpoints of output_dir="
             f"{cfg.output_dir} before the run could resume from them; drop overwrite=true"
-        )
-    sharded = isinstance(cfg.strategy, (Zero, Fsdp))
-    if (ck.every_steps or cfg.resume) and sharded and isinstance(cfg.optimizer, AdamW8bit):
-        problems.append(
-            f"checkpoint.every_steps={ck.every_steps} resume={cfg.resume or '(none)'} with optimizer="
-            f"{choice_name(cfg.optimizer)} under strategy={choice_name(cfg.strategy)}: checkpoints of 8-bit "
-            "optimizer states are written under ddp only for now (their block-quantized states are not gathered "
-            "yet); use optimizer=adamw, or strategy=ddp"
         )
     return problems
 

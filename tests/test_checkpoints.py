@@ -27,6 +27,8 @@ LORA = {"resume_from": [3, 6]}
 EVERY_3 = ["checkpoint.every_steps=3", "checkpoint.keep=4"]
 # Full fine-tunes accumulate 2 micro-batches: 3 steps an epoch; resuming from step 2 crosses the epoch boundary.
 FULL = ["adapter=full", "train.grad_accum=2", "checkpoint.every_steps=2", "checkpoint.keep=3"]
+# bitsandbytes' 8-bit AdamW on tensors this small too (its default keeps moments under 4096 values in fp32).
+EIGHT_BIT = ["optimizer=adamw8bit", "optimizer.min_8bit_size=64"]
 CASES = {
     # Resumed runs that evaluate at other steps: an evaluation must not move the random state training uses.
     "ddp lora": {"overrides": ["strategy=ddp", *EVERY_3], **LORA, "resume_overrides": ["train.eval_every=2"]},
@@ -36,16 +38,27 @@ CASES = {
     "fsdp lora": {"overrides": ["strategy=fsdp", *EVERY_3], **LORA},
     "zero3 full": {"overrides": ["strategy=zero3", *FULL], "resume_from": [2]},
     "fsdp full": {"overrides": ["strategy=fsdp", *FULL], "resume_from": [2]},
+    # fp16 on CPU: a ShardedGradScaler that lowered its scale on an overflow (the fresh one would overflow again)
+    "fsdp lora fp16": {"overrides": ["strategy=fsdp", "precision=fp16", *EVERY_3], "resume_from": [3]},
+    # 8-bit moments are stored dequantized and quantized back into each rank's own blocks (launcher/worker/eight_bit.py)
+    "ddp lora 8-bit": {"overrides": ["strategy=ddp", *EIGHT_BIT, *EVERY_3], "resume_from": [3]},
+    "zero2 lora 8-bit": {"overrides": ["strategy=zero2", *EIGHT_BIT, *EVERY_3], "resume_from": [3]},
+    "zero3 full 8-bit": {"overrides": ["strategy=zero3", *EIGHT_BIT, *FULL], "resume_from": [2]},
+    "fsdp lora 8-bit": {"overrides": ["strategy=fsdp", *EIGHT_BIT, *EVERY_3], "resume_from": [3]},
 }
 
 
 # Runs that other tests resume on another number of processes: no dropout, since each rank draws its own masks.
 RESIZE = {
-    "ddp 2->1": ("ddp", 1),
-    "zero1 2->1": ("zero1", 1),
-    "zero2 2->1": ("zero2", 1),
-    "zero3 2->1": ("zero3", 1),
-    "fsdp 2->1": ("fsdp", 1),
+    "ddp 2->1": ("ddp", 1, [], 1e-4),
+    "zero1 2->1": ("zero1", 1, [], 1e-4),
+    "zero2 2->1": ("zero2", 1, [], 1e-4),
+    "zero3 2->1": ("zero3", 1, [], 1e-4),
+    "fsdp 2->1": ("fsdp", 1, [], 1e-4),
+    # The 2 ranks' flat partitions become one: its blocks of 256 values straddle the stored ones, so the moments are
+    # quantized afresh, each value moving by up to half a code's step, as the optimizer's own requantization does
+    # every step (measured: losses within 7.4e-4). Within 1e-4 needs the same layout (the exact cases above).
+    "zero2 8-bit 2->1": ("zero2", 1, EIGHT_BIT, 2e-3),
 }
 
 
@@ -69,8 +82,8 @@ def resumed(tiny_model, tiny_data, still_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     cases = root / "cases.json"
     still = {
-        name: {"overrides": [f"model={still_model}", *_still(strategy)], "resume_from": []}
-        for name, (strategy, _) in RESIZE.items()
+        name: {"overrides": [f"model={still_model}", *_still(strategy), *extra], "resume_from": []}
+        for name, (strategy, _, extra, _) in RESIZE.items()
     }
     cases.write_text(json.dumps({**CASES, **still}))
     out = root / "out.json"
@@ -113,13 +126,50 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_run(resumed, case)
         assert again["same_names"] and again["max_weight_diff"] <= 1e-6, again
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if "8-bit" in c])
+def test_an_8bit_optimizers_checkpoint_holds_its_moments_whole_in_fp32(resumed, case):
+    from pathlib import Path
+
+    step = CASES[case]["resume_from"][0]
+    folder = Path(resumed["root"]) / case / "run" / f"checkpoints/step-{step:08d}"
+    tensors = {}
+    for shard in folder.glob("trained-*.safetensors"):
+        tensors.update(load_file(str(shard)))
+    params = {k[len("param/") :]: v for k, v in tensors.items() if k.startswith("param/")}
+    assert params
+    quantized = 0
+    for name, value in params.items():
+        # Adam's first and second moments (bitsandbytes' names), and the scale of the block each value was quantized
+        # in: NaN where bitsandbytes kept a rank's part in fp32 (under min_8bit_size=64 values: the classifier's bias)
+        for moment in ("state1", "state2", "scale1", "scale2"):
+            stored = tensors[f"optim/{name}/{moment}"]
+            assert stored.dtype == torch.float32 and stored.shape == value.shape, (name, moment, stored.dtype)
+        assert float(tensors[f"optim/{name}/state2"].min()) >= 0
+        assert float(tensors[f"optim/{name}/state1"].abs().max()) > 0
+        quantized += bool(tensors[f"optim/{name}/scale1"].isfinite().all())
+    assert quantized > 0
+    assert not [k for k in tensors if "absmax" in k or "qmap" in k]  # the layout is the run's, not the checkpoint's
+
+
+def test_the_fp16_case_resumes_a_loss_scale_that_matters(resumed):
+    """The fp16 resume above is exact only because the scale came back: the run had lowered it on an overflow."""
+    from pathlib import Path
+
+    state = torch.load(
+        Path(resumed["root"]) / "fsdp lora fp16/run/checkpoints/step-00000003/state.pt", weights_only=True
+    )
+    assert state["scaler"]["scale"] < 2.0**16 and state["scaler"]["_growth_tracker"] > 0, state["scaler"]
+
+
 def _train_losses(folder) -> dict[int, float]:
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
-def _resume_and_compare(original, world: int, settings: list[str], tmp_path, tiny_data, still_model) -> None:
-    """Resume `original`'s step-3 checkpoint on `world` processes: the same steps follow, within 1e-4."""
+def _resume_and_compare(
+    original, world: int, settings: list[str], tmp_path, tiny_data, still_model, tolerance: float = 1e-4
+) -> None:
+    """Resume `original`'s step-3 checkpoint on `world` processes: the same steps follow, within `tolerance`."""
     out = tmp_path / "resumed"
     ckpt = original / "checkpoints/step-00000003"
     args = tiny_args(still_model, tiny_data, out, "train.epochs=2", *settings, f"resume={ckpt}")
@@ -128,19 +178,19 @@ def _resume_and_compare(original, world: int, settings: list[str], tmp_path, tin
     assert "train.grad_accum=" in proc.stdout and "each step still trains 16 examples" in proc.stdout
     before, after = _train_losses(original), _train_losses(out)
     assert sorted(after) == list(range(4, 13))
-    assert max(abs(before[s] - after[s]) for s in after) <= 1e-4, (before, after)
+    assert max(abs(before[s] - after[s]) for s in after) <= tolerance, (before, after)
     a = load_file(str(original / "adapter/adapter_model.safetensors"))
     b = load_file(str(out / "adapter/adapter_model.safetensors"))
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-4
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= tolerance
 
 
 @pytest.mark.parametrize("case", RESIZE)
 def test_a_run_resumes_on_fewer_processes_with_the_same_steps(resumed, case, tmp_path, tiny_data, still_model):
     from pathlib import Path
 
-    strategy, world = RESIZE[case]
+    strategy, world, extra, tolerance = RESIZE[case]
     original = Path(resumed["root"]) / case / "run"
-    _resume_and_compare(original, world, _still(strategy), tmp_path, tiny_data, still_model)
+    _resume_and_compare(original, world, [*_still(strategy), *extra], tmp_path, tiny_data, still_model, tolerance)
 
 
 def test_a_run_resumes_on_more_processes_with_the_same_steps(tmp_path, tiny_data, still_model):
@@ -276,7 +326,6 @@ def test_resume_settings_that_cannot_work_stop_before_launch(tiny_model, tiny_da
         (["resume=auto", "overwrite=true"], "overwrite deletes the checkpoints"),
         (["checkpoint.keep=0", "checkpoint.every_steps=2"], "checkpoint.keep=0: keep at least 1"),
         (["watchdog.timeout=-1"], "watchdog.timeout=-1: give seconds (e.g. 600), or 0 to turn it off"),
-        (["strategy=zero2", "optimizer=adamw8bit", "checkpoint.every_steps=2"], "written under ddp only for now"),
     ]:
         proc = run(
             ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *extra)], cwd=tmp_path
@@ -327,3 +376,63 @@ def _roundtrip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+def test_8bit_moments_dequantized_and_quantized_back_step_on_alike():
+    """The stored form of bitsandbytes' 8-bit moments (values and block scales per element): quantized back into the
+    same layout they are the very same codes and scales (so the next steps are identical); into another (a rank's
+    rows), blocks inside one stored block are exact and the others quantized afresh, within a code's step."""
+    import bitsandbytes as bnb
+
+    from launcher.worker.eight_bit import dequantized, restore
+
+    def optimizer(p):
+        return bnb.optim.AdamW8bit([p], lr=1e-2, min_8bit_size=64)
+
+    def step(opt, p, g):
+        p.grad = g.clone()
+        opt.step()
+
+    torch.manual_seed(0)
+    grads = [torch.randn(300, 70) for _ in range(6)]
+    trained = torch.nn.Parameter(torch.randn(300, 70))
+    opt = optimizer(trained)
+    for g in grads[:3]:
+        step(opt, trained, g)
+    original = opt.state[trained]
+    stored = dequantized(original)
+    assert set(stored) == {"step", "state1", "state2", "scale1", "scale2"} and stored["scale1"].isfinite().all()
+    assert all(stored[k].dtype == torch.float32 and stored[k].shape == trained.shape for k in stored if k != "step")
+    stored = torch.load(_roundtrip({k: v.clone() if torch.is_tensor(v) else v for k, v in stored.items()}),
+                        weights_only=True)  # fmt: skip
+    resumed = torch.nn.Parameter(trained.detach().clone())
+    again = optimizer(resumed)
+    restore(again, resumed, stored)
+    for key in ("state1", "state2", "absmax1", "absmax2"):
+        assert torch.equal(again.state[resumed][key], original[key]), key
+    assert again.state[resumed]["step"] == 3
+    # Rows 0-149 and 150-299, as two ranks hold them under FSDP2. The first part's blocks are the stored ones;
+    # the second starts mid-block (10500 = 41 x 256 + 4), so its blocks straddle two stored ones.
+    for part in (slice(0, 150), slice(150, 300)):
+        rows = torch.nn.Parameter(torch.randn(150, 70))
+        fresh = optimizer(rows)
+        restore(fresh, rows, {k: v[part] if torch.is_tensor(v) else v for k, v in stored.items()})
+        back = dequantized(fresh.state[rows])
+        for moment in ("state1", "state2"):
+            if part.start == 0:
+                assert torch.equal(fresh.state[rows][moment], original[moment][part]), moment
+            scale = float(stored[moment][part].abs().max())
+            assert float((back[moment] - stored[moment][part]).abs().max()) <= 0.02 * scale, moment
+    for g in grads[3:]:
+        step(opt, trained, g)
+        step(again, resumed, g)
+    assert torch.equal(trained, resumed)
+    # A tensor under min_8bit_size keeps fp32 moments: stored as they are, with NaN scales (the same keys).
+    small = torch.nn.Parameter(torch.randn(10))
+    kept = optimizer(small)
+    step(kept, small, torch.randn(10))
+    stored = dequantized(kept.state[small])
+    assert stored["scale1"].isnan().all() and torch.equal(stored["state1"], kept.state[small]["state1"])
+    again = optimizer(torch.nn.Parameter(small.detach().clone()))
+    restore(again, again.param_groups[0]["params"][0], stored)
+    assert torch.equal(next(iter(again.state.values()))["state2"], kept.state[small]["state2"])

@@ -3,7 +3,7 @@ on a tiny Llama-shaped causal LM and on a tiny BERT classifier; the saved model 
 to the logits the trained model gave.
 
 The cells come from `launcher.compat` (the same rules that refuse the others before launch), so adding a rule
-or a row changes what runs here. Cells run grouped (one torchrun per model and strategy family) to keep the
+or a row changes what runs here. Cells run grouped (one torchrun per strategy family, both models) to keep the
 whole matrix within a few minutes.
 """
 
@@ -35,29 +35,28 @@ def _key(kind: str, overrides) -> str:
 def matrix(tmp_path_factory) -> dict[str, dict]:
     folder = tmp_path_factory.mktemp("matrix")
     results = {}
-    for kind in KINDS:
-        for family, prefix in FAMILIES.items():
-            cells = [list(c.overrides) for c in CELLS if c.overrides[0].startswith(prefix)]
-            (folder / f"{kind}-{family}.cells.json").write_text(json.dumps(cells))
-            out = folder / family / f"{kind}.json"
-            out.parent.mkdir(exist_ok=True)
-            proc = run(
-                [
-                    "torchrun",
-                    "--standalone",
-                    "--nproc_per_node",
-                    "2",
-                    str(ROOT / "tests/helpers/matrix_worker.py"),
-                    str(out),
-                    kind,
-                    str(folder / f"{kind}-{family}.cells.json"),
-                ],
-                cwd=folder,
-                timeout=900,
-            )
-            assert proc.returncode == 0, why_failed(proc)
-            for result in json.loads(out.read_text()):
-                results[_key(kind, result["overrides"])] = result
+    for family, prefix in FAMILIES.items():
+        cells = [list(c.overrides) for c in CELLS if c.overrides[0].startswith(prefix)]
+        (folder / f"{family}.cells.json").write_text(json.dumps(cells))
+        out = folder / family / "results.json"
+        out.parent.mkdir(exist_ok=True)
+        proc = run(
+            [
+                "torchrun",
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(ROOT / "tests/helpers/matrix_worker.py"),
+                str(out),
+                ",".join(KINDS),
+                str(folder / f"{family}.cells.json"),
+            ],
+            cwd=folder,
+            timeout=900,
+        )
+        assert proc.returncode == 0, why_failed(proc)
+        for result in json.loads(out.read_text()):
+            results[_key(result["kind"], result["overrides"])] = result
     return results
 
 

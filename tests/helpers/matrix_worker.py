@@ -4,7 +4,8 @@ A cell is a list of overrides (strategy, adapter, optimizer). For each, rank 0 r
 batch, which parameters changed, the optimizer-state dtypes, whether a 4-bit base is still 4-bit, the logits of
 its batch after training and where the model was saved; the test then reloads every saved model in a plain
 process and compares logits.
-usage: torchrun --nproc_per_node 2 matrix_worker.py OUT.json {llama|bert} CELLS.json [precision]
+usage: torchrun --nproc_per_node 2 matrix_worker.py OUT.json KINDS CELLS.json [precision]
+(KINDS: llama, bert or both, comma-separated: each runs every cell)
 """
 
 from __future__ import annotations
@@ -165,20 +166,21 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
 
 
 def main() -> None:
-    out, kind, cells_path = sys.argv[1:4]
+    out, kinds, cells_path = sys.argv[1:4]
     precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
     quiet_libraries()
     ranks = dist.init()
     with open(cells_path) as f:
         cells = json.load(f)
     results = []
-    for i, overrides in enumerate(cells):
+    for kind, (i, overrides) in [(k, c) for k in kinds.split(",") for c in enumerate(cells)]:
         start = time.time()
         folder = os.path.join(os.path.dirname(os.path.abspath(out)), f"{kind}-{i}")
         try:
             result = run_cell(kind, overrides, folder, precision, ranks)
         except Exception as e:  # report the cell and go on: the test names every broken cell
             result = {"overrides": overrides, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()}
+        result["kind"] = kind
         result["seconds"] = round(time.time() - start, 2)
         results.append(result)
         if ranks.is_main:

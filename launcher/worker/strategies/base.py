@@ -12,6 +12,7 @@ import torch
 
 from launcher.checkpoints import unmatched_parameters
 from launcher.config import RunConfig
+from launcher.worker import eight_bit
 from launcher.worker.weights import Weights
 
 # Builds (optimizer, scheduler) for the parameters of the module the strategy hands it (sharded or not). A strategy
@@ -163,15 +164,18 @@ class Engine(ABC):
             p.copy_(value.to(p.dtype))
 
     def optimizer_state(self, p: torch.nn.Parameter) -> dict[str, Any]:
-        """The optimizer's state of a trained parameter, each tensor whole. Collective where the strategy gathers."""
-        return dict(self.optimizer.state.get(p, {}))
+        """The optimizer's state of a trained parameter, each tensor whole (an 8-bit optimizer's moments
+        dequantized: see eight_bit). Collective where the strategy gathers."""
+        return eight_bit.dequantized(self.optimizer.state.get(p, {}))
 
     def set_optimizer_state(self, p: torch.nn.Parameter, state: dict[str, Any]) -> None:
         """Give the optimizer a trained parameter's state (tensors whole); scalars such as Adam's step stay on the
         CPU, as the optimizer made them."""
-        self.optimizer.state[p] = {
-            k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()
-        }
+        state = {k: v.to(p.device) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
+        if eight_bit.is_eight_bit(self.optimizer):
+            eight_bit.restore(self.optimizer, p, state)
+        else:
+            self.optimizer.state[p] = state
 
 
 def clip_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:

@@ -7,6 +7,7 @@ all-reduced across groups). CPU offload keeps shards, gradients and the optimize
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 
 import torch
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from launcher.config import Fsdp
+from launcher.worker import eight_bit
 from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype, frozen_dtype
 from launcher.worker.weights import Weights, move_real, replace_meta
 
@@ -61,7 +63,11 @@ class FsdpEngine(Engine):
             where = torch.device("cpu") if offload else self.device
             _load_shards(self.module, inputs.weights, frozen_dtype(cfg.precision), where)
         # Over the sharded parameters; optimizers that take plain tensors only get views of the local shards.
-        self.optimizer, self.scheduler = inputs.make_optimizer(self.module, plain_local_shards)
+        self._plain: dict[int, torch.nn.Parameter] = {}
+        """A sharded parameter's plain view, by id, where the optimizer was given one (its state is keyed by it)."""
+        self.optimizer, self.scheduler = inputs.make_optimizer(
+            self.module, functools.partial(plain_local_shards, into=self._plain)
+        )
         self.params = [p for p in self.module.parameters() if p.requires_grad]
         self.max_grad_norm = cfg.train.max_grad_norm
         self.scaler = None
@@ -117,12 +123,23 @@ class FsdpEngine(Engine):
             p.to_local().copy_(_local_part(value.to(p.dtype), p))
 
     def optimizer_state(self, p):
+        local = self._plain.get(id(p))
+        if local is not None:  # an 8-bit optimizer's state of this rank's rows: dequantized, then made whole
+            state = eight_bit.dequantized(self.optimizer.state.get(local, {}))
+            return {k: _whole(v, p) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()}
         return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in self.optimizer.state.get(p, {}).items()}
 
     def set_optimizer_state(self, p, state):
+        device = p.to_local().device
+        local = self._plain.get(id(p))
+        if local is not None:  # this rank's rows, quantized into the optimizer's layout of them
+            rows = {
+                k: _local_part(v.to(device), p) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()
+            }
+            eight_bit.restore(self.optimizer, local, rows)
+            return
         self.optimizer.state[p] = {
-            k: _as_param(v.to(p.to_local().device), p) if torch.is_tensor(v) and v.dim() > 0 else v
-            for k, v in state.items()
+            k: _as_param(v.to(device), p) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()
         }
 
 
@@ -135,6 +152,13 @@ def _as_param(value: torch.Tensor, like: DTensor) -> DTensor:
 
 def _local_part(value: torch.Tensor, like: DTensor) -> torch.Tensor:
     return _as_param(value, like).to_local()
+
+
+def _whole(local: torch.Tensor, like: DTensor) -> torch.Tensor:
+    """The whole tensor of which each rank holds the part `like` lays out (collective)."""
+    return DTensor.from_local(
+        local, like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
+    ).full_tensor()
 
 
 def _vocabulary_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -186,10 +210,13 @@ def clip_sharded_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> 
     return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
-def plain_local_shards(groups: list[dict]) -> tuple[list[dict], Callable[[torch.optim.Optimizer], None]]:
+def plain_local_shards(
+    groups: list[dict], into: dict[int, torch.nn.Parameter] | None = None
+) -> tuple[list[dict], Callable[[torch.optim.Optimizer], None]]:
     """FSDP2 parameters are DTensors, which bitsandbytes' 8-bit kernels cannot take. Give such an optimizer plain
-    parameters sharing each local shard's storage instead (an update to one is an update to the other); the returned
-    function, called with the built optimizer, hands it the local gradient shards each step."""
+    parameters sharing each local shard's storage instead (an update to one is an update to the other), each recorded
+    in `into` by its sharded parameter's id; the returned function, called with the built optimizer, hands it the
+    local gradient shards each step."""
     pairs = []
     out = []
     for group in groups:
@@ -198,6 +225,8 @@ def plain_local_shards(groups: list[dict]) -> tuple[list[dict], Callable[[torch.
             if isinstance(p, DTensor):
                 local = torch.nn.Parameter(p._local_tensor, requires_grad=True)
                 pairs.append((p, local))
+                if into is not None:
+                    into[id(p)] = local
                 params.append(local)
             else:
                 params.append(p)

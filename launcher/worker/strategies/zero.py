@@ -8,6 +8,7 @@ import deepspeed
 import torch
 
 from launcher.config import Zero
+from launcher.worker import eight_bit
 from launcher.worker.adapters import precision_dtype
 from launcher.worker.strategies.base import Engine, EngineInputs, StepResult, current_lr, local_state_dict
 from launcher.worker.strategies.zero_config import deepspeed_config
@@ -121,7 +122,7 @@ class ZeroEngine(Engine):
             return super().optimizer_state(p)
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        sample = _inner_state(self.optimizer)
+        sample = _flat_state(self.optimizer, p)
         out = {
             k: safe_get_full_optimizer_state(p, k).reshape(_whole_shape(p))
             for k in sorted(sample)
@@ -142,19 +143,28 @@ class ZeroEngine(Engine):
             if torch.is_tensor(value) and value.dim() > 0:
                 safe_set_full_optimizer_state(p, value.to(self.device), key)
         if "step" in state:
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
-            for st in inner.state.values():
+            for st in _inner(self.optimizer).state.values():
                 st["step"] = state["step"].clone() if torch.is_tensor(state["step"]) else state["step"]
 
     def train_state(self):
-        _link_fragments(self.optimizer)
         scalars, tensors = super().train_state()
         scalars["deepspeed_loss_scaler"] = scaler_state(self.optimizer)  # fp16: its dynamic loss scale
-        return scalars, tensors
+        return scalars, self._per_parameter(tensors)
+
+    def _per_parameter(self, tensors):
+        """`tensors` iterated with the flat partitions' states readable per parameter: an 8-bit optimizer's
+        dequantized (its codes are blocked over the whole partition), and every parameter linked to its fragment."""
+        with eight_bit.dequantized_states(_inner(self.optimizer)):
+            _link_fragments(self.optimizer)
+            yield from tensors
+        _link_fragments(self.optimizer)
 
     def load_train_state(self, scalars, keys, tensor):
         _link_fragments(self.optimizer)
         super().load_train_state(scalars, keys, tensor)
+        if eight_bit.is_eight_bit(self.optimizer):  # the states were set per parameter in fp32: quantize them
+            eight_bit.requantize_states(_inner(self.optimizer))
+            _link_fragments(self.optimizer)
         set_scaler_state(self.optimizer, scalars.get("deepspeed_loss_scaler"))
         # DeepSpeed counts steps itself (its accumulation boundary, its logging); the run goes on from this one.
         steps = scalars["scheduler"].get("last_epoch", 0)
@@ -287,10 +297,11 @@ def _whole_shape(p: torch.nn.Parameter) -> torch.Size:
 
 
 def _ensure_states(optimizer, like: dict) -> bool:
-    """Give every flat partition an optimizer state with the keys of `like` (a checkpoint's, for one parameter),
-    zeros until they are set; returns whether any was made. A fresh ZeRO optimizer makes its states in its first
-    step, and a resumed run must set them before that step."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    """Give every flat partition's optimizer state the keys of `like` (a checkpoint's, for one parameter) that it
+    lacks, zeros until they are set; returns whether any was made. A fresh ZeRO optimizer makes its states in its
+    first step, and a resumed run must set them before that step. (Parameters may bring different keys: an 8-bit
+    optimizer's small partitions have no block scales.)"""
+    inner = _inner(optimizer)
     # ZeRO-3 hands its inner optimizer one sub-group's partition at a time (param_groups are empty between steps).
     flats = getattr(optimizer, "fp32_partitioned_groups_flat", None) or getattr(
         optimizer, "single_partition_of_fp32_groups", None
@@ -299,14 +310,15 @@ def _ensure_states(optimizer, like: dict) -> bool:
         flats = [p for group in inner.param_groups for p in group["params"]]
     made = False
     for flat in flats:
-        if not inner.state.get(flat):
-            made = True
-            inner.state[flat] = {
-                k: torch.zeros_like(flat)
-                if torch.is_tensor(v) and v.dim() > 0
-                else (v.clone() if torch.is_tensor(v) else v)
-                for k, v in like.items()
-            }
+        state = inner.state.setdefault(flat, {})
+        for k, v in like.items():
+            if k not in state:
+                made = True
+                state[k] = (
+                    torch.zeros_like(flat)
+                    if torch.is_tensor(v) and v.dim() > 0
+                    else (v.clone() if torch.is_tensor(v) else v)
+                )
     return made
 
 
@@ -320,10 +332,28 @@ def _link_fragments(optimizer) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
 
 
-def _inner_state(optimizer) -> dict:
-    """One flat partition's optimizer state (every partition has the same keys)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+def _flat_state(optimizer, p: torch.nn.Parameter) -> dict:
+    """The optimizer state of the flat partition that holds `p`'s fp32 master: its keys are `p`'s (an 8-bit
+    optimizer keeps a partition smaller than its min_8bit_size in fp32, without block scales). Every rank has a
+    partition of each group, with the same keys."""
+    inner = _inner(optimizer)
+    if hasattr(p, "ds_id"):  # ZeRO-3: each parameter's partition lies in one sub-group's flat tensor
+        group = optimizer.grad_position[optimizer.get_param_id(p)][0]
+        return inner.state.get(optimizer.fp32_partitioned_groups_flat[group], {})
+    for groups, flats in (
+        ("bit16_groups", "single_partition_of_fp32_groups"),
+        ("bf16_groups", "fp32_groups_flat_partition"),
+    ):
+        if hasattr(optimizer, groups):  # ZeRO-1/2, or stage 0's bf16 optimizer
+            for params, flat in zip(getattr(optimizer, groups), getattr(optimizer, flats), strict=True):
+                if any(q is p for q in params):
+                    return inner.state.get(flat, {})
     return next(iter(inner.state.values()), {})
+
+
+def _inner(optimizer):
+    """The optimizer that steps the flat partitions (ours), inside DeepSpeed's ZeRO optimizer."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _largest_block_numel(module: torch.nn.Module, block_types: tuple[type, ...]) -> int | None:
