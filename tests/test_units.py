@@ -57,7 +57,7 @@ def test_local_commands_share_one_plan_and_quote_values():
     line = render(cmds[0])
     assert "'/r/my recipe.py'" in line and "MASTER_PORT=29500" in line
     secret = render(RankCommand(rank=0, argv=["x"], env={"HF_TOKEN": "hf_abc", "WANDB_API_KEY": "k"}))
-    assert "hf_abc" not in secret and "HF_TOKEN='****'" in secret and "WANDB_API_KEY='****'" in secret
+    assert "hf_abc" not in secret and "HF_TOKEN='***'" in secret and "WANDB_API_KEY='***'" in secret
 
 
 def test_executor_propagates_the_failing_exit_code_and_stops_the_others(tmp_path, capfd):

@@ -8,7 +8,8 @@ import shlex
 import sys
 from dataclasses import dataclass, field
 
-SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_KEY|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
+SECRET = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|KEY|CREDENTIAL", re.IGNORECASE)
+"""Variables whose values are forwarded but never shown (logs, dry runs)."""
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ def local_commands(
 
 
 def mask(name: str, value: str) -> str:
-    return "****" if SECRET.search(name) else value
+    return "***" if SECRET.search(name) else value
 
 
 def render(cmd: RankCommand) -> str:
