@@ -70,6 +70,13 @@ def test_every_parameter_is_materialized_and_equals_the_folder(loaded, case):
     assert r["max_weight_diff"] <= tolerance, r["max_weight_diff"]
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if ":qlora:" in c])
+def test_each_layer_is_quantized_by_one_rank_and_sent_to_the_other(loaded, case):
+    r = loaded[case]
+    counts, layers = r["quantized_per_rank"], r["four_bit_layers"]
+    assert layers > 0 and sum(counts) == layers and max(counts) - min(counts) <= 1, (counts, layers)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_first_loss_equals_a_plain_single_process_load(loaded, case):
     r = loaded[case]
@@ -144,7 +151,7 @@ def big_runs(big_folder, tmp_path_factory):
                 *settings,
                 "activation_checkpointing=true",
                 "data.max_train_rows=16",
-                "data.max_length=64",  # the load and the memory are what is measured: few tokens
+                "data.max_length=128",
                 "data.packing=false",
                 "data.eval=",
                 "data.generations=0",

@@ -1,7 +1,8 @@
 """What gets trained: every parameter, or a peft LoRA/DoRA adapter, optionally over a base quantized by bitsandbytes
 (4-bit for qlora, 8-bit for lora8). Quantization happens here, after the recipe built its model, so every recipe
 gets every adapter without knowing about bitsandbytes. A model built on the meta device (worker/weights.py) is
-quantized on load: each layer's weight is read whole, quantized, and dropped before the next one is read."""
+quantized on load: each layer's weight is read whole, quantized, and dropped before the next one is read; with
+several ranks, each layer by one of them in turn, the 4-bit result broadcast to the others."""
 
 from __future__ import annotations
 
@@ -71,11 +72,18 @@ def quantize(
 
     adapter = cfg.adapter
     targets = [(n, model.get_submodule(n)) for n in quantized_layers(model, heads)]
-    for name, old in targets:
+    world, rank = _world()
+    # Built on meta, with peers: each rank reads and quantizes every world-th layer, all at once, then each layer is
+    # sent from its rank to the others (the same bits: quantizing is deterministic). A node quantizes its model once,
+    # not once per rank, and no rank waits for another's layer before doing its own.
+    shared = weights is not None and isinstance(adapter, QLora) and world > 1
+    pending = []
+    for index, (name, old) in enumerate(targets):
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if weights is not None:  # built on meta: this layer's weight (and bias) read whole, only now
+        owner = index % world if shared else rank
+        if weights is not None and (owner == rank or old.bias is not None):  # read whole, only now
             materialize(old, weights, torch.device("cpu"), lambda _: torch.float32, prefix=name)
-        weight = old.weight.data
+        weight = old.weight.data if owner == rank else None
         if isinstance(adapter, QLora):
             new = bnb.nn.Linear4bit(
                 old.in_features,
@@ -87,7 +95,9 @@ def quantize(
                 quant_storage=quant_storage(cfg),
                 device="meta",
             )
-            new.weight = four_bit(weight, cfg, device, module=new)
+            if weight is not None:
+                new.weight = four_bit(weight, cfg, device, module=new)
+            pending.append((new, owner))
             # bitsandbytes repacks a 4-bit weight for its CPU inference kernel on the first eval-mode forward,
             # rounding the block scales to bf16: the frozen base would silently change after an evaluation.
             new.support_avx512bf16_for_cpu = False
@@ -105,7 +115,37 @@ def quantize(
             new.bias = torch.nn.Parameter(old.bias.data.to(device), requires_grad=False)
         setattr(parent, name.rsplit(".", 1)[-1], new)
         old.to("meta")  # `targets` still holds the old layer: free its full-precision weight now, not at the end
+    for new, owner in pending if shared else []:
+        new.weight = _sent(new.weight if owner == rank else None, owner, device, new)
     return len(targets)
+
+
+def _world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def _sent(packed, owner: int, device: torch.device, module):
+    """A layer's 4-bit weight (bitsandbytes Params4bit), which rank `owner` quantized (the others pass None),
+    broadcast: the packed bits as a tensor, the block scales and layout as an object. Collective."""
+    import bitsandbytes as bnb
+
+    dist = torch.distributed
+    mine = packed is not None
+    if mine:
+        stats = {k: v.cpu() if torch.is_tensor(v) else v for k, v in packed.quant_state.as_dict(packed=True).items()}
+        box = [tuple(packed.data.shape), packed.data.dtype, stats]
+    else:
+        box = [None, None, None]
+    dist.broadcast_object_list(box, src=owner)
+    shape, dtype, stats = box
+    data = packed.data if mine else torch.empty(shape, dtype=dtype, device=device)
+    dist.broadcast(data, src=owner)
+    if mine:
+        return packed
+    return bnb.nn.Params4bit.from_prequantized(data, stats, requires_grad=False, device=device, module=module)
 
 
 def quantized_layers(model: torch.nn.Module, heads: list[str]) -> list[str]:

@@ -93,6 +93,23 @@ def plain_loss(recipe, cfg, task, batch, *, quantized: bool) -> float:
         return float(model(**batch).loss)
 
 
+def _counting_quantizations(build):
+    """build(), and how many layers this rank quantized itself while it ran."""
+    from launcher.worker import adapters
+
+    real, calls = adapters.four_bit, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    adapters.four_bit = counted
+    try:
+        return build(), len(calls)
+    finally:
+        adapters.four_bit = real
+
+
 def digest(t: torch.Tensor) -> str:
     return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -106,13 +123,21 @@ def one(recipe, folder: str, case: str, ranks: dist.Ranks) -> dict:
     task = recipe.build_task(cfg, tokenizer)
     batch = batch_of(task)
     torch.manual_seed(cfg.seed)
-    engine = engine_for(recipe, cfg, task, ranks)
+    engine, quantized_here = _counting_quantizations(lambda: engine_for(recipe, cfg, task, ranks))
+    counts = [0] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(counts, quantized_here)
+    four_bit_layers = sum(type(m).__name__ == "Linear4bit" for m in engine.module.modules())
     still_meta = sum(1 for p in engine.module.parameters() if p.device.type == "meta")
     engine.train(False)
     with torch.no_grad():
         first = float(engine.forward(batch).loss)
     gathered = engine.gathered_state_dict(trainable_only=False)
-    out = {"first_loss": first, "still_meta": still_meta}
+    out = {
+        "first_loss": first,
+        "still_meta": still_meta,
+        "quantized_per_rank": counts,
+        "four_bit_layers": four_bit_layers,
+    }
     if ranks.is_main:
         quantized = [n for n, t in gathered.items() if t.dtype == torch.uint8 or "quant" in n or "absmax" in n]
         plain = {source_name(n): t for n, t in gathered.items() if not any(q.rsplit(".", 1)[0] in n for q in quantized)}
