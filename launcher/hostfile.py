@@ -21,7 +21,6 @@ from launcher.errors import ConfigError
 
 HOST_NAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
 """A host name or an IPv4 address (letters, digits, '-', '.', '_'; what ssh and pdsh take without quoting)."""
-LINE = re.compile(r"^(?P<host>\S+)(?P<rest>(\s+\S+)*)$")
 SLOTS = re.compile(r"^slots=(?P<n>\S*)$")
 
 
@@ -44,10 +43,9 @@ def parse_hostfile(text: str, source: str = "hostfile") -> list[Host]:
         if not line:
             continue
         where = f"{source}, line {number}: {raw.strip()!r}"
-        match = LINE.match(line)
         fields = line.split()
         name = fields[0]
-        if not match or not HOST_NAME.match(name):
+        if not HOST_NAME.match(name):
             problems.append(f"{where}: {name!r} is not a host name (letters, digits, '-', '.', '_')")
             continue
         slot_fields = [f for f in fields[1:] if f.startswith("slots=")]
