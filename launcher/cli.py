@@ -11,10 +11,14 @@ import sys
 
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
 
+UNREACHABLE_EXIT_CODE = 255
+"""A host ssh cannot reach (ssh's own code for it)."""
+
 EPILOG = """examples:
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero2 train.max_steps=50
   launcher run recipes/lora_cls.py --nproc 2 --dry-run strategy=zero3
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 adapter=qlora optimizer=adamw8bit
+  launcher run recipes/lora_cls.py --hostfile hostfiles/two-nodes.txt strategy=zero3   (every node: ssh + torchrun)
   launcher export runs/sst2/checkpoints/step-00000500 --out sst2-model --merge
   launcher matrix                          (which strategy x adapter x optimizer combinations work)
   launcher recipes                         (the recipes, one line each)
@@ -24,6 +28,8 @@ EPILOG = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from launcher.launch.cluster import RUNNERS
+
     parser = argparse.ArgumentParser(
         prog="launcher",
         description="Fine-tune transformer models from plain Python recipes, on one or many processes.",
@@ -51,6 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run",
         action="store_true",
         help="print the resolved configuration, the command of each rank and the DeepSpeed JSON; start nothing",
+    )
+    nodes = run.add_argument_group("many nodes (hostfiles/README.md)")
+    nodes.add_argument("--hostfile", metavar="FILE", help="the nodes, one 'HOST slots=N' per line")
+    nodes.add_argument(
+        "--runner",
+        choices=RUNNERS,
+        help="ssh: one torchrun per node over ssh (default with --hostfile); deepspeed: DeepSpeed's runner over "
+        "pdsh; slurm: one srun task per node of this allocation (default inside one, --nproc per node)",
+    )
+    nodes.add_argument("--include", default="", metavar="SPEC", help="only these hosts/slots, e.g. node-1@node-2:0,1")
+    nodes.add_argument("--exclude", default="", metavar="SPEC", help="all but these hosts/slots, e.g. node-2:7")
+    nodes.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also send this variable to every node (NCCL_*, CUDA_*, PYTHON*, HF_*, WANDB_*, MLFLOW_* always go)",
+    )
+    nodes.add_argument(
+        "--env-file", metavar="FILE", help="NAME=VALUE lines every node gets (default: ./.launcher_env if present)"
+    )
+    nodes.add_argument("--ssh-config", metavar="FILE", help="ssh client configuration to reach the hosts (ssh -F)")
+    nodes.add_argument("--ssh-port", type=int, metavar="N", help="the hosts' ssh port")
+    nodes.add_argument(
+        "--no-check", action="store_true", help="skip the check that ssh reaches every host before starting"
+    )
+    nodes.add_argument(
+        "--master-port",
+        type=int,
+        metavar="N",
+        help="rendezvous port on the first host (default: a free one when it is this machine, else 29500)",
     )
     export = sub.add_parser(
         "export",
@@ -169,6 +206,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from launcher.plan import build_plan
     from launcher.recipe import Recipe
 
+    if args.hostfile or args.runner:
+        return cmd_run_nodes(args)
     recipe = Recipe.load(args.recipe)
     job = Job(world_size=args.nproc, local_world_size=args.nproc, cuda=has_cuda())
     print(f"{recipe.name}: checking the settings and the data", flush=True)
@@ -204,6 +243,105 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs = logs_folder(os.path.abspath(plan.config.output_dir))
     # Each start gets a fresh rendezvous port: the last one's may still be held by its dead ranks' sockets.
     return run_restarting(lambda restart: _rank_commands(plan, args.nproc)[1], args.max_restarts, logs)
+
+
+def cmd_run_nodes(args: argparse.Namespace) -> int:
+    """`launcher run --hostfile` / `--runner`: the plan for every node, then the runner's commands."""
+    from launcher.job import Job, has_cuda, launch_env
+    from launcher.launch.cluster import read_cluster
+    from launcher.plan import build_plan
+    from launcher.recipe import Recipe
+
+    if args.max_restarts:
+        raise ConfigError(f"--max-restarts {args.max_restarts}: restarts are for one node; drop it with --hostfile")
+    cluster = read_cluster(
+        runner=args.runner,
+        hostfile=args.hostfile,
+        include=args.include,
+        exclude=args.exclude,
+        env_names=tuple(args.env),
+        env_file=args.env_file,
+        ssh_config=args.ssh_config,
+        ssh_port=args.ssh_port,
+        master_port=args.master_port,
+        nproc=args.nproc,
+    )
+    recipe = Recipe.load(args.recipe)
+    job = Job(world_size=cluster.world, local_world_size=cluster.per_node, nodes=len(cluster.hosts), cuda=has_cuda())
+    hosts = tuple(h.name for h in cluster.hosts)
+    print(f"{recipe.name}: checking the settings and the data", flush=True)
+    from launcher.data.files import scratch_cache
+
+    with scratch_cache() if args.dry_run else contextlib.nullcontext():
+        plan = build_plan(recipe, args.overrides, launch_env(job, hosts=hosts))
+    if args.dry_run:
+        from launcher.views import print_dry_run
+        from launcher.worker.strategies import dry_run_sections
+
+        path, launch = _node_launch(plan, cluster)
+        lines = [c.shown for c in launch.commands]
+        if launch.env_file is not None:
+            lines.append(f"{launch.environ['DS_ENV_FILE']} (DeepSpeed's env file, secrets masked):")
+            lines += [_masked_line(line) for line in launch.env_file.splitlines()]
+        sections = dry_run_sections(plan.config, cluster.world, job.cuda)
+        print_dry_run(plan.to_json(), path, lines, cluster.world, sections)
+        return 0
+    from launcher.rundir import claim
+
+    if cluster.runner != "slurm" and not args.no_check:
+        from launcher.launch.remote import unreachable
+
+        failed = unreachable([h.name for h in cluster.hosts], cluster.ssh_config, cluster.ssh_port)
+        if failed:
+            print("launcher: ssh cannot reach every host; nothing was started:", file=sys.stderr)
+            for line in failed:
+                print(f"  {line}", file=sys.stderr)
+            print("fix ssh to those hosts (passwordless, BatchMode), give --ssh-config, or leave them out with "
+                  "--exclude", file=sys.stderr)  # fmt: skip
+            return UNREACHABLE_EXIT_CODE
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    plan = claim(plan)
+    where = ", ".join(f"{h.name} ({len(h.slots)})" for h in cluster.hosts)
+    print(f"{recipe.name}: starting {cluster.world} process(es) on {where} in {plan.config.output_dir}", flush=True)
+    path, launch = _node_launch(plan, cluster)
+    if cluster.runner == "ssh":
+        from launcher.launch.remote import run_nodes
+
+        return run_nodes(launch.commands)
+    from launcher.launch.remote import run_runner
+
+    hosts = [h.name for h in cluster.hosts]
+    from launcher.launch.commands import SECRET
+
+    secrets = [v for k, v in cluster.env.items() if SECRET.search(k) and v]
+    return run_runner(
+        launch, cluster.runner, plan_path=path, hosts=hosts, ssh_config=cluster.ssh_config, secrets=secrets
+    )
+
+
+def _node_launch(plan, cluster):
+    """(the plan file every node reads, the runner's commands)."""
+    import uuid
+
+    from launcher.hangs import logs_folder
+    from launcher.launch.cluster import node_commands
+    from launcher.plan import PLAN_FILE
+    from launcher.rundir import CLAIMED
+
+    folder = os.path.abspath(plan.config.output_dir)
+    path = os.path.join(folder, PLAN_FILE)
+    cluster = dataclasses.replace(cluster, env={**cluster.env, CLAIMED: folder})
+    launch = node_commands(cluster, recipe=plan.recipe, plan_path=path, run_id=uuid.uuid4().hex[:12],
+                           logs=logs_folder(folder))  # fmt: skip
+    return path, launch
+
+
+def _masked_line(line: str) -> str:
+    from launcher.launch.commands import mask
+
+    name, _, value = line.partition("=")
+    return f"  {name}={mask(name, value)}"
 
 
 def _rank_commands(plan, nproc: int):

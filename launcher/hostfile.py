@@ -118,3 +118,16 @@ def _parse_filter(spec: str, flag: str, known: dict[str, Host]) -> dict[str, tup
 def world(hosts: list[Host]) -> tuple[int, int]:
     """(nodes, processes) of a launch on `hosts`."""
     return len(hosts), sum(len(h.slots) for h in hosts)
+
+
+def per_node(hosts: list[Host]) -> int:
+    """The processes each node runs; ConfigError when the nodes differ (torchrun and srun start the same number on
+    every node, and a plan has one number of processes per node)."""
+    counts = {len(h.slots) for h in hosts}
+    if len(counts) != 1:
+        raise ConfigError(
+            "every node must run the same number of processes (slots: "
+            + ", ".join(f"{h.name}={len(h.slots)}" for h in hosts)
+            + "): give each host the same slots, or pick equal slots with --include"
+        )
+    return counts.pop()

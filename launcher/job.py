@@ -31,6 +31,8 @@ class LaunchEnv:
     """Wall-clock time used for the default run directory name (None: the current time)."""
     elastic_shared_store: bool = False
     """Started by torchrun with --max-restarts and its rendezvous store shared with the ranks (Job)."""
+    hosts: tuple[str, ...] = ()
+    """The nodes of a multi-node launch, in node-rank order (empty: this machine alone)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,6 +47,9 @@ class Job:
     """Processes in the job (WORLD_SIZE)."""
     local_world_size: int = 1
     """Processes on this node (LOCAL_WORLD_SIZE from torchrun and ours, LOCAL_SIZE from DeepSpeed's runner)."""
+    nodes: int = 1
+    """Nodes in the job (GROUP_WORLD_SIZE from torchrun, CROSS_SIZE from DeepSpeed's runner, else the processes
+    over those per node)."""
     cuda: bool = False
     """This process sees CUDA devices."""
     restart: int = 0
@@ -70,11 +75,13 @@ def job_from_environ(environ: Mapping[str, str] | None = None, *, cuda: bool | N
     env = os.environ if environ is None else environ
     world = int(env.get("WORLD_SIZE", "1"))
     rank = int(env.get("RANK", "0"))
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world)
     return Job(
         rank=rank,
         local_rank=int(env.get("LOCAL_RANK", str(rank))),
         world_size=world,
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or world),
+        local_world_size=local_world,
+        nodes=int(env.get("GROUP_WORLD_SIZE") or env.get("CROSS_SIZE") or max(1, world // max(1, local_world))),
         cuda=has_cuda() if cuda is None else cuda,
         restart=int(env.get("LAUNCHER_RESTART") or env.get("TORCHELASTIC_RESTART_COUNT") or 0),
         restart_reason=env.get("LAUNCHER_RESTART_REASON", ""),
@@ -89,7 +96,7 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def launch_env(job: Job, *, deepspeed_runner: bool = False) -> LaunchEnv:
+def launch_env(job: Job, *, deepspeed_runner: bool = False, hosts: tuple[str, ...] = ()) -> LaunchEnv:
     """What this machine offers `job` (the input of `plan.build_plan`), probing the devices and libraries."""
     import ctypes.util
 
@@ -99,6 +106,7 @@ def launch_env(job: Job, *, deepspeed_runner: bool = False) -> LaunchEnv:
         world_size=job.world_size,
         local_world_size=job.local_world_size,
         deepspeed_runner=deepspeed_runner,
+        hosts=hosts,
         elastic_shared_store=job.elastic_shared_store,
         cuda=job.cuda,
         gpus=torch.cuda.device_count() if job.cuda else 0,

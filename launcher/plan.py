@@ -272,7 +272,8 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         name=type(cfg).recipe,
         world_size=env.world_size,
         local_world_size=env.local_world_size,
-        nodes=max(1, env.world_size // max(1, env.local_world_size)),
+        nodes=len(env.hosts) or max(1, env.world_size // max(1, env.local_world_size)),
+        hosts=list(env.hosts),
         device="cuda" if env.cuda else "cpu",
         notes=ignored_settings(cfg, given) + resumed + _elastic_notes(env),
         output_dir_given="output_dir" in given,
@@ -349,7 +350,13 @@ def check_job(plan: Plan, job: Job, source: str) -> list[str]:
         f"--nproc_per_node {plan.local_world_size} {recipe} --plan {source}), or plan for this job instead: "
         f"launcher run {recipe} --nproc {job.local_world_size}"
     )
-    if plan.world_size != job.world_size:
+    if plan.nodes > 1 and plan.nodes != job.nodes:
+        problems.append(
+            f"{source} was written for {plan.nodes} nodes ({', '.join(plan.hosts) or 'hosts not named'}), this job "
+            f"has {job.nodes}: a node that did not join would train alone; start it with launcher run --hostfile, "
+            "on every node of the plan"
+        )
+    elif plan.world_size != job.world_size:
         problems.append(f"{source} was written for {plan.world_size} process(es), this job has {job.world_size}: {fix}")
     elif plan.local_world_size != job.local_world_size:
         problems.append(

@@ -22,4 +22,6 @@ fi
 # DeepSpeed's CPU ops, compiled once here rather than inside the first run (or test) that needs them.
 .venv/bin/python scripts/build_ops.py 2>/dev/null | grep -v "^DeepSpeed" \
   || echo "setup: DeepSpeed's CPU ops were not prebuilt (they build on first use)"
+# openssh and pdsh for multi-node launches and their tests (installed only where we are root; else it says so).
+bash scripts/system_packages.sh
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -124,3 +124,22 @@ def tiny_args(model: Path, data: dict[str, Path], out: Path, *extra: str) -> lis
     ]
     replaced = {e.split("=", 1)[0] for e in extra}
     return [d for d in defaults if d.split("=", 1)[0] not in replaced] + list(extra)
+
+
+@pytest.fixture(scope="session")
+def loopback_nodes(tmp_path_factory):
+    """Two ssh "nodes" on this machine (127.0.0.1 and 127.0.0.2, a private sshd on a spare port, throwaway keys),
+    started once per session by the project's own script (which installs openssh-server and pdsh where it can);
+    yields the ssh client configuration that reaches them. Skipped, saying why, only where it cannot install them."""
+    import shutil
+
+    if os.geteuid() != 0 and not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
+        pytest.skip("no sshd here, and not root, so scripts/system_packages.sh cannot install openssh-server")
+    folder = tmp_path_factory.mktemp("loopback-nodes")
+    script = ROOT / "scripts" / "loopback_nodes.sh"
+    started = subprocess.run(["bash", str(script), "start", str(folder)], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, f"{script} start failed:\n{started.stdout}\n{started.stderr}"
+    try:
+        yield Path(started.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, timeout=60)

@@ -15,7 +15,7 @@ from launcher.job import LaunchEnv
 from launcher.plan import build_plan
 from launcher.recipe import Recipe
 from launcher.tasks.metrics import accuracy, macro_f1
-from tests.conftest import RECIPE, run, tiny_args, why_failed
+from tests.conftest import RECIPE, ROOT, run, tiny_args, why_failed
 
 
 def _check_run(out, world: int, strategy: str) -> None:
@@ -80,7 +80,12 @@ def _check_tensorboard(out, records: list[dict]) -> None:
 FORMS = {
     "python": (lambda args: [sys.executable, RECIPE, *args], 1, "ddp"),
     "torchrun": (lambda args: ["torchrun", "--standalone", "--nproc_per_node", "2", RECIPE, *args], 2, "fsdp"),
-    "deepspeed": (lambda args: ["deepspeed", "--num_gpus", "2", "--master_port", "29611", RECIPE, *args], 2, "zero2"),
+    # The card's own form: DeepSpeed's runner on the repository's `launch` script, which runs the recipe it is given.
+    "deepspeed": (
+        lambda args: ["deepspeed", "--num_gpus", "2", "--master_port", "29611", "launch", "recipes/lora_cls.py", *args],
+        2,
+        "zero2",
+    ),
     "launcher": (lambda args: ["launcher", "run", RECIPE, "--nproc", "2", *args], 2, "zero3"),
 }
 
@@ -93,7 +98,7 @@ def test_launch_form_runs_lora_cls(form, tiny_model, tiny_data, tmp_path):
     if form != "deepspeed":  # under DeepSpeed's runner, strategy=auto must resolve to zero2 by itself
         extra.append(f"strategy={strategy if form != 'python' else 'auto'}")
     args = tiny_args(tiny_model, tiny_data, out, *extra)
-    proc = run(make(args), cwd=tmp_path)
+    proc = run(make(args), cwd=ROOT if form == "deepspeed" else tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     _check_run(out, world, strategy)
     assert "done in" in proc.stdout

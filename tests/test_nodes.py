@@ -21,6 +21,7 @@ from launcher.launch.nodes import (
     srun_command,
     ssh_commands,
 )
+from tests.conftest import ROOT
 
 HOSTS = parse_hostfile("node-1 slots=2\nnode-2 slots=2\n")
 HOSTILE = "$(touch {marker}); `touch {marker}`; 'quoted' \"double\" \\ end"
@@ -36,23 +37,30 @@ def test_the_ssh_runner_starts_one_torchrun_per_node_with_rendezvous_on_the_firs
         rdzv_port=29500,
         run_id="run-a",
         env={"HF_HUB_OFFLINE": "1"},
+        log_dir="/runs/a/logs/torchrun",
         ssh_port=2222,
+        ssh_config="/keys/ssh_config",
     )
     assert [c.host for c in commands] == ["node-1", "node-2"]
     for rank, c in enumerate(commands):
-        assert c.argv[:6] == ["ssh", "-o", "BatchMode=yes", "-p", "2222", f"node-{rank + 1}"]
-        assert c.argv[6] == (
-            "cd /work && exec env HF_HUB_OFFLINE=1 /venv/bin/python -m torch.distributed.run --nnodes=2 "
-            "--nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=node-1:29500 "
-            "--rdzv_id=run-a /work/recipes/lora_cls.py --plan /runs/a/plan.json"
+        host = f"node-{rank + 1}"
+        assert c.argv[:8] == ["ssh", "-F", "/keys/ssh_config", "-o", "BatchMode=yes", "-p", "2222", host]
+        assert c.argv[8] == (
+            f"cd /work && exec env HF_HUB_OFFLINE=1 TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[{host}:${{rank}}] ' "
+            f"/venv/bin/python -m launcher.launch.node {host} -- "
+            "/venv/bin/python -m torch.distributed.run --nnodes=2 "
+            "--nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=node-1:29500 --rdzv_id=run-a "
+            f"--local-addr={host} --log-dir=/runs/a/logs/torchrun --tee=3 "
+            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2 "
+            "/work/recipes/lora_cls.py --plan /runs/a/plan.json"
         )
-        assert len(c.argv) == 7
+        assert len(c.argv) == 9
 
 
 def test_a_host_left_some_of_its_slots_sees_only_those_devices():
     hosts = select(parse_hostfile("a slots=4\nb slots=4\n"), include="a:2,3@b:0,1")
     commands = ssh_commands(hosts, recipe="r.py", plan_path="p.json", cwd="/w", python="py", rdzv_port=1,
-                            run_id="x", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"})  # fmt: skip
+                            run_id="x", env={"CUDA_VISIBLE_DEVICES": "0,1,2,3"}, log_dir="l")  # fmt: skip
     assert "CUDA_VISIBLE_DEVICES=2,3 " in commands[0].argv[-1] and "--nproc_per_node=2" in commands[0].argv[-1]
     assert "CUDA_VISIBLE_DEVICES=0,1,2,3 " in commands[1].argv[-1]  # its first two: local ranks 0 and 1 pick them
 
@@ -74,6 +82,7 @@ def test_hostile_values_reach_the_ranks_as_written_and_never_run(tmp_path):
         rdzv_port=29500,
         run_id="x",
         env={"HOSTILE_VALUE": hostile},
+        log_dir=str(tmp_path / "logs"),
     )
     out = subprocess.run(["sh", "-c", command.argv[-1]], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
@@ -117,13 +126,17 @@ def test_the_deepspeed_runner_is_started_without_the_variables_it_would_paste_un
     assert started == {"PATH": "/bin", "HOME": "/root", "DS_ENV_FILE": "/runs/a/deepspeed_env"}
     command = deepspeed_command(
         "hostfiles/two.txt", HOSTS, recipe="recipes/lora_cls.py", plan_path="/runs/a/plan.json", master_port=29500,
-        include="node-1@node-2:0",
+        include="node-1@node-2:0", python="/venv/bin/python", ssh_port=2222,
     )  # fmt: skip
     assert command.argv == [
-        "deepspeed",
+        "/venv/bin/python",
+        "-m",
+        "deepspeed.launcher.runner",
         "--hostfile=hostfiles/two.txt",
         "--include=node-1@node-2:0",
         "--launcher=pdsh",
+        "--no_ssh_check",
+        "--ssh_port=2222",
         "--master_addr=node-1",
         "--master_port=29500",
         "recipes/lora_cls.py",
@@ -138,7 +151,8 @@ def test_the_slurm_runner_is_one_srun_task_per_node():
     assert command.argv == [
         "srun", "--nodes=2", "--ntasks-per-node=1", "--nodelist=node-1,node-2", "--kill-on-bad-exit=1",
         "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-        "--rdzv_backend=c10d", "--rdzv_endpoint=node-1:29500", "--rdzv_id=job-7", "r.py", "--plan", "/runs/a/plan.json",
+        "--rdzv_backend=c10d", "--rdzv_endpoint=node-1:29500", "--rdzv_id=job-7",
+        "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", "r.py", "--plan", "/runs/a/plan.json",
     ]  # fmt: skip
     with pytest.raises(ConfigError, match=r"every node must run the same number of processes \(slots: a=2, b=1\)"):
         srun_command(parse_hostfile("a slots=2\nb slots=1\n"), recipe="r", plan_path="p", python="py", rdzv_port=1,
@@ -165,7 +179,7 @@ def test_the_environment_sent_is_an_allowlist_and_secrets_are_shown_masked():
         "MY_SETTING", "DB_PASSWORD", "HF_HOME",
     }  # fmt: skip
     (command,) = ssh_commands(HOSTS[:1], recipe="r.py", plan_path="p", cwd="/w", python="py", rdzv_port=1,
-                              run_id="x", env=env)  # fmt: skip
+                              run_id="x", env=env, log_dir="l")  # fmt: skip
     assert "hf_secret_value" in command.argv[-1] and "pw_value" in command.argv[-1]  # sent...
     for secret in ("hf_secret_value", "wandb_secret_value", "pw_value"):
         assert secret not in command.shown  # ...never shown
@@ -189,3 +203,83 @@ def test_nothing_here_reads_the_real_environment():
     before = dict(os.environ)
     forwarded_env({"HF_X": "1"})
     assert dict(os.environ) == before
+
+
+TORCHRUN_FAILURE = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+=======================================================
+/tmp/kill1.py FAILED
+-------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+-------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-01_18:03:11
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 21094)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 21094
+=======================================================
+"""
+
+
+def test_the_node_side_reads_the_first_failing_rank_from_torchruns_summary():
+    """torchrun exits 1 whatever its worker did; the node side reports the root cause's rank, pid and code (the
+    summary above is torchrun 2.13's own, from a worker killed by SIGKILL)."""
+    from launcher.launch.node import Summary
+
+    summary = Summary()
+    for line in TORCHRUN_FAILURE.splitlines(keepends=True):
+        summary.see(line)
+    assert (summary.rank, summary.pid, summary.code) == (1, 21094, -9)
+    nothing = Summary()
+    nothing.see("  rank      : 3 (local_rank: 1)\n")  # outside a failure summary: not a result
+    assert nothing.rank is None
+
+
+def test_a_ranks_code_is_read_back_from_deepspeeds_node_launcher():
+    """DeepSpeed's launch exits with its failed rank's return code: a rank killed by SIGKILL (-9) reaches pdsh as
+    247 (`sys.exit(-9)`); a rank's own exit code comes as itself."""
+    from launcher.launch.remote import PDSH_FAILED, _deepspeed_code
+
+    line = "pdsh@vm: 127.0.0.2: ssh exited with exit code 247\n"
+    assert PDSH_FAILED.match(line).group("host", "code") == ("127.0.0.2", "247")
+    assert (_deepspeed_code(247), _deepspeed_code(3), _deepspeed_code(1)) == (-9, 3, 1)
+
+
+@pytest.mark.parametrize(
+    "argv, said",
+    [
+        (["--runner", "ssh"], "--runner ssh needs --hostfile FILE"),
+        (["--hostfile", "no-such-hosts.txt"], "--hostfile no-such-hosts.txt: no such file"),
+        (["--hostfile", "hostfiles/loopback-two-nodes.txt", "--max-restarts", "1"], "--max-restarts 1: restarts are"),
+        (["--hostfile", "hostfiles/loopback-two-nodes.txt", "--include", "127.0.0.9"], "127.0.0.9"),
+        (["--hostfile", "hostfiles/loopback-two-nodes.txt", "--env", "NOT_SET_ANYWHERE"], "--env NOT_SET_ANYWHERE"),
+        (["--runner", "slurm"], "SLURM_JOB_NODELIST is not set"),
+    ],
+)
+def test_a_multi_node_usage_error_is_named_with_exit_2(argv, said, capsys, monkeypatch):
+    from launcher.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    assert main(["run", "recipes/lora_cls.py", *argv]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err
+
+
+def test_a_dry_run_of_deepspeeds_runner_shows_its_env_file_with_secrets_masked(tmp_path, capsys, monkeypatch):
+    from launcher.cli import main
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_TOKEN", "hf_dry_run_secret")
+    out_dir = tmp_path / "run"
+    argv = ["run", "recipes/lora_cls.py", "--hostfile", "hostfiles/loopback-two-nodes.txt", "--runner", "deepspeed",
+            "--dry-run", f"output_dir={out_dir}"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "deepspeed.launcher.runner" in out and "--hostfile=" in out and "--no_ssh_check" in out
+    assert "HF_TOKEN=***" in out and "hf_dry_run_secret" not in out
+    assert not out_dir.exists()

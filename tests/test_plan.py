@@ -81,11 +81,18 @@ def test_check_job_names_what_the_plan_was_made_for_and_what_the_rank_sees(recip
     assert "written for 2 process(es) per node, this node runs 1" in local
     [device] = check_job(plan, Job(world_size=2, local_world_size=2, cuda=True), "p")
     assert "written for cpu devices, this rank sees cuda" in device
+    # A plan for two nodes of one: a node that did not join sees one node (it would train alone).
+    nodes = build_plan(recipes["lora_cls"], [], LaunchEnv(world_size=2, local_world_size=1, hosts=("a", "b")))
+    assert (nodes.nodes, nodes.hosts) == (2, ["a", "b"])
+    [alone] = check_job(nodes, Job(world_size=1, local_world_size=1, nodes=1), "p")
+    assert alone.startswith("p was written for 2 nodes (a, b), this job has 1: a node that did not join")
 
 
 def test_rank_variables_are_read_in_one_place():
     job = job_from_environ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, cuda=False)
-    assert job == Job(rank=3, local_rank=1, world_size=4, local_world_size=2)
+    assert job == Job(rank=3, local_rank=1, world_size=4, local_world_size=2, nodes=2)
+    torchrun = job_from_environ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1", "GROUP_WORLD_SIZE": "2"})
+    assert torchrun.nodes == 2
     deepspeed = job_from_environ({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "LOCAL_SIZE": "2"}, cuda=False)
     assert deepspeed.local_world_size == 2
     assert job_from_environ({}, cuda=False) == Job()

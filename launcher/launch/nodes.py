@@ -14,13 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from launcher.errors import ConfigError
-from launcher.hostfile import Host
+from launcher.hostfile import Host, per_node
 from launcher.launch.commands import mask
 
 FORWARDED_PREFIXES = ("NCCL_", "CUDA_", "PYTHON", "HF_", "WANDB_", "MLFLOW_")
 """Variable families every node gets (besides those named by the user and those in their env file)."""
 DEEPSPEED_EXPORTS = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL", "CUDA")
 """What DeepSpeed's runner exports to pdsh nodes on its own (its EXPORT_ENVS and the CUDA accelerator's)."""
+PREFIX_TEMPLATE = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+"""torchrun's prefix for its ranks' lines (when it tees them), e.g. `[node-1:${rank}] `."""
+TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
+"""What torchrun passes on to its ranks: its defaults, and the preemption signals (a checkpoint, then exit 75)."""
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -81,20 +85,36 @@ def ssh_commands(
     rdzv_port: int,
     run_id: str,
     env: Mapping[str, str],
+    log_dir: str,
     ssh_port: int | None = None,
+    ssh_config: str | None = None,
 ) -> list[NodeCommand]:
-    """One torchrun per node over plain ssh, with c10d rendezvous on the first host. The remote side's shell reads
-    the command line: every value is quoted there."""
+    """One torchrun per node over plain ssh, with c10d rendezvous on the first host, each under the node side
+    (`launcher.launch.node`: stopped with everything under it when the launcher's connection ends). Rank lines are
+    prefixed `[host:rank]` by torchrun and kept per rank under `log_dir`. The remote side's shell reads the command
+    line: every value is quoted there."""
     out = []
     for host in hosts:
-        torchrun = _torchrun(python, hosts, len(host.slots), rdzv_port, run_id, recipe, plan_path)
-        slots = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, host.slots))} if _some_slots(host) else {}
+        torchrun = _torchrun(
+            python, hosts, len(host.slots), rdzv_port, run_id, recipe, plan_path, log_dir=log_dir, local_addr=host.name
+        )
+        node = [python, "-m", "launcher.launch.node", host.name, "--", *torchrun]
+        extra = {PREFIX_TEMPLATE: f"[{host.name}:${{rank}}] "}
+        if _some_slots(host):
+            extra["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, host.slots))
 
-        def remote(values: Mapping[str, str], torchrun=torchrun, slots=slots) -> str:
-            assigns = [f"{k}={shlex.quote(v)}" for k, v in {**values, **slots}.items()]
-            return f"cd {shlex.quote(cwd)} && exec env {' '.join(assigns)} {shlex.join(torchrun)}"
+        def remote(values: Mapping[str, str], node=node, extra=extra) -> str:
+            assigns = [f"{k}={shlex.quote(v)}" for k, v in {**values, **extra}.items()]
+            return f"cd {shlex.quote(cwd)} && exec env {' '.join(assigns)} {shlex.join(node)}"
 
-        ssh = ["ssh", "-o", "BatchMode=yes", *(["-p", str(ssh_port)] if ssh_port else []), host.name]
+        ssh = [
+            "ssh",
+            *(["-F", ssh_config] if ssh_config else []),
+            "-o",
+            "BatchMode=yes",
+            *(["-p", str(ssh_port)] if ssh_port else []),
+            host.name,
+        ]
         argv = [*ssh, remote(env)]
         shown = shlex.join([*ssh, remote({k: mask(k, v) for k, v in env.items()})])
         out.append(NodeCommand(host.name, argv, shown))
@@ -110,15 +130,22 @@ def deepspeed_command(
     master_port: int,
     include: str = "",
     exclude: str = "",
+    python: str = "python",
+    ssh_port: int | None = None,
 ) -> NodeCommand:
-    """DeepSpeed's multinode runner over pdsh, on the first host's address. The environment goes through
-    `deepspeed_env_file`: DeepSpeed forwards only a few variable families on its own."""
+    """DeepSpeed's multinode runner over pdsh (`deepspeed`, run as a module of this Python), on the first host's
+    address. The environment goes through `deepspeed_env_file`: DeepSpeed forwards only a few variable families on
+    its own. Its ssh check is skipped: ours (every host, with the ssh configuration given) runs before."""
     argv = [
-        "deepspeed",
+        python,
+        "-m",
+        "deepspeed.launcher.runner",
         f"--hostfile={hostfile}",
         *([f"--include={include}"] if include else []),
         *([f"--exclude={exclude}"] if exclude else []),
         "--launcher=pdsh",
+        "--no_ssh_check",
+        *([f"--ssh_port={ssh_port}"] if ssh_port else []),
         f"--master_addr={hosts[0].name}",
         f"--master_port={master_port}",
         recipe,
@@ -162,28 +189,32 @@ def srun_command(
 ) -> NodeCommand:
     """Inside a Slurm allocation: one srun task per node, each running torchrun with c10d rendezvous on the first
     node; `--kill-on-bad-exit=1` makes Slurm stop every task when one fails. srun passes this environment on."""
-    nproc = {len(h.slots) for h in hosts}
-    if len(nproc) != 1:
-        raise ConfigError(
-            "--runner slurm: every node must run the same number of processes (slots: "
-            + ", ".join(f"{h.name}={len(h.slots)}" for h in hosts)
-            + "); give each host the same slots"
-        )
     argv = [
         "srun",
         f"--nodes={len(hosts)}",
         "--ntasks-per-node=1",
         f"--nodelist={','.join(h.name for h in hosts)}",
         "--kill-on-bad-exit=1",
-        *_torchrun(python, hosts, nproc.pop(), rdzv_port, run_id, recipe, plan_path),
+        *_torchrun(python, hosts, per_node(hosts), rdzv_port, run_id, recipe, plan_path),
     ]
     return NodeCommand(hosts[0].name, argv, shlex.join(argv))
 
 
 def _torchrun(
-    python: str, hosts: list[Host], nproc: int, rdzv_port: int, run_id: str, recipe: str, plan_path: str
+    python: str,
+    hosts: list[Host],
+    nproc: int,
+    rdzv_port: int,
+    run_id: str,
+    recipe: str,
+    plan_path: str,
+    log_dir: str | None = None,
+    local_addr: str | None = None,
 ) -> list[str]:
-    """torchrun on one node of `hosts`, joining the c10d rendezvous on the first (which numbers the nodes)."""
+    """torchrun on one node of `hosts`, joining the c10d rendezvous on the first. With `log_dir`, each rank's output
+    is also kept there and its lines come prefixed (PREFIX_TEMPLATE). c10d numbers the nodes in the order of their
+    addresses: `local_addr` (the name the hostfile gives the node) makes that the order of the hosts' names, and is
+    the address the other nodes reach it by when it holds rank 0."""
     return [
         python,
         "-m",
@@ -193,6 +224,9 @@ def _torchrun(
         "--rdzv_backend=c10d",
         f"--rdzv_endpoint={hosts[0].name}:{rdzv_port}",
         f"--rdzv_id={run_id}",
+        *([f"--local-addr={local_addr}"] if local_addr else []),
+        *([f"--log-dir={log_dir}", "--tee=3"] if log_dir else []),
+        f"--signals-to-handle={','.join(TORCHRUN_SIGNALS)}",
         recipe,
         "--plan",
         plan_path,
