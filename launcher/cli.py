@@ -19,6 +19,7 @@ EPILOG = """examples:
   launcher run recipes/lora_cls.py --nproc 2 --dry-run strategy=zero3
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 adapter=qlora optimizer=adamw8bit
   launcher run recipes/lora_cls.py --hostfile hostfiles/two-nodes.txt strategy=zero3   (every node: ssh + torchrun)
+  launcher sbatch recipes/lora_cls.py --nodes 2 --gpus-per-node 8 --time 4:00:00 --submit   (Slurm, requeues itself)
   launcher export runs/sst2/checkpoints/step-00000500 --out sst2-model --merge
   launcher matrix                          (which strategy x adapter x optimizer combinations work)
   launcher recipes                         (the recipes, one line each)
@@ -89,6 +90,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="rendezvous port on the first host (default: a free one when it is this machine, else 29500)",
     )
+    check = sub.add_parser(
+        "check",
+        help="check every host of a hostfile: ssh, versions, GPUs against slots, disk, an all-reduce across them",
+    )
+    check.add_argument("--hostfile", required=True, metavar="FILE", help="the nodes, one 'HOST slots=N' per line")
+    check.add_argument("--include", default="", metavar="SPEC", help="only these hosts/slots")
+    check.add_argument("--exclude", default="", metavar="SPEC", help="all but these hosts/slots")
+    check.add_argument("--ssh-config", metavar="FILE", help="ssh client configuration to reach the hosts (ssh -F)")
+    check.add_argument("--ssh-port", type=int, metavar="N", help="the hosts' ssh port")
+    check.add_argument("--master-port", type=int, metavar="N", help="port of the all-reduce's rendezvous")
+    check.add_argument("--output-dir", default=".", metavar="DIR", help="where runs will write (default: here)")
+    check.add_argument("--gpu", action="store_true", help="the run uses GPUs: each host needs one per slot")
+    sbatch = sub.add_parser(
+        "sbatch",
+        help="write a Slurm batch script for a recipe (requeued and resumed at its time limit); --submit sends it",
+    )
+    sbatch.add_argument("recipe", help="path of the recipe module")
+    sbatch.add_argument("overrides", nargs="*", metavar="key=value", help="settings, as for launcher run")
+    sbatch.add_argument("--nodes", type=int, default=1, help="nodes to ask for (default 1)")
+    sbatch.add_argument("--gpus-per-node", type=int, default=0, metavar="G", help="GPUs per node, one process each")
+    sbatch.add_argument(
+        "--procs-per-node", type=int, default=0, metavar="P", help="processes per node on CPU nodes (no GPU asked)"
+    )
+    sbatch.add_argument("--time", default="", help="time limit, e.g. 4:00:00 (default: the partition's)")
+    sbatch.add_argument("--partition", default="", help="Slurm partition")
+    sbatch.add_argument("--account", default="", help="Slurm account")
+    sbatch.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=120,
+        metavar="S",
+        help="ask the ranks to checkpoint and stop S seconds before the time limit (default 120)",
+    )
+    sbatch.add_argument("--submit", action="store_true", help="submit the script with sbatch and print the job id")
     export = sub.add_parser(
         "export",
         help="write a checkpoint as a Hugging Face model folder (the adapter, or merged with --merge)",
@@ -120,11 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_EXIT_CODE
-    if args.command in ("matrix", "recipes", "new", "export"):
+    if args.command in ("matrix", "recipes", "new", "export", "check"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:
-            commands = {"matrix": cmd_matrix, "recipes": cmd_recipes, "new": cmd_new, "export": cmd_export}
+            commands = {
+                "matrix": cmd_matrix, "recipes": cmd_recipes, "new": cmd_new, "export": cmd_export, "check": cmd_check,
+            }  # fmt: skip
             return commands[args.command](args)
         except ConfigError as e:
             print(e.render(), file=sys.stderr)
@@ -135,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(flags)} (settings are key=value)")
     args.overrides = list(args.overrides) + extra
     try:
-        return cmd_run(args)
+        return cmd_sbatch(args) if args.command == "sbatch" else cmd_run(args)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return USAGE_EXIT_CODE
@@ -289,16 +326,9 @@ def cmd_run_nodes(args: argparse.Namespace) -> int:
     from launcher.rundir import claim
 
     if cluster.runner != "slurm" and not args.no_check:
-        from launcher.launch.remote import unreachable
-
-        failed = unreachable([h.name for h in cluster.hosts], cluster.ssh_config, cluster.ssh_port)
-        if failed:
-            print("launcher: ssh cannot reach every host; nothing was started:", file=sys.stderr)
-            for line in failed:
-                print(f"  {line}", file=sys.stderr)
-            print("fix ssh to those hosts (passwordless, BatchMode), give --ssh-config, or leave them out with "
-                  "--exclude", file=sys.stderr)  # fmt: skip
-            return UNREACHABLE_EXIT_CODE
+        problem = _preflight(cluster, plan.config.output_dir, cuda=job.cuda)
+        if problem is not None:
+            return problem
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
     plan = claim(plan)
@@ -318,6 +348,107 @@ def cmd_run_nodes(args: argparse.Namespace) -> int:
     return run_runner(
         launch, cluster.runner, plan_path=path, hosts=hosts, ssh_config=cluster.ssh_config, secrets=secrets
     )
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    """`launcher sbatch`: the plan is checked here (settings, data) for the job's processes, then the batch script
+    is written into the run directory, and submitted with --submit."""
+    from launcher.environment import quiet_libraries
+
+    quiet_libraries()
+    import subprocess
+
+    from launcher.data.files import scratch_cache
+    from launcher.files import write_atomic
+    from launcher.job import LaunchEnv
+    from launcher.launch.sbatch import SCRIPT_NAME, BatchJob, batch_script
+    from launcher.overrides import split_override
+    from launcher.plan import PLAN_FILE, build_plan
+    from launcher.recipe import Recipe
+
+    if args.gpus_per_node and args.procs_per_node:
+        raise ConfigError("--gpus-per-node and --procs-per-node: give one (GPUs run one process each)")
+    per_node = args.gpus_per_node or args.procs_per_node or 1
+    given = {split_override(o)[0] for o in args.overrides}
+    if "resume" in given:
+        raise ConfigError("resume=: every start of the batch job resumes from its newest checkpoint; drop resume=")
+    recipe = Recipe.load(args.recipe)
+    gpu = args.gpus_per_node > 0
+    env = LaunchEnv(
+        world_size=args.nodes * per_node, local_world_size=per_node, cuda=gpu, gpus=args.gpus_per_node,
+        bf16_supported=gpu, hosts=tuple(f"node-{i}" for i in range(args.nodes)) if args.nodes > 1 else (),
+    )  # fmt: skip
+    print(f"{recipe.name}: checking the settings and the data for {args.nodes} x {per_node} process(es)", flush=True)
+    with scratch_cache():
+        plan = build_plan(recipe, args.overrides, env)
+    run_dir = os.path.abspath(plan.config.output_dir)
+    if os.path.exists(os.path.join(run_dir, PLAN_FILE)):
+        raise ConfigError(
+            f"output_dir={plan.config.output_dir} already holds a run: give another output_dir (the job would resume "
+            "that run)"
+        )
+    settings = [o for o in args.overrides if split_override(o)[0] != "output_dir"]
+    job = BatchJob(
+        recipe=recipe.path, name=recipe.name, run_dir=run_dir, cwd=os.getcwd(), python=sys.executable,
+        nodes=args.nodes, procs_per_node=per_node, gpus_per_node=args.gpus_per_node, time=args.time,
+        partition=args.partition, account=args.account, signal_seconds=args.signal_seconds, settings=settings,
+    )  # fmt: skip
+    script = batch_script(job)
+    os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)  # Slurm writes its output there, and makes no folder
+    path = os.path.join(run_dir, SCRIPT_NAME)
+    write_atomic(path, script)
+    print(f"wrote {path}")
+    if not args.submit:
+        print(f"submit it with: sbatch {path}")
+        return 0
+    try:
+        out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)
+    except FileNotFoundError:
+        print("launcher: sbatch is not on PATH (run this on a Slurm login node, or submit the script there)")
+        return 1
+    if out.returncode != 0:
+        print(f"launcher: sbatch refused {path}: {out.stderr.strip()}", file=sys.stderr)
+        return out.returncode
+    job_id = out.stdout.strip().split(";")[0]
+    print(f"submitted job {job_id}; its output: {run_dir}/logs/slurm-{job_id}.out")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from launcher.launch.cluster import read_cluster
+
+    cluster = read_cluster(
+        runner="ssh", hostfile=args.hostfile, include=args.include, exclude=args.exclude,
+        ssh_config=args.ssh_config, ssh_port=args.ssh_port, master_port=args.master_port,
+    )  # fmt: skip
+    problem = _preflight(cluster, args.output_dir, cuda=args.gpu, always_show=True)
+    return 0 if problem is None else problem
+
+
+def _preflight(cluster, output_dir: str, *, cuda: bool, always_show: bool = False) -> int | None:
+    """Check every host (launch.remote.check_cluster) and judge them (launch.preflight): None when all is well,
+    else the exit code, after the table and every problem (255: a host ssh cannot reach; 1: anything else)."""
+    from launcher.launch.preflight import judge
+    from launcher.launch.remote import check_cluster
+    from launcher.views import print_check
+
+    print(f"launcher: checking {len(cluster.hosts)} host(s): ssh, versions, devices, disk, an all-reduce", flush=True)
+    reports, allreduce = check_cluster(cluster, os.path.abspath(output_dir))
+    rows = judge(cluster.hosts, reports, cuda=cuda)
+    problems = [p for row in rows for p in row.problems]
+    if isinstance(allreduce, str):
+        problems.append(allreduce)
+    elif isinstance(allreduce, dict) and not allreduce["right"]:
+        problems.append("the all-reduce across the hosts gave a wrong sum")
+    if problems or always_show:
+        print_check(rows, allreduce, cluster.hosts[0].name)
+    if not problems:
+        return None
+    print("launcher: the hosts are not ready; nothing was started:", file=sys.stderr)
+    for p in problems:
+        print(f"  {p}", file=sys.stderr)
+    print("fix those, or leave the hosts out with --exclude (--no-check skips this check)", file=sys.stderr)
+    return UNREACHABLE_EXIT_CODE if any(r.report is None for r in rows) else 1
 
 
 def _node_launch(plan, cluster):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 USAGE_EXIT_CODE = 2
 REQUEUE_EXIT_CODE = 75
+CHECKPOINTED_MARK = "@launcher-rank-checkpointed"
+"""The last line of each rank that saved a checkpoint and stopped (exit 75) under the node side
+(launcher.launch.node), which reads it: torchrun itself exits 1 after a preemption signal, whatever its ranks did."""
+NODE_SIDE = "LAUNCHER_NODE_SIDE"
+"""Set by the node side for its torchrun's ranks."""
 """A run asked to stop (SIGTERM, SIGUSR1 or SIGUSR2: a preemption) that saved a checkpoint first: rerun it with
 resume=auto. 75 is EX_TEMPFAIL, "try again later"; batch scripts requeue on it."""
 HUNG_EXIT_CODE = 124

@@ -8,6 +8,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+HOSTS_VARIABLE = "LAUNCHER_HOSTS"
+"""The nodes of a launch through DeepSpeed's runner, comma-separated in node-rank order (its ranks prefix their
+lines with their host: worker/prefix.py)."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class LaunchEnv:

@@ -37,3 +37,41 @@ def print_settings(cfg) -> None:
     for path, value, doc in describe(cfg):
         table.add_row(path, value, doc)
     Console().print(table)
+
+
+def print_check(rows, allreduce, hosts_first: str) -> None:
+    """`launcher check`: a line per host (versions, GPUs, free space, write access, what is wrong), then the
+    all-reduce across the hosts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    first = next((r.report for r in rows if r.report is not None), {"versions": {"python": ""}})
+    packages = [name for name in first["versions"] if name != "python"]  # the probe's, in its order
+    table = Table(title=f"hosts (versions compared with the first, {hosts_first})", title_justify="left")
+    for column in ("host", "slots", "python", *packages, "GPUs", "free GiB", "writes", "status"):
+        table.add_column(column, no_wrap=column != "status")
+    for row in rows:
+        r = row.report
+        if r is None:
+            table.add_row(row.host, str(row.slots), *["-"] * (len(packages) + 4), "[red]" + "; ".join(row.problems))
+            continue
+        versions = [r["versions"].get(n, "?") for n in ("python", *packages)]
+        status = "[red]" + "; ".join(p.split(": ", 1)[1] for p in row.problems) if row.problems else "[green]ok"
+        free = f"{r['free_bytes'] / 2**30:.1f}"
+        table.add_row(
+            row.host, str(row.slots), *versions, str(r["gpus"]), free, "yes" if r["writable"] else "no", status
+        )
+    console = Console(highlight=False)
+    if not console.is_terminal:  # a log: whole lines rather than 80 columns of ellipses
+        console = Console(highlight=False, width=200)
+    console.print(table)
+    if isinstance(allreduce, dict):
+        right = "" if allreduce["right"] else " [red]but the sum was wrong[/]"
+        console.print(
+            f"all-reduce across {allreduce['world']} hosts ({allreduce['backend']}): {allreduce['mb']} MB in "
+            f"{allreduce['seconds'] * 1e3:.1f} ms, bus bandwidth {allreduce['bus_gb_s']:.2f} GB/s{right}"
+        )
+    elif allreduce is not None:
+        console.print(f"[red]{allreduce}[/]")
+    else:
+        console.print("all-reduce: not tried (a host did not answer)")

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The system packages multi-node launches and their tests use: openssh (client and server: the ssh runner and the
-# loopback "nodes" of tests/), pdsh (DeepSpeed's multi-node runner). Installed with apt-get where we are root and
+# loopback "nodes" of tests/), pdsh (DeepSpeed's multi-node runner), and Slurm with munge (`launcher sbatch`, the
+# one-node cluster of scripts/slurm_cluster.sh). Installed with apt-get where we are root and
 # they are missing; elsewhere this says what is missing and changes nothing (those tests then skip, saying why).
 # Safe to re-run: it only installs what is missing.
 set -euo pipefail
-want=(ssh:openssh-client sshd:openssh-server pdsh:pdsh)
+want=(ssh:openssh-client sshd:openssh-server pdsh:pdsh munged:munge slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client)
 missing=()
 for pair in "${want[@]}"; do
   cmd=${pair%%:*} pkg=${pair#*:}

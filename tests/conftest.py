@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -126,6 +127,18 @@ def tiny_args(model: Path, data: dict[str, Path], out: Path, *extra: str) -> lis
     return [d for d in defaults if d.split("=", 1)[0] not in replaced] + list(extra)
 
 
+@contextlib.contextmanager
+def _started(name: str, folder: Path):
+    """`scripts/NAME start FOLDER` (asserted to succeed), its last line of output given, then `stop FOLDER`."""
+    script = ROOT / "scripts" / name
+    started = subprocess.run(["bash", str(script), "start", str(folder)], capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, f"{script} start failed:\n{started.stdout}\n{started.stderr}"
+    try:
+        yield started.stdout.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def loopback_nodes(tmp_path_factory):
     """Two ssh "nodes" on this machine (127.0.0.1 and 127.0.0.2, a private sshd on a spare port, throwaway keys),
@@ -135,11 +148,37 @@ def loopback_nodes(tmp_path_factory):
 
     if os.geteuid() != 0 and not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
         pytest.skip("no sshd here, and not root, so scripts/system_packages.sh cannot install openssh-server")
-    folder = tmp_path_factory.mktemp("loopback-nodes")
-    script = ROOT / "scripts" / "loopback_nodes.sh"
-    started = subprocess.run(["bash", str(script), "start", str(folder)], capture_output=True, text=True, timeout=300)
-    assert started.returncode == 0, f"{script} start failed:\n{started.stdout}\n{started.stderr}"
-    try:
-        yield Path(started.stdout.strip().splitlines()[-1])
-    finally:
-        subprocess.run(["bash", str(script), "stop", str(folder)], capture_output=True, timeout=60)
+    with _started("loopback_nodes.sh", tmp_path_factory.mktemp("loopback-nodes")) as config:
+        yield Path(config)
+
+
+# 300 steps of the tiny model: long enough to be signalled mid-run, short enough to finish.
+LONG = ["train.max_steps=300", "train.eval_every=0"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_model, tiny_data, tmp_path_factory):
+    """The LONG tiny run on 2 local processes, never stopped: what a preempted and resumed run must end as."""
+    out = tmp_path_factory.mktemp("whole") / "run"
+    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG)]
+    proc = run(argv, cwd=out.parent)
+    assert proc.returncode == 0, why_failed(proc)
+    return out
+
+
+def last_loss(out: Path) -> float:
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["split"] == "train"][-1]["loss"]
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm cluster on this machine (munge, slurmctld, slurmd), started once per session by the
+    project's own script (which installs the packages where it can); yields the environment that reaches it
+    (SLURM_CONF). Skipped, saying why, only where the packages cannot be installed."""
+    import shutil
+
+    if os.geteuid() != 0 and not shutil.which("slurmctld") and not os.path.exists("/usr/sbin/slurmctld"):
+        pytest.skip("no Slurm here, and not root, so scripts/system_packages.sh cannot install it")
+    with _started("slurm_cluster.sh", tmp_path_factory.mktemp("slurm")) as config:
+        yield {"SLURM_CONF": config}

@@ -63,9 +63,9 @@ def test_each_line_says_where_it_came_from(runs):
     ssh, _ = runs["ssh"]
     assert "[127.0.0.1:0] step 6/6" in ssh.stdout  # rank 0, on the first host (c10d numbers nodes by address)
     deepspeed, _ = runs["deepspeed"]
+    assert "[127.0.0.1:0] step 6/6" in deepspeed.stdout  # the rank's own prefix (worker/prefix.py), pdsh's dropped
     lines = deepspeed.stdout.splitlines()
-    assert any(line.startswith("[127.0.0.1] ") and "step 6/6" in line for line in lines)
-    assert any(line.startswith("[127.0.0.2] ") for line in lines)
+    assert any(line.startswith("[127.0.0.2] ") and "launch.py" in line for line in lines)  # DeepSpeed's, via pdsh
 
 
 @pytest.mark.parametrize("runner", ["ssh", "deepspeed"])
@@ -113,41 +113,67 @@ def _rank_pid(folder: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("runner", ["ssh", "deepspeed"])
-def test_a_rank_killed_on_the_second_node_stops_every_node(loopback_nodes, tiny_model, tiny_data, tmp_path, runner):
-    folder = tmp_path / "run"
+def _start(runner: str, ssh_config: Path, folder: Path, tiny_model, tiny_data) -> subprocess.Popen:
+    """A long run through `runner` (training, both nodes in step, when this returns)."""
     argv = [
-        str(BIN / "launcher"), "run", RECIPE, *_nodes(runner, loopback_nodes),
+        str(BIN / "launcher"), "run", RECIPE, *_nodes(runner, ssh_config), "--no-check",
         *tiny_args(tiny_model, tiny_data, folder, "train.max_steps=5000", "train.log_every=1"),
     ]  # fmt: skip
     env = {**os.environ, **ENV}
     launcher = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and launcher.poll() is None:
+        metrics = folder / "metrics.jsonl"
+        if _rank_pid(folder, 1) and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            return launcher
+        time.sleep(0.2)
+    launcher.kill()
+    out, err = launcher.communicate()
+    raise AssertionError(f"training never started on both nodes: {launcher.returncode}\n{err[-3000:]}")
+
+
+def _ended(launcher: subprocess.Popen, folder: Path) -> tuple[str, float]:
+    """(the launcher's stderr, seconds it took to exit); nothing of the run is left afterwards, whatever happens."""
+    start = time.monotonic()
     try:
-        deadline = time.monotonic() + 120
-        victim = None
-        while time.monotonic() < deadline and launcher.poll() is None:
-            victim = _rank_pid(folder, 1)
-            metrics = folder / "metrics.jsonl"
-            if victim and metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-                break  # training, both nodes in step
-            time.sleep(0.2)
-        assert victim is not None and launcher.poll() is None, f"rank 1 never started training: {launcher.poll()}"
-        os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
-        out, err = launcher.communicate(timeout=60)
-        took = time.monotonic() - killed
+        _, err = launcher.communicate(timeout=60)
+        return err, time.monotonic() - start
     finally:
         if launcher.poll() is None:
             launcher.kill()
             launcher.wait()
-        for pid in _run_processes(folder):
+        time.sleep(1.0)
+        left = _run_processes(folder)
+        for pid in left:
             os.kill(pid, signal.SIGKILL)
+        assert not left, f"processes of the run left behind: {left}"
+
+
+@pytest.mark.parametrize("runner", ["ssh", "deepspeed"])
+def test_a_rank_killed_on_the_second_node_stops_every_node(loopback_nodes, tiny_model, tiny_data, tmp_path, runner):
+    folder = tmp_path / "run"
+    launcher = _start(runner, loopback_nodes, folder, tiny_model, tiny_data)
+    os.kill(_rank_pid(folder, 1), signal.SIGKILL)
+    err, took = _ended(launcher, folder)
     last = err.strip().splitlines()[-1]
     assert launcher.returncode == 128 + signal.SIGKILL, f"{launcher.returncode}: {err[-3000:]}"
     assert "127.0.0.2" in last and "killed by SIGKILL" in last, last
     assert took < 60
-    time.sleep(1.0)
-    assert not _run_processes(folder), "processes of the run left behind"
+
+
+def test_pdsh_killed_under_deepspeeds_runner_is_a_failure_not_its_exit_0(loopback_nodes, tiny_model, tiny_data,
+                                                                         tmp_path):  # fmt: skip
+    """DeepSpeed's runner exits 0 when pdsh dies by a signal (it exits only on a positive code); the launcher sees
+    that the run did not finish, says so, exits 1 and sweeps both hosts."""
+    folder = tmp_path / "run"
+    launcher = _start("deepspeed", loopback_nodes, folder, tiny_model, tiny_data)
+    pdsh = [p for p, cmd in _run_processes(folder).items() if cmd.startswith("pdsh ")]
+    assert len(pdsh) == 1, _run_processes(folder)
+    os.kill(pdsh[0], signal.SIGKILL)
+    err, took = _ended(launcher, folder)
+    assert launcher.returncode == 1, err[-3000:]
+    assert "DeepSpeed's runner exited 0, but the run did not finish" in err.strip().splitlines()[-1]
+    assert took < 60
 
 
 def test_a_host_ssh_cannot_reach_is_named_before_anything_starts(loopback_nodes, tiny_model, tiny_data, tmp_path):
@@ -161,5 +187,24 @@ def test_a_host_ssh_cannot_reach_is_named_before_anything_starts(loopback_nodes,
             *tiny_args(tiny_model, tiny_data, folder)]  # fmt: skip
     proc = run(argv, cwd=ROOT, env=ENV, timeout=120)
     assert proc.returncode == 255, why_failed(proc)
-    assert "127.0.0.3: " in proc.stderr and "127.0.0.1:" not in proc.stderr.split("nothing was started:")[1]
+    problems = proc.stderr.split("nothing was started:")[1]
+    assert "127.0.0.3: ssh: connect to host 127.0.0.3" in problems and "127.0.0.1:" not in problems
     assert not folder.exists()  # nothing claimed, nothing written
+
+
+def test_launcher_check_passes_on_the_two_nodes_and_names_a_closed_host(loopback_nodes, tmp_path):
+    proc = run(["launcher", "check", "--hostfile", LOOPBACK, "--ssh-config", str(loopback_nodes)], cwd=ROOT, env=ENV)
+    assert proc.returncode == 0, why_failed(proc)
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("│ 127.0.0.")]
+    assert len(rows) == 2 and all(row.rstrip("│ ").endswith("ok") for row in rows), proc.stdout
+    assert "all-reduce across 2 hosts (gloo): 32 MB in " in proc.stdout and "GB/s" in proc.stdout
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("127.0.0.1 slots=1\n127.0.0.3 slots=1\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        loopback_nodes.read_text().replace("Host 127.0.0.1 127.0.0.2", "Host 127.0.0.1 127.0.0.2 127.0.0.3")
+    )
+    closed = run(["launcher", "check", "--hostfile", str(hostfile), "--ssh-config", str(config)], cwd=ROOT, env=ENV)
+    assert closed.returncode == 255, why_failed(closed)
+    assert "127.0.0.3: ssh: connect to host 127.0.0.3" in closed.stderr and "Connection refused" in closed.stderr
+    assert "all-reduce: not tried" in closed.stdout

@@ -46,8 +46,7 @@ def test_the_ssh_runner_starts_one_torchrun_per_node_with_rendezvous_on_the_firs
         host = f"node-{rank + 1}"
         assert c.argv[:8] == ["ssh", "-F", "/keys/ssh_config", "-o", "BatchMode=yes", "-p", "2222", host]
         assert c.argv[8] == (
-            f"cd /work && exec env HF_HUB_OFFLINE=1 TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[{host}:${{rank}}] ' "
-            f"/venv/bin/python -m launcher.launch.node {host} -- "
+            f"cd /work && exec env HF_HUB_OFFLINE=1 /venv/bin/python -m launcher.launch.node {host} -- "
             "/venv/bin/python -m torch.distributed.run --nnodes=2 "
             "--nproc_per_node=2 --rdzv_backend=c10d --rdzv_endpoint=node-1:29500 --rdzv_id=run-a "
             f"--local-addr={host} --log-dir=/runs/a/logs/torchrun --tee=3 "
@@ -150,6 +149,7 @@ def test_the_slurm_runner_is_one_srun_task_per_node():
                            rdzv_port=29500, run_id="job-7")  # fmt: skip
     assert command.argv == [
         "srun", "--nodes=2", "--ntasks-per-node=1", "--nodelist=node-1,node-2", "--kill-on-bad-exit=1",
+        "/venv/bin/python", "-m", "launcher.launch.node", "--no-stdin", "-", "--",
         "/venv/bin/python", "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
         "--rdzv_backend=c10d", "--rdzv_endpoint=node-1:29500", "--rdzv_id=job-7",
         "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2", "r.py", "--plan", "/runs/a/plan.json",
@@ -283,3 +283,20 @@ def test_a_dry_run_of_deepspeeds_runner_shows_its_env_file_with_secrets_masked(t
     assert "deepspeed.launcher.runner" in out and "--hostfile=" in out and "--no_ssh_check" in out
     assert "HF_TOKEN=***" in out and "hf_dry_run_secret" not in out
     assert not out_dir.exists()
+
+
+def test_a_ranks_lines_under_deepspeeds_runner_get_its_host_and_rank(monkeypatch, capsys):
+    import sys
+
+    from launcher.worker.prefix import prefix_lines
+
+    monkeypatch.setattr(sys, "stdout", sys.stdout)
+    monkeypatch.setattr(sys, "stderr", sys.stderr)
+    prefix_lines({"LAUNCHER_HOSTS": "node-1,node-2", "CROSS_RANK": "1", "RANK": "3"})
+    print("step 1/2", flush=True)
+    sys.stdout.write("a\nb")
+    sys.stdout.write(" c\n")
+    assert capsys.readouterr().out == "[node-2:3] step 1/2\n[node-2:3] a\n[node-2:3] b c\n"
+    before = sys.stdout
+    prefix_lines({"CROSS_RANK": "0"})  # not under our launch: nothing changes
+    assert sys.stdout is before

@@ -20,7 +20,7 @@ import pytest
 from safetensors.torch import load_file
 
 from launcher.checkpoints import complete
-from tests.conftest import BIN, RECIPE, ROOT, run, tiny_args, why_failed
+from tests.conftest import BIN, LONG, RECIPE, ROOT, last_loss, run, tiny_args, why_failed
 
 LINUX = sys.platform.startswith("linux")
 
@@ -199,24 +199,6 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-# 300 steps of the tiny model: long enough to be signalled mid-run, short enough to finish.
-LONG = ["train.max_steps=300", "train.eval_every=0"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_model, tiny_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("whole") / "run"
-    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG)]
-    proc = run(argv, cwd=out.parent)
-    assert proc.returncode == 0, why_failed(proc)
-    return out
-
-
-def _last_loss(out: Path) -> float:
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["split"] == "train"][-1]["loss"]
-
-
 @pytest.mark.skipif(not LINUX, reason="finds the ranks through /proc")
 @pytest.mark.parametrize("to", ["SIGTERM to the launcher", "SIGUSR1 to the ranks"])
 def test_a_preempted_run_checkpoints_exits_75_and_resumes_to_the_same_end(
@@ -257,7 +239,7 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_to_the_same_end(
     )
     assert again.returncode == 0, why_failed(again)
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == found[0][1]
-    assert _last_loss(out) == pytest.approx(_last_loss(uninterrupted), abs=1e-6)
+    assert last_loss(out) == pytest.approx(last_loss(uninterrupted), abs=1e-6)
     a = load_file(str(uninterrupted / "adapter/adapter_model.safetensors"))
     b = load_file(str(out / "adapter/adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6

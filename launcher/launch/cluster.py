@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from launcher.errors import ConfigError
 from launcher.hostfile import Host, parse_hostfile, per_node, select
+from launcher.job import HOSTS_VARIABLE
 from launcher.launch import nodes
 
 RUNNERS = ("ssh", "deepspeed", "slurm")
@@ -171,10 +172,13 @@ def node_commands(cluster: Cluster, *, recipe: str, plan_path: str, run_id: str,
                     python=sys.executable,
                     rdzv_port=cluster.master_port,
                     run_id=run_id,
+                    log_dir=os.path.join(logs, "torchrun"),
                 )
-            ]
+            ],
+            environ={**os.environ, **env},  # srun hands the tasks its own environment
         )
     env_path = os.path.join(os.path.dirname(plan_path), "deepspeed_env")
+    env[HOSTS_VARIABLE] = ",".join(h.name for h in cluster.hosts)  # each rank prefixes its lines [host:rank]
     command = nodes.deepspeed_command(
         cluster.hostfile or "",
         cluster.hosts,

@@ -1,18 +1,21 @@
-"""The node side of `launcher run --runner ssh`: started over ssh on every node as
+"""The node side of `launcher run --runner ssh|slurm`: started over ssh on every node as
 
     python -m launcher.launch.node HOST -- python -m torch.distributed.run ...
 
-it runs that node's torchrun and makes sure nothing of it outlives the launcher, which torchrun alone does not
-(a remote command is not signalled when its ssh connection ends, and torchrun's workers run in sessions of their
-own, so a killed torchrun leaves them training):
-- It reads its stdin, the launcher's side of the connection. A line `signal N` is passed on to torchrun (which
-  passes it to the ranks: a preemption); the end of the input (the launcher stopped this node, or died, or the
-  connection broke) stops torchrun and every process under it.
+(and as each srun task as `... node --no-stdin - -- ...`), it runs that node's torchrun and makes sure nothing of
+it outlives the launcher, which torchrun alone does not (a remote command is not signalled when its ssh connection
+ends, and torchrun's workers run in sessions of their own, so a killed torchrun leaves them training):
+- Rank lines get `[host:rank] ` prefixes (torchrun's, when it tees its ranks' output).
+- It reads its stdin (not with --no-stdin: under srun), the launcher's side of the connection. A line `signal N`
+  is passed on to torchrun (which passes it to the ranks: a preemption); the end of the input (the launcher
+  stopped this node, or died, or the connection broke) stops torchrun and every process under it. SIGUSR1 and
+  SIGUSR2 to it are passed on too (Slurm signals every task); SIGTERM, SIGHUP and SIGINT stop everything.
 - It is a child subreaper: workers orphaned by a dead torchrun become its children, so stopping finds them all
   (SIGTERM, then SIGKILL after GRACE_SECONDS) and nothing is left on the node.
 - torchrun exits 1 whatever its failing worker did; this reads torchrun's failure summary and ends with the
-  first failing rank's code instead (128 + N for a signal), after one line for the launcher (RESULT_MARK + JSON:
-  the rank, its pid and its code), so that the launcher can name the rank, the host and how it ended.
+  first failing rank's code instead (128 + N for a signal; 75 for ranks that checkpointed on a preemption), after
+  one line for the launcher (RESULT_MARK + JSON: the rank, its pid and its code), so that the launcher can name
+  the rank, the host and how it ended.
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 
+from launcher.errors import CHECKPOINTED_MARK, NODE_SIDE, REQUEUE_EXIT_CODE
+
+PREFIX_TEMPLATE = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
+"""torchrun's prefix for its ranks' lines (when it tees them): set to `[host:${rank}] ` unless given."""
 RESULT_MARK = "@launcher-node-result "
 """Starts the node's last line: what its first failing rank did (read by the launcher, never shown)."""
 GRACE_SECONDS = 10.0
@@ -40,12 +48,18 @@ class Summary:
     """What torchrun's failure summary says of the first failing rank (its lines seen one at a time)."""
 
     def __init__(self) -> None:
+        self.checkpointed = 0
+        """Ranks that said they saved a checkpoint and stopped (CHECKPOINTED_MARK)."""
         self.in_root_cause = False
         self.rank: int | None = None
         self.code: int | None = None
         self.pid: int | None = None
 
-    def see(self, line: str) -> None:
+    def see(self, line: str) -> bool:
+        """Note what `line` says; False for a line meant for this side only (not to be shown)."""
+        if line.rstrip().endswith(CHECKPOINTED_MARK):
+            self.checkpointed += 1
+            return False
         if ROOT_CAUSE in line:
             self.in_root_cause = True
         elif self.in_root_cause and self.code is None:
@@ -54,25 +68,40 @@ class Summary:
                 self.rank = int(rank.group(1))
             if code:
                 self.code, self.pid = int(code.group(1)), int(code.group(2))
+        return True
 
 
 def main(argv: list[str]) -> int:
+    listen = "--no-stdin" not in argv[:2]
+    argv = [a for a in argv[:2] if a != "--no-stdin"] + argv[2:]
     if len(argv) < 3 or argv[1] != "--":
-        print("usage: python -m launcher.launch.node HOST -- COMMAND ...", file=sys.stderr)
+        print("usage: python -m launcher.launch.node [--no-stdin] HOST|- -- COMMAND ...", file=sys.stderr)
         return 2
     host, command = argv[0], argv[2:]
+    if host == "-":  # under srun: the node Slurm runs this task on
+        host = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    env = {PREFIX_TEMPLATE: f"[{host}:${{rank}}] ", **os.environ, NODE_SIDE: "1"}
     proc = subprocess.Popen(
-        command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+        env=env,
     )
     summary = Summary()
     reader = threading.Thread(target=_pass_on, args=(proc, summary, host), daemon=True)
     reader.start()
     stop = threading.Event()
-    threading.Thread(target=_listen, args=(proc, stop), daemon=True).start()
+    if listen:
+        threading.Thread(target=_listen, args=(proc, stop), daemon=True).start()
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # a preemption (Slurm signals every task): to torchrun's ranks
+        signal.signal(sig, lambda n, _: proc.poll() is None and proc.send_signal(n))
     while proc.poll() is None and not stop.is_set():
         time.sleep(0.1)
     if proc.poll() is None:
@@ -82,6 +111,8 @@ def main(argv: list[str]) -> int:
     code = proc.wait()
     result = {"host": host, "rank": summary.rank, "pid": summary.pid, "code": summary.code, "torchrun": code}
     print(RESULT_MARK + json.dumps(result), flush=True)
+    if code and summary.checkpointed and summary.code in (None, REQUEUE_EXIT_CODE):
+        return REQUEUE_EXIT_CODE  # the ranks checkpointed on a preemption; torchrun ended on the signal
     if code and summary.code is not None:
         return 128 - summary.code if summary.code < 0 else summary.code or code
     return 128 - code if code < 0 else code
@@ -89,9 +120,9 @@ def main(argv: list[str]) -> int:
 
 def _pass_on(proc: subprocess.Popen, summary: Summary, host: str) -> None:
     for line in proc.stdout:  # type: ignore[union-attr]
-        summary.see(line)
-        sys.stdout.write(line)
-        sys.stdout.flush()
+        if summary.see(line):
+            sys.stdout.write(line)
+            sys.stdout.flush()
 
 
 def _listen(proc: subprocess.Popen, stop: threading.Event) -> None:

@@ -21,8 +21,6 @@ FORWARDED_PREFIXES = ("NCCL_", "CUDA_", "PYTHON", "HF_", "WANDB_", "MLFLOW_")
 """Variable families every node gets (besides those named by the user and those in their env file)."""
 DEEPSPEED_EXPORTS = ("MLFLOW", "PYTHON", "MV2", "UCX", "NCCL", "CUDA")
 """What DeepSpeed's runner exports to pdsh nodes on its own (its EXPORT_ENVS and the CUDA accelerator's)."""
-PREFIX_TEMPLATE = "TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE"
-"""torchrun's prefix for its ranks' lines (when it tees them), e.g. `[node-1:${rank}] `."""
 TORCHRUN_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 """What torchrun passes on to its ranks: its defaults, and the preemption signals (a checkpoint, then exit 75)."""
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -85,23 +83,24 @@ def ssh_commands(
     rdzv_port: int,
     run_id: str,
     env: Mapping[str, str],
-    log_dir: str,
+    log_dir: str | None,
     ssh_port: int | None = None,
     ssh_config: str | None = None,
+    program: list[str] | None = None,
 ) -> list[NodeCommand]:
     """One torchrun per node over plain ssh, with c10d rendezvous on the first host, each under the node side
     (`launcher.launch.node`: stopped with everything under it when the launcher's connection ends). Rank lines are
-    prefixed `[host:rank]` by torchrun and kept per rank under `log_dir`. The remote side's shell reads the command
-    line: every value is quoted there."""
+    prefixed `[host:rank]` (by torchrun, with the node side's template) and kept per rank under `log_dir`. The
+    remote side's shell reads the command line: every value is quoted there. `program` replaces what torchrun runs
+    (default: the recipe with --plan)."""
     out = []
+    program = program or [recipe, "--plan", plan_path]
     for host in hosts:
         torchrun = _torchrun(
-            python, hosts, len(host.slots), rdzv_port, run_id, recipe, plan_path, log_dir=log_dir, local_addr=host.name
+            python, hosts, len(host.slots), rdzv_port, run_id, program, log_dir=log_dir, local_addr=host.name
         )
         node = [python, "-m", "launcher.launch.node", host.name, "--", *torchrun]
-        extra = {PREFIX_TEMPLATE: f"[{host.name}:${{rank}}] "}
-        if _some_slots(host):
-            extra["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, host.slots))
+        extra = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, host.slots))} if _some_slots(host) else {}
 
         def remote(values: Mapping[str, str], node=node, extra=extra) -> str:
             assigns = [f"{k}={shlex.quote(v)}" for k, v in {**values, **extra}.items()]
@@ -185,17 +184,27 @@ def deepspeed_runner_environ(environ: Mapping[str, str], env_file_path: str) -> 
 
 
 def srun_command(
-    hosts: list[Host], *, recipe: str, plan_path: str, python: str, rdzv_port: int, run_id: str
+    hosts: list[Host],
+    *,
+    recipe: str,
+    plan_path: str,
+    python: str,
+    rdzv_port: int,
+    run_id: str,
+    log_dir: str | None = None,
 ) -> NodeCommand:
-    """Inside a Slurm allocation: one srun task per node, each running torchrun with c10d rendezvous on the first
-    node; `--kill-on-bad-exit=1` makes Slurm stop every task when one fails. srun passes this environment on."""
+    """Inside a Slurm allocation: one srun task per node, each running torchrun (under the node side, for its
+    rank's exit code and prefixes) with c10d rendezvous on the first node; `--kill-on-bad-exit=1` makes Slurm stop
+    every task when one fails. srun passes this environment on, and signals to every task."""
+    program = [recipe, "--plan", plan_path]
+    torchrun = _torchrun(python, hosts, per_node(hosts), rdzv_port, run_id, program, log_dir=log_dir)
     argv = [
         "srun",
         f"--nodes={len(hosts)}",
         "--ntasks-per-node=1",
         f"--nodelist={','.join(h.name for h in hosts)}",
         "--kill-on-bad-exit=1",
-        *_torchrun(python, hosts, per_node(hosts), rdzv_port, run_id, recipe, plan_path),
+        *[python, "-m", "launcher.launch.node", "--no-stdin", "-", "--", *torchrun],
     ]
     return NodeCommand(hosts[0].name, argv, shlex.join(argv))
 
@@ -206,13 +215,12 @@ def _torchrun(
     nproc: int,
     rdzv_port: int,
     run_id: str,
-    recipe: str,
-    plan_path: str,
+    program: list[str],
     log_dir: str | None = None,
     local_addr: str | None = None,
 ) -> list[str]:
     """torchrun on one node of `hosts`, joining the c10d rendezvous on the first. With `log_dir`, each rank's output
-    is also kept there and its lines come prefixed (PREFIX_TEMPLATE). c10d numbers the nodes in the order of their
+    is also kept there and its lines come prefixed (node.PREFIX_TEMPLATE). c10d numbers the nodes in the order of their
     addresses: `local_addr` (the name the hostfile gives the node) makes that the order of the hosts' names, and is
     the address the other nodes reach it by when it holds rank 0."""
     return [
@@ -227,9 +235,7 @@ def _torchrun(
         *([f"--local-addr={local_addr}"] if local_addr else []),
         *([f"--log-dir={log_dir}", "--tee=3"] if log_dir else []),
         f"--signals-to-handle={','.join(TORCHRUN_SIGNALS)}",
-        recipe,
-        "--plan",
-        plan_path,
+        *program,
     ]
 
 

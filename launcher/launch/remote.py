@@ -70,17 +70,19 @@ class Node:
         return (self.result or {}).get("code") is not None and self.result["code"] < 0
 
 
-def run_nodes(commands: list[NodeCommand]) -> int:
-    """Run every node to completion; returns 0, or the exit code described in the module docstring."""
+def run_nodes(commands: list[NodeCommand], *, capture: list[str] | None = None, timeout: float | None = None) -> int:
+    """Run every node to completion; returns 0, or the exit code described in the module docstring. With `capture`,
+    the nodes' lines are kept there instead of shown; with `timeout`, nodes still running then are stopped (124)."""
     nodes: list[Node] = []
     readers: list[threading.Thread] = []
     with NotedSignals(STOP_SIGNALS, keep_ignored=(signal.SIGHUP,)) as signals:
         try:
-            nodes = _spawn(commands)
-            readers = [threading.Thread(target=_read, args=(n,), daemon=True) for n in nodes]
+            nodes = _spawn(commands, quiet=capture is not None)
+            readers = [threading.Thread(target=_read, args=(n, capture), daemon=True) for n in nodes]
             for t in readers:
                 t.start()
-            outcome = _wait(nodes, signals, readers)
+            deadline = time.monotonic() + timeout if timeout else None
+            outcome = _wait(nodes, signals, readers, deadline)
         finally:
             _stop(nodes)
             for t in readers:
@@ -88,11 +90,12 @@ def run_nodes(commands: list[NodeCommand]) -> int:
     return _report(outcome)
 
 
-def _spawn(commands: list[NodeCommand]) -> list[Node]:
+def _spawn(commands: list[NodeCommand], quiet: bool = False) -> list[Node]:
     arm = _die_with_launcher()
     nodes: list[Node] = []
     for cmd in commands:
-        print(f"launcher: starting {cmd.host}: {cmd.shown}", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f"launcher: starting {cmd.host}: {cmd.shown}", file=sys.stderr, flush=True)
         try:
             proc = subprocess.Popen(
                 cmd.argv,
@@ -110,7 +113,7 @@ def _spawn(commands: list[NodeCommand]) -> list[Node]:
     return nodes
 
 
-def _read(node: Node) -> None:
+def _read(node: Node, capture: list[str] | None = None) -> None:
     mine = f"[{node.host}:"
     for line in node.proc.stdout:  # type: ignore[union-attr]
         if line.startswith(RESULT_MARK):
@@ -120,13 +123,22 @@ def _read(node: Node) -> None:
                 pass
             continue
         node.last_lines = [*(node.last_lines or [])[-4:], line]
-        sys.stdout.write(line if line.startswith(mine) else f"[{node.host}] {line}")
+        shown = line if line.startswith(mine) else f"[{node.host}] {line}"
+        if capture is not None:
+            capture.append(shown)
+            continue
+        sys.stdout.write(shown)
         sys.stdout.flush()
 
 
-def _wait(nodes: list[Node], signals: NotedSignals, readers: list[threading.Thread]) -> Outcome:
+def _wait(
+    nodes: list[Node], signals: NotedSignals, readers: list[threading.Thread], deadline: float | None = None
+) -> Outcome:
     preempted: int | None = None
     while True:
+        if deadline is not None and time.monotonic() > deadline:
+            late = [n.host for n in nodes if n.proc.poll() is None]
+            return Outcome(124, f"{', '.join(late)} still running after the time given; stopped")
         sig = signals.received
         if sig and sig not in PREEMPT_SIGNALS:
             return Outcome(128 + sig, f"stopped every node on {signal_name(sig)}", asked=True)
@@ -143,12 +155,15 @@ def _wait(nodes: list[Node], signals: NotedSignals, readers: list[threading.Thre
         if all(c == 0 for c in codes):
             return Outcome(0)
         if all(c in (0, REQUEUE_EXIT_CODE) for c in codes):
-            return Outcome(
-                REQUEUE_EXIT_CODE,
-                f"every rank saved a checkpoint and stopped: rerun with resume=auto to continue "
-                f"(exit {REQUEUE_EXIT_CODE})",
-            )
+            return _checkpointed()
         time.sleep(POLL_SECONDS)
+
+
+def _checkpointed() -> Outcome:
+    return Outcome(
+        REQUEUE_EXIT_CODE,
+        f"every rank saved a checkpoint and stopped: rerun with resume=auto to continue (exit {REQUEUE_EXIT_CODE})",
+    )
 
 
 def _failure(nodes: list[Node], first: Node, readers: list[threading.Thread]) -> Outcome:
@@ -256,6 +271,8 @@ def run_runner(
     finished = os.path.exists(os.path.join(os.path.dirname(plan_path), "summary.json"))
     if runner == "deepspeed" and (failures or code or not finished):
         _sweep(hosts, plan_path, ssh_config)
+    if code == REQUEUE_EXIT_CODE:
+        return _report(_checkpointed())
     if asked and asked > 0:
         return _report(Outcome(128 + asked, f"stopped every node on {signal_name(asked)}", asked=True))
     if failures:
@@ -282,7 +299,10 @@ def _read_runner(proc: subprocess.Popen, failures: list[tuple[str, int]], secret
         if failed:
             failures.append((failed.group("host"), int(failed.group("code"))))
         pdsh = PDSH_LINE.match(line)
-        sys.stdout.write(f"[{pdsh.group('host')}] {pdsh.group('text')}" if pdsh and not failed else line)
+        if pdsh and not failed:  # a rank's own line comes prefixed [host:rank] (worker.prefix): pdsh's is dropped
+            host, text = pdsh.group("host", "text")
+            line = text if text.startswith(f"[{host}:") else f"[{host}] {text}"
+        sys.stdout.write(line)
         sys.stdout.flush()
 
 
@@ -310,35 +330,69 @@ def _sweep(hosts: list[str], plan_path: str, ssh_config: str | None) -> None:
 
 
 REACH_SECONDS = 15
-"""How long the ssh check before a launch waits for each host."""
+"""How long ssh waits for each host to answer (ConnectTimeout)."""
+PROBE_SECONDS = 120
+"""How long a host's probe may take (it imports torch)."""
+ALLREDUCE_SECONDS = 180
+"""How long the all-reduce across the hosts may take, rendezvous included."""
 
 
-def unreachable(hosts: list[str], ssh_config: str | None, ssh_port: int | None) -> list[str]:
-    """The hosts ssh cannot run a command on (all tried at once), each with what ssh said."""
+def on_each(
+    hosts: list[str], remote: str, ssh_config: str | None, ssh_port: int | None, timeout: float
+) -> dict[str, subprocess.CompletedProcess | str]:
+    """`remote` (a shell line) run on every host at once over ssh: host -> the finished ssh, or what went wrong
+    (a string: ssh's own last words when it could not run the command)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def attempt(host: str) -> str | None:
+    def attempt(host: str) -> subprocess.CompletedProcess | str:
         argv = [
-            "ssh",
-            *(["-F", ssh_config] if ssh_config else []),
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            f"ConnectTimeout={REACH_SECONDS}",
-            *(["-p", str(ssh_port)] if ssh_port else []),
-            host,
-            "true",
-        ]
+            "ssh", *(["-F", ssh_config] if ssh_config else []), "-o", "BatchMode=yes",
+            "-o", f"ConnectTimeout={REACH_SECONDS}", *(["-p", str(ssh_port)] if ssh_port else []), host, remote,
+        ]  # fmt: skip
         try:
-            out = subprocess.run(
-                argv, capture_output=True, text=True, timeout=REACH_SECONDS + 5, stdin=subprocess.DEVNULL
-            )
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            return f"{host}: ssh did not answer within {REACH_SECONDS + 5} s"
-        if out.returncode == 0:
-            return None
-        said = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"ssh exited with {out.returncode}"
-        return f"{host}: {said}"
+            return f"no answer within {timeout:g} s"
+        if out.returncode == SSH_FAILED:
+            lines = out.stderr.strip().splitlines()
+            return lines[-1] if lines else f"ssh exited with {SSH_FAILED}"
+        return out
 
     with ThreadPoolExecutor(max_workers=min(32, len(hosts))) as pool:
-        return [r for r in pool.map(attempt, hosts) if r is not None]
+        return dict(zip(hosts, pool.map(attempt, hosts), strict=True))
+
+
+def check_cluster(cluster, output_dir: str) -> tuple[dict[str, dict | str], dict | str | None]:
+    """Each host's probe (launch/probe.py, in this directory with this Python, as a run would be), then, when
+    every host answered, an all-reduce across them (one process per host, launch/allreduce.py): (host -> its
+    report or what went wrong, the all-reduce's result or what went wrong; None when it was not tried)."""
+    from launcher.hostfile import Host
+    from launcher.launch import nodes
+    from launcher.launch.allreduce import ALLREDUCE_MARK
+    from launcher.launch.probe import PROBE_MARK
+
+    hosts = [h.name for h in cluster.hosts]
+    line = f"cd {shlex.quote(os.getcwd())} && exec {shlex.quote(sys.executable)} -m launcher.launch.probe "
+    answers = on_each(hosts, line + shlex.quote(output_dir), cluster.ssh_config, cluster.ssh_port, PROBE_SECONDS)
+    reports: dict[str, dict | str] = {}
+    for host, answer in answers.items():
+        if isinstance(answer, str):
+            reports[host] = answer if answer.startswith("ssh:") else f"ssh: {answer}"
+            continue
+        found = [x for x in answer.stdout.splitlines() if x.startswith(PROBE_MARK)]
+        said = (answer.stderr.strip().splitlines() or [f"exit {answer.returncode}"])[-1]
+        reports[host] = json.loads(found[-1][len(PROBE_MARK) :]) if found else f"the probe failed there: {said}"
+    if not all(isinstance(r, dict) for r in reports.values()):
+        return reports, None
+    one_each = [Host(h.name, (h.slots[0],)) for h in cluster.hosts]
+    commands = nodes.ssh_commands(
+        one_each, recipe="", plan_path="", cwd=os.getcwd(), python=sys.executable, rdzv_port=cluster.master_port,
+        run_id=f"check-{os.getpid()}", env={**cluster.env, "PYTHONUNBUFFERED": "1"}, log_dir=None,
+        ssh_port=cluster.ssh_port, ssh_config=cluster.ssh_config, program=["-m", "launcher.launch.allreduce"],
+    )  # fmt: skip
+    lines: list[str] = []
+    code = run_nodes(commands, capture=lines, timeout=ALLREDUCE_SECONDS)
+    found = [x.split(ALLREDUCE_MARK, 1)[1] for x in lines if ALLREDUCE_MARK in x]
+    if code == 0 and found:
+        return reports, json.loads(found[-1])
+    return reports, f"the all-reduce failed (exit {code}): {''.join(lines[-3:]).strip()}"

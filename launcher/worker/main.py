@@ -15,7 +15,15 @@ from types import ModuleType
 
 from launcher.config import Lora, choice_name
 from launcher.environment import quiet_libraries
-from launcher.errors import USAGE_EXIT_CODE, ConfigError, Preempted, TrainingStopped
+from launcher.errors import (
+    CHECKPOINTED_MARK,
+    NODE_SIDE,
+    REQUEUE_EXIT_CODE,
+    USAGE_EXIT_CODE,
+    ConfigError,
+    Preempted,
+    TrainingStopped,
+)
 from launcher.files import write_atomic
 from launcher.job import Job, job_from_environ, launch_env
 from launcher.plan import Plan, build_plan, check_job, read_plan, restarted
@@ -48,6 +56,9 @@ def plan_for_rank(recipe: Recipe, argv: list[str], job: Job) -> tuple[Plan, str 
 
 def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     """Entry point of every recipe's `main()`, under any launcher."""
+    from launcher.worker.prefix import prefix_lines
+
+    prefix_lines()  # under DeepSpeed's multi-node runner: [host:rank] before each line
     quiet_libraries()
     # `kill -QUIT PID` prints where a hung rank is (SIGUSR1 and SIGUSR2 ask a training rank to checkpoint and stop);
     # once the run directory is known, into output_dir/logs/stacks-rank-N.txt.
@@ -127,6 +138,8 @@ def _exit(code: int, world_size: int) -> None:
     called without an active exception", exit -6) after a run that succeeded; its launcher then kills the
     other ranks and reports failure. A rank that is done skips that teardown.
     """
+    if code == REQUEUE_EXIT_CODE and os.environ.get(NODE_SIDE):
+        print(CHECKPOINTED_MARK, flush=True)
     if world_size == 1:
         sys.exit(code)
     logging.shutdown()

@@ -1,0 +1,107 @@
+"""`launcher sbatch` on a real one-node Slurm cluster (munge, slurmctld, slurmd started once per session by
+scripts/slurm_cluster.sh): the batch script it writes runs lora_cls on 2 processes; sent its pre-timeout signal,
+the job checkpoints, requeues itself, resumes from that checkpoint and ends as a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+
+import pytest
+
+from launcher.checkpoints import complete
+from tests.conftest import LONG, RECIPE, ROOT, last_loss, run, tiny_args, why_failed
+
+
+def _job(job_id: str, env: dict) -> dict[str, str]:
+    """scontrol's fields of a job (completed jobs stay visible for MinJobAge, 300 s)."""
+    out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, env=env).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def _wait(job_id: str, env: dict, until, seconds: float) -> dict[str, str]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        fields = _job(job_id, env)
+        if until(fields):
+            return fields
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} after {seconds:g} s: {_job(job_id, env)}")
+
+
+def test_a_batch_job_checkpoints_on_its_signal_requeues_and_resumes_to_the_same_end(
+    slurm_cluster, tiny_model, tiny_data, tmp_path, uninterrupted
+):
+    env = {**os.environ, **slurm_cluster}
+    out = tmp_path / "run"
+    argv = ["launcher", "sbatch", RECIPE, "--procs-per-node", "2", "--time", "30", "--submit",
+            *tiny_args(tiny_model, tiny_data, out, *LONG)]  # fmt: skip
+    submitted = run(argv, cwd=ROOT, env=slurm_cluster, timeout=120)
+    assert submitted.returncode == 0, why_failed(submitted)
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    script = (out / "job.sbatch").read_text()
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script and "resume=auto" in script
+    try:
+        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
+        while not (metrics.exists() and metrics.stat().st_size > 0):  # training has begun
+            assert time.monotonic() < deadline, f"training never started: {_job(job_id, env)}"
+            time.sleep(0.2)
+        # What Slurm does at --signal=B:USR1@120 before the time limit, now.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job_id], check=True, env=env)
+        requeued = _wait(job_id, env, lambda f: f.get("Restarts") == "1" and f.get("JobState") == "PENDING", 120)
+        found = complete(str(out))
+        assert len(found) == 1 and 0 < found[0][0] < 300, found
+        assert requeued["Requeue"] == "1"
+        # Slurm holds a requeued job back for two minutes (its begin time); let it start again now.
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, env=env)
+        done = _wait(job_id, env, lambda f: f.get("JobState") not in ("PENDING", "RUNNING", "COMPLETING"), 240)
+    finally:
+        subprocess.run(["scancel", job_id], env=env, capture_output=True)
+    log = (out / "logs" / f"slurm-{job_id}.out").read_text()
+    assert done["JobState"] == "COMPLETED" and done["ExitCode"] == "0:0", f"{done}\n{log[-4000:]}"
+    assert f"launcher sbatch: job {job_id} start 0" in log and f"launcher sbatch: job {job_id} start 1" in log
+    assert "checkpoint written before the time limit; requeueing" in log
+    assert f"after step {found[0][0]} of 300: checkpoint {found[0][1]} written" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from"] == found[0][1] and summary["steps"] == 300
+    assert last_loss(out) == pytest.approx(last_loss(uninterrupted), abs=1e-6)
+
+
+def test_sbatch_refuses_bad_options_before_writing_anything(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    for extra, said in [
+        (["--time", "four hours"], "--time four hours: write minutes, HH:MM:SS"),
+        (["--partition", "gpu;rm -rf /"], "--partition 'gpu;rm -rf /'"),
+        (["--gpus-per-node", "8", "--procs-per-node", "2"], "give one"),
+    ]:
+        proc = run(["launcher", "sbatch", RECIPE, *extra, *tiny_args(tiny_model, tiny_data, out)], cwd=ROOT)
+        assert proc.returncode == 2 and said in proc.stderr, why_failed(proc)
+        assert "Traceback" not in proc.stderr and not out.exists()
+
+
+def test_the_batch_script_hands_every_setting_to_the_launcher_as_written(tmp_path):
+    """The script's command line, read by a real bash: each setting arrives as one argument, byte for byte, and
+    nothing in it runs."""
+    from launcher.launch.sbatch import BatchJob, batch_script
+
+    marker = tmp_path / "pwned"
+    hostile = f"data.train=/data/a b/$(touch {marker})`touch {marker}`'x'\"y\".jsonl"
+    job = BatchJob(recipe="/r/lora_cls.py", name="lora_cls", run_dir=str(tmp_path / "run dir"), cwd="/w",
+                   python="/venv/bin/python", nodes=2, procs_per_node=8, gpus_per_node=8, time="4:00:00",
+                   partition="gpu", account="proj", settings=[hostile, "train.lr=1e-4"])  # fmt: skip
+    script = batch_script(job)
+    for line in ("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=8", "--time=4:00:00", "--partition=gpu",
+                 "--account=proj", "--requeue", "--signal=B:USR1@120", "--open-mode=append"):  # fmt: skip
+        assert f"#SBATCH {line}\n" in script
+    run_line = next(line for line in script.splitlines() if line.startswith("run=("))
+    shown = subprocess.run(["bash", "-c", f'{run_line}\nprintf "%s\\n" "${{run[@]}}"'], capture_output=True,
+                           text=True, check=True).stdout.splitlines()  # fmt: skip
+    assert shown == [
+        "/venv/bin/python", "-m", "launcher", "run", "/r/lora_cls.py", "--runner", "slurm", "--nproc", "8",
+        hostile, "train.lr=1e-4", f"output_dir={tmp_path / 'run dir'}", "resume=auto",
+    ]  # fmt: skip
+    assert not marker.exists()
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # the whole script parses
