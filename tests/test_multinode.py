@@ -208,3 +208,20 @@ def test_launcher_check_passes_on_the_two_nodes_and_names_a_closed_host(loopback
     assert closed.returncode == 255, why_failed(closed)
     assert "127.0.0.3: ssh: connect to host 127.0.0.3" in closed.stderr and "Connection refused" in closed.stderr
     assert "all-reduce: not tried" in closed.stdout
+
+
+def test_sigterm_to_the_launcher_checkpoints_every_node_and_exits_75(loopback_nodes, tiny_model, tiny_data, tmp_path):
+    """A preemption of a multi-node run: SIGTERM to the launcher reaches every rank through the node side and
+    torchrun; the ranks save one checkpoint and stop, and the launcher exits 75 (torchrun's own exit 1 after the
+    signal is not taken for a failure)."""
+    from launcher.checkpoints import complete
+
+    folder = tmp_path / "run"
+    launcher = _start("ssh", loopback_nodes, folder, tiny_model, tiny_data)
+    launcher.send_signal(signal.SIGTERM)
+    err, took = _ended(launcher, folder)
+    assert launcher.returncode == 75, err[-3000:]
+    assert "every rank saved a checkpoint and stopped" in err.strip().splitlines()[-1]
+    found = complete(str(folder))
+    assert len(found) == 1 and 0 < found[0][0] < 5000, found
+    assert took < 60
