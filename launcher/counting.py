@@ -1,0 +1,128 @@
+"""A model's parameters counted without its weights (issue 14's planner starts here): the model is built on the meta
+device from its config.json alone (a shipped shape, `launcher/shapes/NAME.json`, or any local model folder), so a
+70B shape costs no memory and answers in seconds. What each term costs in bytes is arithmetic on these counts:
+the adapter's trainable parameters and a 4-bit base's storage (bitsandbytes' own layout) are computed here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+from launcher.errors import ConfigError
+
+SHAPES_DIR = os.path.join(os.path.dirname(__file__), "shapes")
+QUANT_BLOCK = 64
+"""bitsandbytes' 4-bit block: one absmax per 64 weights."""
+NESTED_BLOCK = 256
+"""Double quantization: the absmaxes quantized to 8 bits in blocks of 256, one fp32 scale each."""
+
+
+def shipped_shapes() -> list[str]:
+    return sorted(f[: -len(".json")] for f in os.listdir(SHAPES_DIR) if f.endswith(".json"))
+
+
+def load_shape(model: str) -> dict:
+    """The config.json of a shipped shape (by name) or of a local model folder."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else os.path.join(SHAPES_DIR, f"{model}.json")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"model={model}: neither a model folder with a config.json nor a shipped shape; shapes: "
+            + ", ".join(shipped_shapes())
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    """Qualified module name."""
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+@dataclass
+class Counts:
+    """A model's parameters, counted on the meta device (tied weights once)."""
+
+    total: int
+    linears: list[Linear] = field(default_factory=list)
+    """Every nn.Linear, in module order."""
+    skipped: set[str] = field(default_factory=set)
+    """Module names all-linear leaves alone: the output embedding (lm_head) and task heads."""
+    largest_block: int = 0
+    """Parameters of the largest repeated block (a decoder layer): what ZeRO-3 and FSDP gather at once."""
+    skipped_leaves: set[str] = field(default_factory=set)
+    """Leaf names of every module inside the skipped ones."""
+
+    def targets(self, target_modules: list[str]) -> list[Linear]:
+        """The linear layers an adapter with `target_modules` (leaf names, or all-linear) wraps, as peft does:
+        every linear whose leaf name is targeted. all-linear names the leaves of every linear outside the output
+        embedding and the heads, less any leaf name found inside them (worker.adapters.linear_names)."""
+
+        def leaf(name: str) -> str:
+            return name.rsplit(".", 1)[-1]
+
+        def inside(name: str) -> bool:
+            return any(name == s or name.startswith(s + ".") for s in self.skipped)
+
+        if target_modules == ["all-linear"]:
+            names = {leaf(lin.name) for lin in self.linears if not inside(lin.name)} - self.skipped_leaves
+        else:
+            names = set(target_modules)
+        return [lin for lin in self.linears if leaf(lin.name) in names]
+
+    def lora_parameters(self, r: int, target_modules: list[str], dora: bool = False) -> int:
+        """LoRA's trainable parameters: A (r x in) and B (out x r) per target, and DoRA's magnitude (out)."""
+        return sum(
+            r * (t.in_features + t.out_features) + (t.out_features if dora else 0) for t in self.targets(target_modules)
+        )
+
+
+def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
+    """Build the model of `config` on the meta device and count it: a causal LM when its architectures say so,
+    else the bare encoder (AutoModel). `heads`: module leaf names that are task heads (left out of all-linear)."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    config = dict(config)
+    model_type = config.pop("model_type")
+    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
+    cfg = AutoConfig.for_model(model_type, **config)
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if causal else AutoModel).from_config(cfg)
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():  # parameters() yields a tied tensor once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    linears = [
+        Linear(name, m.in_features, m.out_features, m.bias is not None)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    skipped = {name for name, _ in model.named_modules() if name and name.rsplit(".", 1)[-1] in heads}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skipped |= {name for name, m in model.named_modules() if out is not None and m is out}
+    inner = {
+        n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in skipped)
+    }
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    largest = max((sum(p.numel() for p in b.parameters()) for layers in blocks for b in layers), default=0)
+    return Counts(total=total, linears=linears, skipped=skipped, largest_block=largest, skipped_leaves=inner)
+
+
+def four_bit_bytes(numel: int, double_quant: bool = True) -> int:
+    """What bitsandbytes holds for one weight of `numel` elements quantized to 4 bits (nf4 or fp4): the packed
+    weights (2 per byte), one absmax per block of 64 (fp32; with double quantization uint8, plus an fp32 scale per
+    256 absmaxes and the 256-entry code of that second quantization), and the 16-entry 4-bit code."""
+    blocks = math.ceil(numel / QUANT_BLOCK)
+    if double_quant:
+        absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256
+    else:
+        absmax = 4 * blocks
+    return math.ceil(numel / 2) + absmax + 4 * 16
