@@ -32,6 +32,19 @@ def _wait(job_id: str, env: dict, until, seconds: float) -> dict[str, str]:
     raise AssertionError(f"job {job_id} after {seconds:g} s: {_job(job_id, env)}")
 
 
+def _node_idle(job_id: str, env: dict, seconds: float = 60) -> None:
+    """Until the node has ended every step of the job's last start (no step left, sinfo says idle), and a moment
+    more for slurmd, which forgets a killed job a little after the controller."""
+    deadline, quiet = time.monotonic() + seconds, 0
+    while quiet < 3:
+        assert time.monotonic() < deadline, f"the node is still busy after {seconds:g} s"
+        state = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, env=env).stdout.strip()
+        steps = subprocess.run(["squeue", "-h", "-s", "-j", job_id], capture_output=True, text=True, env=env).stdout
+        quiet = quiet + 1 if state == "idle" and not steps.strip() else 0
+        time.sleep(0.5)
+    time.sleep(5.0)
+
+
 def test_a_batch_job_checkpoints_on_its_signal_requeues_and_resumes_to_the_same_end(
     slurm_cluster, tiny_model, tiny_data, tmp_path, uninterrupted
 ):
@@ -55,7 +68,10 @@ def test_a_batch_job_checkpoints_on_its_signal_requeues_and_resumes_to_the_same_
         found = complete(str(out))
         assert len(found) == 1 and 0 < found[0][0] < 300, found
         assert requeued["Requeue"] == "1"
-        # Slurm holds a requeued job back for two minutes (its begin time); let it start again now.
+        # Slurm holds a requeued job back for two minutes (its begin time): long enough for the node to finish
+        # the last start (a start sent sooner is refused: "Job N already killed, do not launch batch job"). Once
+        # the node is idle again, let the job start now.
+        _node_idle(job_id, env)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, env=env)
         done = _wait(job_id, env, lambda f: f.get("JobState") not in ("PENDING", "RUNNING", "COMPLETING"), 240)
     finally:
