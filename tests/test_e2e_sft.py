@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.slow, needs_dataset("alpaca")]
 
 
 def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):
-    # Seeded: these settings took the eval loss from 8.358 to 5.275 (-36.9%) in about 2 minutes here.
+    # Seeded: these settings took the eval loss from 8.356 to 5.605 (-32.9%) in under 2 minutes here (250 steps at
+    # lr 2e-3 went to 5.275, -36.9%, in 2 min 40 s; 150 at 3e-3 fell short, -29.8%).
     out = tmp_path / "run"
     data = SHARED / "alpaca"
     settings = [
@@ -23,9 +24,9 @@ def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):
         "data.max_eval_rows=100",
         "data.max_length=256",
         "tokenizer_vocab=4000",
-        "train.max_steps=250",
+        "train.max_steps=180",
         "train.micro_batch_size=4",
-        "train.lr=2e-3",
+        "train.lr=2.5e-3",
         "train.eval_at_start=true",
         f"output_dir={out}",
     ]
@@ -37,7 +38,7 @@ def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):
     assert proc.returncode == 0, why_failed(proc)
     assert "packed 4,496 examples into" in proc.stdout
     evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    assert [e["step"] for e in evals] == [0, 250]
+    assert [e["step"] for e in evals] == [0, 180]
     start, end = evals[0]["loss"], evals[-1]["loss"]
     assert end <= 0.7 * start, f"eval loss {start:.3f} -> {end:.3f} ({100 * (1 - end / start):.1f}% lower)"
     assert evals[-1]["perplexity"] == pytest.approx(math.exp(end), rel=1e-6)
