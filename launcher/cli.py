@@ -341,13 +341,7 @@ def cmd_run_nodes(args: argparse.Namespace) -> int:
         return run_nodes(launch.commands)
     from launcher.launch.remote import run_runner
 
-    hosts = [h.name for h in cluster.hosts]
-    from launcher.launch.commands import SECRET
-
-    secrets = [v for k, v in cluster.env.items() if SECRET.search(k) and v]
-    return run_runner(
-        launch, cluster.runner, plan_path=path, hosts=hosts, ssh_config=cluster.ssh_config, secrets=secrets
-    )
+    return run_runner(launch, cluster, path)
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:

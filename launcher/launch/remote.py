@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from launcher.errors import REQUEUE_EXIT_CODE
 from launcher.launch.execute import PREEMPT_SIGNALS, STOP_SIGNALS, Outcome, _die_with_launcher, _report, shell_code
@@ -49,7 +49,8 @@ class Node:
     proc: subprocess.Popen
     result: dict | None = None
     """The node side's last line: its first failing rank (rank, pid, code), or None if it never said."""
-    last_lines: list[str] | None = None
+    last_lines: list[str] = field(default_factory=list)
+    """Its last few lines (what ssh said, when it could not reach the node)."""
 
     def describe(self) -> str:
         code = self.proc.returncode
@@ -109,7 +110,7 @@ def _spawn(commands: list[NodeCommand], quiet: bool = False) -> list[Node]:
         except BaseException:
             _stop(nodes)
             raise
-        nodes.append(Node(cmd.host, proc, last_lines=[]))
+        nodes.append(Node(cmd.host, proc))
     return nodes
 
 
@@ -122,7 +123,7 @@ def _read(node: Node, capture: list[str] | None = None) -> None:
             except ValueError:
                 pass
             continue
-        node.last_lines = [*(node.last_lines or [])[-4:], line]
+        node.last_lines = [*node.last_lines[-4:], line]
         shown = line if line.startswith(mine) else f"[{node.host}] {line}"
         if capture is not None:
             capture.append(shown)
@@ -224,16 +225,17 @@ SWEEP_SECONDS = 5.0
 """After DeepSpeed's runner stopped, how long its ranks have to end on SIGTERM before the sweep sends SIGKILL."""
 
 
-def run_runner(
-    launch, runner: str, *, plan_path: str, hosts: list[str], ssh_config: str | None, secrets: list[str]
-) -> int:
+def run_runner(launch, cluster, plan_path: str) -> int:
     """DeepSpeed's runner (over pdsh) or srun: one local process starts every node. Its output is streamed with
-    `[host]` prefixes and the `secrets` (values) shown as *** (DeepSpeed's runner logs the nodes' command, exports
+    `[host]` prefixes and the values of secret names shown as *** (DeepSpeed's runner logs the nodes' command, exports
     and all); the exit code is the failing node's, read from pdsh's own report when DeepSpeed's runner
     exits 0 (it does when pdsh is killed by a signal) or names no rank; and after any failure every host is swept
     of the run's processes (pkill over pdsh), so none is left."""
     from launcher.files import write_atomic
+    from launcher.launch.commands import SECRET
 
+    runner, hosts, ssh_config = cluster.runner, [h.name for h in cluster.hosts], cluster.ssh_config
+    secrets = [v for k, v in cluster.env.items() if SECRET.search(k) and v]
     (command,) = launch.commands
     if launch.env_file is not None:
         env_path = launch.environ["DS_ENV_FILE"]
