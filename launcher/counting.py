@@ -57,6 +57,12 @@ class Counts:
     """Parameters of the largest repeated block (a decoder layer): what ZeRO-3 and FSDP gather at once."""
     skipped_leaves: set[str] = field(default_factory=set)
     """Leaf names of every module inside the skipped ones."""
+    params: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    """Every parameter's name and shape, in module order (a tied one once, under its first name)."""
+    buffer_bytes: int = 0
+    """The module's buffers as a rank holds them (fp32: rotary frequencies and the like)."""
+    hidden_size: int = 0
+    """config.hidden_size (it sizes DeepSpeed's buckets and ZeRO-3's persistence threshold)."""
 
     def targets(self, target_modules: list[str]) -> list[Linear]:
         """The linear layers an adapter with `target_modules` (leaf names, or all-linear) wraps, as peft does:
@@ -94,12 +100,9 @@ def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
     cfg = AutoConfig.for_model(model_type, **config)
     with torch.device("meta"):
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(cfg)
-    seen: set[int] = set()
-    total = 0
-    for p in model.parameters():  # parameters() yields a tied tensor once
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # a tied tensor once
+    total = sum(math.prod(shape) for _, shape in params)
+    buffer_bytes = sum(b.numel() * 4 for b in model.buffers())
     linears = [
         Linear(name, m.in_features, m.out_features, m.bias is not None)
         for name, m in model.named_modules()
@@ -113,16 +116,30 @@ def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
     }
     blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     largest = max((sum(p.numel() for p in b.parameters()) for layers in blocks for b in layers), default=0)
-    return Counts(total=total, linears=linears, skipped=skipped, largest_block=largest, skipped_leaves=inner)
+    return Counts(
+        total=total,
+        linears=linears,
+        skipped=skipped,
+        largest_block=largest,
+        skipped_leaves=inner,
+        params=params,
+        buffer_bytes=buffer_bytes,
+        hidden_size=getattr(cfg, "hidden_size", 0) or 0,
+    )
 
 
 def four_bit_bytes(numel: int, double_quant: bool = True) -> int:
     """What bitsandbytes holds for one weight of `numel` elements quantized to 4 bits (nf4 or fp4): the packed
     weights (2 per byte), one absmax per block of 64 (fp32; with double quantization uint8, plus an fp32 scale per
-    256 absmaxes and the 256-entry code of that second quantization), and the 16-entry 4-bit code."""
+    256 absmaxes, the 256-entry code of that second quantization and its fp32 offset), and the 16-entry 4-bit code."""
+    return math.ceil(numel / 2) + four_bit_constants(numel, double_quant)
+
+
+def four_bit_constants(numel: int, double_quant: bool = True) -> int:
+    """four_bit_bytes less the packed weights: the quantization state every rank keeps whole."""
     blocks = math.ceil(numel / QUANT_BLOCK)
     if double_quant:
-        absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256
+        absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4
     else:
         absmax = 4 * blocks
-    return math.ceil(numel / 2) + absmax + 4 * 16
+    return absmax + 4 * 16

@@ -103,6 +103,23 @@ def test_cell_trains_and_saves_what_reloads(matrix, kind, cell):
     torch.testing.assert_close(reloaded, torch.tensor(r["logits"]), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.row}|{c.adapter}|{c.optimizer}".replace(" ", ""))
+def test_planned_model_state_is_what_a_rank_holds(matrix, cell):
+    """The planner's bytes per term (launcher.sizing, from the config.json alone) against what rank 0 of the
+    2-rank run held between backward and its optimizer step (holdings: each storage once): within 2%."""
+    from launcher.counting import count
+    from launcher.sizing import TERMS, model_state
+    from tests.helpers.matrix_worker import LLAMA_SHAPE
+
+    r = matrix[_key("llama", cell.overrides)]
+    assert "error" not in r, r.get("trace", "")
+    planned = model_state(count(LLAMA_SHAPE), _cell_config(cell.overrides), world=2, local_world=2)
+    held = {term: sum(r["held"][term].values()) for term in TERMS}
+    assert held["params"] > 0 and held["optimizer"] > 0, held
+    for term in TERMS:
+        assert planned.term(term) == pytest.approx(held[term], rel=0.02), f"{term}: {planned.bytes} planned, {held}"
+
+
 def _reload(kind: str, cfg, folder: Path, trainable_values: int) -> torch.Tensor:
     """The saved model in a plain process (no process group): rebuilt base + adapter, or the full model."""
     from safetensors.torch import load_file

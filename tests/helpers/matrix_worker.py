@@ -2,8 +2,8 @@
 
 A cell is a list of overrides (strategy, adapter, optimizer). For each, rank 0 records the losses on a repeated
 batch, which parameters changed, the optimizer-state dtypes, whether a 4-bit base is still 4-bit, the logits of
-its batch after training and where the model was saved; the test then reloads every saved model in a plain
-process and compares logits.
+its batch after training, where the model was saved and what it held of its model state (holdings); the test then
+reloads every saved model in a plain process and compares logits, and the holdings with the planner's.
 usage: torchrun --nproc_per_node 2 matrix_worker.py OUT.json KINDS CELLS.json [precision]
 (KINDS: llama, bert or both, comma-separated: each runs every cell)
 """
@@ -23,7 +23,7 @@ from launcher.config import RunConfig
 from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.task import Task
-from launcher.worker import dist
+from launcher.worker import dist, holdings
 from launcher.worker.adapters import apply_adapter
 from launcher.worker.export import save_model
 from launcher.worker.optim import build_optimizer, build_scheduler
@@ -34,23 +34,28 @@ TASK_TYPE = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
 VOCAB, SEQ, ROWS = 128, 16, 4
 
 
+LLAMA_SHAPE = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": VOCAB,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+"""The tiny Llama's config.json (the planner counts it as it would a shipped shape)."""
+
+
 def build_model(kind: str) -> torch.nn.Module:
     """The same tiny random model on every rank and in the reloading test (seeded)."""
     from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     if kind == "llama":
-        config = LlamaConfig(
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            tie_word_embeddings=False,
-        )
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(LlamaConfig(**{k: v for k, v in LLAMA_SHAPE.items() if k != "model_type"}))
     config = BertConfig(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -139,6 +144,9 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
         EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
     )
     engine.train(False)
+    # What the rank holds of its model state, at its largest: the planner's figures are checked against it.
+    recorder = holdings.Recorder(engine.held_tensors)
+    engine.between_backward_and_step = recorder
     batch = {k: v.to(ranks.device) for k, v in batch_for(kind, ranks.rank).items()}
     losses = [dist.mean_across_ranks(engine.train_step([batch]).loss, ranks.device) for _ in range(3)]
     with torch.no_grad():
@@ -156,6 +164,7 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
         "four_bit": four_bit_layers(engine.module),
         "logits": logits.tolist(),
         "saved": os.path.abspath(saved),
+        "held": recorder.largest.as_dict() if recorder.largest else None,
     }
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:

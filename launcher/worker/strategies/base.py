@@ -12,7 +12,7 @@ import torch
 
 from launcher.checkpoints import unmatched_parameters
 from launcher.config import RunConfig
-from launcher.worker import eight_bit
+from launcher.worker import eight_bit, holdings
 from launcher.worker.weights import Weights
 
 # Builds (optimizer, scheduler) for the parameters of the module the strategy hands it (sharded or not). A strategy
@@ -60,6 +60,9 @@ class Engine(ABC):
     device: torch.device
     module: torch.nn.Module
     """The unwrapped model (adapter applied) whose parameter names the saved files use."""
+    between_backward_and_step: Callable[[], None] | None = None
+    """Called in each train_step after the last backward, before the optimizer step: the gradients are reduced and
+    still held, the optimizer states exist from the second step on (holdings.Recorder measures there)."""
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
@@ -91,6 +94,21 @@ class Engine(ABC):
     def whole(self, tensor: torch.Tensor) -> Iterator[torch.Tensor]:
         """`tensor` whole while the context lasts (a sharded strategy gathers it). Collective where it gathers."""
         yield tensor
+
+    def stepping_optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer that updates the trained values (inside a wrapper such as DeepSpeed's ZeRO optimizer)."""
+        return self.optimizer
+
+    def held_tensors(self) -> dict[str, list[torch.Tensor]]:
+        """What this rank holds of the model state, by holdings.TERMS (counted by `holdings.measure`, each storage
+        once): here the module's tensors as they are, their gradients and the optimizer's states. A strategy that
+        keeps shards, flat buffers or master copies names them."""
+        m = self.module
+        return {
+            "params": [*m.parameters(), *m.buffers(), *holdings.quantization_constants(m)],
+            "grads": [p.grad for p in m.parameters() if p.grad is not None],
+            "optimizer": list(holdings.optimizer_states(self.stepping_optimizer())),
+        }
 
     def trainable_numel(self) -> int:
         """Elements of the trainable parameters, whole (not this rank's shard): what a saved adapter must hold."""
@@ -210,11 +228,13 @@ def accumulate_and_step(
     max_grad_norm: float,
     scaler: Any = None,
     clip: Callable[[list[torch.nn.Parameter], float], float] = clip_norm,
+    before_step: Callable[[], None] | None = None,
 ) -> StepResult:
     """The step of the torch-native strategies: backward on each micro-batch with gradient communication only
     on the last (`set_sync`), then clip, optimizer step, schedule step. With fp16 a GradScaler scales the loss,
     unscales before clipping and skips the step (and lowers the scale) when a gradient overflowed. `clip` clips
-    and returns the global norm (a strategy with sharded gradients brings its own)."""
+    and returns the global norm (a strategy with sharded gradients brings its own). `before_step` is called after
+    the last backward."""
     losses = []
     for i, batch in enumerate(micro_batches):
         set_sync(i == len(micro_batches) - 1)
@@ -222,6 +242,8 @@ def accumulate_and_step(
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
         losses.append(loss.item())
+    if before_step is not None:
+        before_step()
     if scaler is not None:
         scaler.unscale_(optimizer)
     norm = clip(params, max_grad_norm)

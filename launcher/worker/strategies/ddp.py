@@ -30,6 +30,9 @@ class DdpEngine(Engine):
             self.module,
             device_ids=[self.device.index] if self.device.type == "cuda" else None,
             find_unused_parameters=cfg.strategy.find_unused_parameters,
+            # Gradients are views into DDP's all-reduce buckets instead of copies of them: one gradient-sized
+            # buffer per rank instead of two (the buckets exist either way).
+            gradient_as_bucket_view=True,
         )
         self.optimizer, self.scheduler = inputs.make_optimizer(self.module)
         self.params = [p for p in self.module.parameters() if p.requires_grad]
@@ -57,6 +60,7 @@ class DdpEngine(Engine):
             params=self.params,
             max_grad_norm=self.max_grad_norm,
             scaler=self.scaler,
+            before_step=self.between_backward_and_step,
         )
 
     def _set_sync(self, sync: bool) -> None:

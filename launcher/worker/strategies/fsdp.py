@@ -91,6 +91,7 @@ class FsdpEngine(Engine):
             max_grad_norm=self.max_grad_norm,
             scaler=self.scaler,
             clip=clip_sharded_norm,
+            before_step=self.between_backward_and_step,
         )
 
     def train(self, mode=True):
@@ -114,6 +115,10 @@ class FsdpEngine(Engine):
     @contextlib.contextmanager
     def whole(self, tensor):
         yield tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def held_tensors(self):
+        # A DTensor's own storage is not this rank's: its local shard (a view into FSDP's padded shard) is.
+        return {term: [_local(t) for t in tensors] for term, tensors in super().held_tensors().items()}
 
     # Checkpoints: a parameter and its Adam moments are DTensors of one layout; each rank keeps its rows of a whole
     # value (DTensor's chunking is FSDP2's), so a checkpoint of any world size loads.
@@ -141,6 +146,10 @@ class FsdpEngine(Engine):
         self.optimizer.state[p] = {
             k: _as_param(v.to(device), p) if torch.is_tensor(v) and v.dim() > 0 else v for k, v in state.items()
         }
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 def _as_param(value: torch.Tensor, like: DTensor) -> DTensor:

@@ -8,7 +8,7 @@ import deepspeed
 import torch
 
 from launcher.config import Zero
-from launcher.worker import eight_bit
+from launcher.worker import eight_bit, holdings
 from launcher.worker.adapters import precision_dtype
 from launcher.worker.strategies.base import Engine, EngineInputs, StepResult, current_lr, local_state_dict
 from launcher.worker.strategies.zero_config import deepspeed_config
@@ -55,9 +55,11 @@ class ZeroEngine(Engine):
     def train_step(self, micro_batches):
         lr = current_lr(self._lr_source)
         losses = []
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             loss = self.ds(**batch).loss
             self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
+            if i == len(micro_batches) - 1 and self.between_backward_and_step is not None:
+                self.between_backward_and_step()
             self.ds.step()  # a no-op until the accumulation boundary
             losses.append(loss.item())
         norm = self.ds.get_global_grad_norm()
@@ -171,6 +173,27 @@ class ZeroEngine(Engine):
         self.ds.global_steps = steps
         self.ds.micro_steps = steps * self.ds.gradient_accumulation_steps()
 
+    def stepping_optimizer(self):
+        return _inner(self.optimizer)
+
+    def held_tensors(self):
+        held = super().held_tensors()
+        if self.stage == 3:  # each parameter's partition; the parameter itself is an empty placeholder
+            held["params"] += [p.ds_tensor for p in self.module.parameters() if hasattr(p, "ds_tensor")]
+        wrapper = self.optimizer if self.optimizer is not self.stepping_optimizer() else None
+        for name, value in vars(wrapper).items() if wrapper is not None else ():  # the ZeRO optimizer's own buffers
+            if name in _PARAM_BUFFERS:
+                held["params"] += holdings.tensors_of(value)
+            elif name in _MASTER_WEIGHTS:
+                masters = list(holdings.tensors_of(value))
+                held["master"] = held.get("master", []) + masters
+                held["grads"] += [m.grad for m in masters if m.grad is not None]
+            elif name == "ipg_buckets":  # the buckets gradients are reduced in, per dtype
+                held["grads"] += [t for bucket in value.values() for t in holdings.tensors_of(bucket.buffer)]
+            elif name not in _NOT_STATE:
+                held["grads"] += holdings.tensors_of(value)  # the rest are gradients, whole or partitioned, flat
+        return held
+
     def trainable_numel(self):
         # ZeRO-3 leaves an empty placeholder in each parameter; ds_numel is its whole size.
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.module.parameters() if p.requires_grad)
@@ -283,6 +306,18 @@ def set_scaler_state(optimizer, state: dict | None) -> None:
     if state and scaler is not None and getattr(scaler, "dynamic", False):
         for key, value in state.items():
             setattr(scaler, key, value)
+
+
+_PARAM_BUFFERS = (
+    "bit16_groups_flat",  # ZeRO-1/2: the trained parameters, flat, whole; the module's are views into it
+    "bf16_groups_flat",  # stage 0's bf16 optimizer: the same
+    "lp_param_buffer",  # ZeRO-3: this rank's partitions of the parameters, flat
+    "fp16_partitioned_groups_flat",
+    "param_buffer_of_bit16_for_cpu_offload_groups",  # ZeRO-1/2 offload: the updated partition on its way back
+)
+_MASTER_WEIGHTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+_NOT_STATE = ("optimizer", "module", "param_names", "param_dict", "loss_scaler")
+"""Attributes of a ZeRO optimizer that hold no buffers of its own (the client optimizer, the model)."""
 
 
 def _partitioned(p: torch.nn.Parameter) -> bool:
