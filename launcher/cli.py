@@ -20,6 +20,7 @@ EPILOG = """examples:
   launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 adapter=qlora optimizer=adamw8bit
   launcher run recipes/lora_cls.py --hostfile hostfiles/two-nodes.txt strategy=zero3   (every node: ssh + torchrun)
   launcher sbatch recipes/lora_cls.py --nodes 2 --gpus-per-node 8 --time 4:00:00 --submit   (Slurm, requeues itself)
+  launcher plan recipes/qlora_sft.py model=llama-3-70b adapter=qlora --gpus-per-node 8 --gpu-mem 80GiB
   launcher export runs/sst2/checkpoints/step-00000500 --out sst2-model --merge
   launcher matrix                          (which strategy x adapter x optimizer combinations work)
   launcher recipes                         (the recipes, one line each)
@@ -124,6 +125,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask the ranks to checkpoint and stop S seconds before the time limit (default 120)",
     )
     sbatch.add_argument("--submit", action="store_true", help="submit the script with sbatch and print the job id")
+    plan = sub.add_parser(
+        "plan",
+        help="memory per GPU and per node of each strategy for a recipe's model and adapter, before launch "
+        "(the model counted from its config.json, no weights read)",
+    )
+    plan.add_argument("recipe", help="path of the recipe module")
+    plan.add_argument("overrides", nargs="*", metavar="key=value", help="settings, e.g. model=llama-3-8b adapter=qlora")
+    plan.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    plan.add_argument("--gpus-per-node", type=int, default=8, metavar="G", help="GPUs per node (default 8)")
+    plan.add_argument("--gpu-mem", default="80GiB", metavar="SIZE", help="memory of one GPU (default 80GiB)")
+    plan.add_argument("--cpu-mem", default="1TiB", metavar="SIZE", help="host memory of one node (default 1TiB)")
+    plan.add_argument(
+        "--seq-len", type=int, default=0, metavar="S", help="tokens per example (default: the recipe's data.max_length)"
+    )
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     export = sub.add_parser(
         "export",
         help="write a checkpoint as a Hugging Face model folder (the adapter, or merged with --merge)",
@@ -172,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(flags)} (settings are key=value)")
     args.overrides = list(args.overrides) + extra
     try:
-        return cmd_sbatch(args) if args.command == "sbatch" else cmd_run(args)
+        return {"sbatch": cmd_sbatch, "plan": cmd_plan}.get(args.command, cmd_run)(args)
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return USAGE_EXIT_CODE
@@ -221,6 +237,12 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{done.max_logit_difference:.2e} of the trained model's"
         )
     return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from launcher.planner_view import run_plan_command
+
+    return run_plan_command(args)
 
 
 def cmd_new(args: argparse.Namespace) -> int:

@@ -35,6 +35,23 @@ def load_shape(model: str) -> dict:
         return json.load(f)
 
 
+def planning_config(model: str) -> dict:
+    """The config.json a `model=` value stands for, with no weights read: a shipped shape, `random:SHAPE` (its
+    real model's vocabulary), or the folder of a local or packaged model."""
+    from launcher.models import RANDOM, SHAPES, VOCABS, is_random, resolve_model
+
+    if is_random(model):
+        name = model[len(RANDOM) :]
+        if name not in SHAPES:
+            resolve_model(model)  # its error names the known shapes
+        shape = dict(SHAPES[name])
+        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[shape["model_type"]]
+        return {"architectures": [arch], "vocab_size": VOCABS.get(name, 32000), **shape}
+    if model in shipped_shapes() or os.path.isdir(model):
+        return load_shape(model)
+    return load_shape(resolve_model(model))
+
+
 @dataclass(frozen=True)
 class Linear:
     name: str
@@ -126,6 +143,58 @@ def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
         buffer_bytes=buffer_bytes,
         hidden_size=getattr(cfg, "hidden_size", 0) or 0,
     )
+
+
+COUNTS_VERSION = 1
+"""Bumped whenever Counts or the counting changes: older cached counts are then ignored."""
+
+
+def counts_cache_path(config: dict, heads: tuple[str, ...]) -> str:
+    import hashlib
+    from importlib import metadata
+
+    key = json.dumps([COUNTS_VERSION, metadata.version("transformers"), config, sorted(heads)], sort_keys=True)
+    root = os.environ.get("LAUNCHER_CACHE") or os.path.expanduser("~/.cache/launcher")
+    return os.path.join(root, "counts", hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+
+
+def cached_count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
+    """count(), remembered per config (in $LAUNCHER_CACHE/counts or ~/.cache/launcher/counts): building even on
+    meta needs torch and transformers' model code (about 3 s to import), the counts themselves are a few kB."""
+    from launcher.files import write_atomic
+
+    path = counts_cache_path(config, heads)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return Counts(
+            total=data["total"],
+            linears=[Linear(*lin) for lin in data["linears"]],
+            skipped=set(data["skipped"]),
+            largest_block=data["largest_block"],
+            skipped_leaves=set(data["skipped_leaves"]),
+            params=[(n, tuple(shape)) for n, shape in data["params"]],
+            buffer_bytes=data["buffer_bytes"],
+            hidden_size=data["hidden_size"],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not counted yet, or by another version: count again
+    counts = count(config, heads)
+    data = {
+        "total": counts.total,
+        "linears": [[lin.name, lin.in_features, lin.out_features, lin.bias] for lin in counts.linears],
+        "skipped": sorted(counts.skipped),
+        "largest_block": counts.largest_block,
+        "skipped_leaves": sorted(counts.skipped_leaves),
+        "params": counts.params,
+        "buffer_bytes": counts.buffer_bytes,
+        "hidden_size": counts.hidden_size,
+    }
+    try:
+        write_atomic(path, json.dumps(data))
+    except OSError:
+        pass  # a read-only home: the next plan counts again
+    return counts
 
 
 def four_bit_bytes(numel: int, double_quant: bool = True) -> int:

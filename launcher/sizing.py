@@ -6,6 +6,8 @@ offload keeps there; a CPU-only run holds both on the CPU). Each strategy's layo
 
 - DDP: the whole model (fp32 outside quantized layers; autocast computes in low precision), gradients in DDP's
   buckets (the gradients are views into them), the optimizer over whole parameters.
+- ZeRO-0: DeepSpeed's data parallel over the module in the precision's dtype; under bf16 or fp16 its optimizer
+  steps whole fp32 copies of the trained parameters, under fp32 ours steps the module's own.
 - ZeRO-1/2: the whole module in the precision's dtype, the trained parameters as flat buffers (one per optimizer
   group, each parameter padded to 16 bytes, the buffer to 2 x world elements); this rank's 1/world of each buffer as
   fp32 master weights, its reduced gradients, the optimizer states over that flat partition.
@@ -118,12 +120,13 @@ def stored_bytes(t: Tensor) -> float:
     return {"nf4": 0.5, "int8": 1}[t.role]
 
 
-def optimizer_bytes(numel: int, cfg: RunConfig) -> int:
-    """One tensor's optimizer state: AdamW's two fp32 moments, or 8-bit ones with their block scales."""
+def optimizer_bytes(numel: int, cfg: RunConfig, element: int = 4) -> int:
+    """One tensor's optimizer state: AdamW's two moments in the dtype of what it steps (`element` bytes), or 8-bit
+    ones with their block scales."""
     opt = cfg.optimizer
     if isinstance(opt, AdamW8bit) and numel >= opt.min_8bit_size:
         return 2 * numel + 2 * 4 * math.ceil(numel / OPTIMIZER_BLOCK)
-    return 8 * numel
+    return 2 * element * numel
 
 
 def _eight_bit(cfg: RunConfig) -> bool:
@@ -131,8 +134,8 @@ def _eight_bit(cfg: RunConfig) -> bool:
 
 
 def _zero_grad_dtype(cfg: RunConfig) -> int:
-    """DeepSpeed accumulates and partitions gradients in fp32 under bf16, in the precision's dtype otherwise."""
-    return 4 if cfg.precision == "bf16" else DTYPE_BYTES[cfg.precision]
+    """DeepSpeed accumulates and partitions gradients in the model's dtype (its default grad_accum_dtype)."""
+    return DTYPE_BYTES[cfg.precision]
 
 
 def model_state(
@@ -158,8 +161,8 @@ def _constants(ts: list[Tensor], counts: Counts, cfg: RunConfig) -> int:
     return counts.buffer_bytes + sum(quantized_extra(t, cfg) for t in ts)
 
 
-def _optimizer_over(sizes: list[int], cfg: RunConfig) -> int:
-    return sum(optimizer_bytes(n, cfg) for n in sizes) + (QMAP_BYTES if _eight_bit(cfg) else 0)
+def _optimizer_over(sizes: list[int], cfg: RunConfig, element: int = 4) -> int:
+    return sum(optimizer_bytes(n, cfg, element) for n in sizes) + (QMAP_BYTES if _eight_bit(cfg) else 0)
 
 
 def _ddp(ts: list[Tensor], counts: Counts, cfg: RunConfig) -> StateBytes:
@@ -194,10 +197,12 @@ def _zero12(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Sta
     offload = "cpu" if strategy.offload_optimizer != "none" else "gpu"
     frozen = sum(t.numel * (low if t.role == "frozen" else stored_bytes(t)) for t in ts if t.role != "trained")
     out.add("params", frozen + _constants(ts, counts, cfg))
-    if strategy.stage == 0:  # DeepSpeed's data parallel: our optimizer steps the module's own parameters
+    if strategy.stage == 0:  # DeepSpeed's data parallel over the module, whole
         trained = [t.numel for t in ts if t.role == "trained"]
         out.add("params", low * sum(trained))
         out.add("grads", low * sum(trained))
+        if cfg.precision != "fp32":  # its fp16/bf16 optimizer steps whole fp32 copies of the trained parameters
+            out.add("master", 4 * sum(trained))
         out.add("optimizer", _optimizer_over(trained, cfg))
         return out
     groups = _flat_groups(ts, low, world)
@@ -209,7 +214,7 @@ def _zero12(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Sta
         largest = max((t.numel for t in ts if t.role == "trained"), default=0)
         out.add("params", low * sum(partitions))  # the updated partition on its way back to the device
         out.add("grads", 4 * sum(partitions), "cpu")
-        out.add("grads", 2 * 4 * largest)  # the copy buffers each gradient goes through
+        out.add("grads", 2 * low * largest)  # the copy buffers each gradient goes through
     else:
         out.add("grads", _zero_grad_dtype(cfg) * sum(partitions))
     return out

@@ -315,7 +315,12 @@ _PARAM_BUFFERS = (
     "fp16_partitioned_groups_flat",
     "param_buffer_of_bit16_for_cpu_offload_groups",  # ZeRO-1/2 offload: the updated partition on its way back
 )
-_MASTER_WEIGHTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+_MASTER_WEIGHTS = (
+    "single_partition_of_fp32_groups",  # ZeRO-1/2
+    "fp32_partitioned_groups_flat",  # ZeRO-3
+    "fp32_groups_flat_partition",  # stage 0's bf16 optimizer with fp32 gradient accumulation
+    "fp32_groups",  # stage 0's fp16/bf16 optimizer: whole fp32 copies
+)
 _NOT_STATE = ("optimizer", "module", "param_names", "param_dict", "loss_scaler")
 """Attributes of a ZeRO optimizer that hold no buffers of its own (the client optimizer, the model)."""
 

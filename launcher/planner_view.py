@@ -1,0 +1,129 @@
+"""`launcher plan` on screen: reads the flags, builds the plan (launcher.planner) and prints it as a table or JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+
+from launcher.errors import ConfigError
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """'80GiB', '80GB', '1.5TiB', '1024' (bytes) -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise ConfigError(f"{flag} {text}: give a size such as 80GiB, 40GB or 1TiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def human(n: int | float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def build(args: argparse.Namespace):
+    from launcher.counting import cached_count, planning_config
+    from launcher.job import LaunchEnv
+    from launcher.overrides import apply_overrides
+    from launcher.plan import resolve
+    from launcher.planner import Machine, make_plan
+    from launcher.recipe import Recipe
+
+    for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: give at least 1")
+    machine = Machine(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu_bytes=parse_size(args.gpu_mem, "--gpu-mem"),
+        cpu_bytes=parse_size(args.cpu_mem, "--cpu-mem"),
+    )
+    recipe = Recipe.load(args.recipe)
+    gpus = machine.gpus_per_node
+    env = LaunchEnv(world_size=machine.world, local_world_size=gpus, cuda=True, gpus=gpus, bf16_supported=True)
+    cfg = resolve(apply_overrides(recipe.Config(), args.overrides), env)
+    seq_len = args.seq_len or getattr(getattr(cfg, "data", None), "max_length", 0)
+    if seq_len < 1:
+        raise ConfigError("this recipe has no data.max_length: give the tokens per example with --seq-len S")
+    config = planning_config(cfg.model)
+    return make_plan(cfg, cached_count(config), config, machine, seq_len)
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    plan = build(args)
+    try:
+        if args.json:
+            print(json.dumps(plan.as_json(), indent=2), flush=True)
+        else:
+            print_plan(plan)
+    except BrokenPipeError:  # `launcher plan ... | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def print_plan(plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from launcher.planner import SAFETY, fits
+
+    m = plan.machine
+    console = Console(width=None if Console().is_terminal else 130)  # a pipe or a log gets the whole table
+    console.print(
+        f"[bold]{plan.model}[/]: {plan.parameters / 1e9:.2f}B parameters, {plan.trainable / 1e6:.1f}M trained "
+        f"(adapter={plan.adapter}, optimizer={plan.optimizer}, precision={plan.precision}); micro-batch "
+        f"{plan.micro_batch} x {plan.seq_len} tokens, activation checkpointing "
+        f"{'on' if plan.activation_checkpointing else 'off'}"
+    )
+    console.print(
+        f"for {m.nodes} node(s) x {m.gpus_per_node} GPUs of {human(m.gpu_bytes)}, {human(m.cpu_bytes)} host memory "
+        "per node (--nodes, --gpus-per-node, --gpu-mem, --cpu-mem)"
+    )
+    table = Table(title_justify="left")
+    for col in ("strategy", "model state/GPU", "gathered", "activations", "GPU total", "CPU/node", "fits"):
+        table.add_column(col, justify="left" if col == "strategy" else "right")
+    for row in plan.rows:
+        if row.state is None:
+            table.add_row(row.strategy, "[dim]not supported[/]", "", "", "", "", "")
+            continue
+        mark = " (recommended)" if row.strategy == plan.recommended else ""
+        ok = fits(row, m)
+        table.add_row(
+            f"{row.strategy}{mark}",
+            human(row.state.on("gpu")),
+            human(row.gathered),
+            human(row.activations),
+            human(row.gpu_bytes),
+            human(row.state.on("cpu") * m.gpus_per_node),
+            "[green]yes[/]" if ok else "[red]no[/]",
+            style="bold" if mark else None,
+        )
+    console.print(table)
+    if plan.recommended is None:
+        tries = [] if plan.adapter == "qlora" else ["adapter=qlora"]
+        tries += [] if plan.activation_checkpointing else ["activation_checkpointing=true"]
+        tries += ["a smaller train.micro_batch_size or --seq-len", "more GPUs (--nodes, --gpus-per-node)"]
+        console.print(f"[red]nothing fits[/] within {SAFETY:.0%} of a GPU; try {', '.join(tries)}")
+    else:
+        rec = next(r for r in plan.rows if r.strategy == plan.recommended)
+        console.print(
+            f"recommended: [bold]{rec.strategy}[/] ({' '.join(rec.overrides)}), the cheapest that fits within "
+            f"{SAFETY:.0%} of a GPU; at {plan.seq_len} tokens it fits micro-batches up to "
+            f"{plan.limits['max_micro_batch_size']}, and at micro-batch {plan.micro_batch} sequences up to "
+            f"{plan.limits['max_seq_len']} tokens"
+        )
+    for row in plan.rows:
+        if row.refused:
+            console.print(f"[dim]{row.strategy}: {row.refused}[/]")
+    console.print(
+        "[dim]GPU total = model state + gathered block + activations + step temporaries + allowance "
+        "(1 GiB + 10%); docs/planning.md says how each term is computed and checked[/]"
+    )
