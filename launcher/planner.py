@@ -175,38 +175,50 @@ def activation_bytes(counts: Counts, config: dict, cfg: RunConfig, micro_batch: 
     return tokens * layers * per_layer + logits
 
 
-def _block(ts: list[Tensor]) -> list[Tensor]:
-    """The parameters of the largest repeated block (`...layers.N.`)."""
+def _units(ts: list[Tensor]) -> list[list[Tensor]]:
+    """What ZeRO-3 and FSDP gather at once: each repeated block (`...layers.N.`), and each parameter outside the
+    blocks on its own (FSDP shards the vocabulary matrices as units of their own; ZeRO-3 fetches per module)."""
     blocks: dict[str, list[Tensor]] = {}
     for t in ts:
         m = re.match(r"(.*?\.\d+)\.", t.name)
-        if m:
-            blocks.setdefault(m.group(1), []).append(t)
-    return max(blocks.values(), key=lambda b: sum(t.numel for t in b), default=[])
+        blocks.setdefault(m.group(1) if m else t.name, []).append(t)
+    return list(blocks.values())
 
 
 def gathered_bytes(ts: list[Tensor], cfg: RunConfig) -> int:
-    """ZeRO-3 and FSDP gather a block whole for its forward and backward: its bytes as stored (low precision, a
-    4-bit weight packed), once for ZeRO-3 (its live-parameter limit is one block) and twice for FSDP (the next block
-    is prefetched)."""
+    """ZeRO-3 and FSDP gather a unit whole for its forward and backward, and its gradients are whole until reduced:
+    the largest unit's bytes as stored (low precision, a 4-bit weight packed), once under ZeRO-3 (its live-parameter
+    limit is one block) and twice under FSDP (the next unit is prefetched), plus its trained part's whole gradient
+    (fp32 under FSDP, whose reduce dtype it is; the model's dtype under ZeRO-3). A vocabulary matrix is often the
+    largest unit (Llama-3-8B's: 525M elements, a block 218M)."""
     s = cfg.strategy
     sharded = (isinstance(s, Zero) and s.stage == 3) or (isinstance(s, Fsdp) and s.shard == "full")
     if not sharded:
         return 0
     low = DTYPE_BYTES[cfg.precision]
-    block = sum(t.numel * (low if t.role in ("trained", "frozen") else stored_bytes(t)) for t in _block(ts))
-    return int(block * (2 if isinstance(s, Fsdp) else 1))
+    fsdp = isinstance(s, Fsdp)
+
+    def unit_bytes(unit: list[Tensor]) -> float:
+        stored = sum(t.numel * (low if t.role in ("trained", "frozen") else stored_bytes(t)) for t in unit)
+        grads = sum(t.numel for t in unit if t.role == "trained") * (4 if fsdp else low)
+        return stored * (2 if fsdp else 1) + grads
+
+    return int(max((unit_bytes(u) for u in _units(ts)), default=0))
 
 
-def step_bytes(state: StateBytes, cfg: RunConfig, trainable: int) -> int:
-    """What the step holds for a moment beyond the model state, on the GPU: ZeRO-1/2/3 make an fp32 copy of the
-    gradient partition of the group (or sub-group) being stepped, and ZeRO-1 keeps each gradient whole until backward
-    ends (ZeRO-2 reduces them bucket by bucket); on the GPU our AdamW is fused and steps in place."""
+def step_bytes(state: StateBytes, cfg: RunConfig, trainable: int, gpu: bool = True) -> int:
+    """What the step holds for a moment beyond the model state: ZeRO-1/2/3 make an fp32 copy of the gradient
+    partition of the group (or sub-group) being stepped, and ZeRO-1 keeps each gradient whole until backward ends
+    (ZeRO-2 reduces them bucket by bucket). On the GPU our AdamW is fused and steps in place; on a CPU rank it runs
+    torch's foreach kernels, whose intermediate results are as large as what it steps (fp32)."""
     s = cfg.strategy
+    out = 0
+    if not gpu and cfg.optimizer.name == "adamw":
+        out += state.term("optimizer") // 2  # two fp32 moments per element stepped: one fp32 temporary
     if not isinstance(s, Zero) or s.stage == 0 or s.offload_optimizer != "none":
-        return 0
+        return out
     copy = state.bytes["master"].get("gpu", 0)
-    return max(copy, DTYPE_BYTES[cfg.precision] * trainable) if s.stage == 1 else copy
+    return out + (max(copy, DTYPE_BYTES[cfg.precision] * trainable) if s.stage == 1 else copy)
 
 
 def make_plan(
@@ -219,7 +231,6 @@ def make_plan(
 ) -> Plan:
     """Every candidate row for `cfg`'s adapter and optimizer (an offload row uses cpu_adam), its bytes, whether it
     fits, the recommended row and how far it goes."""
-    from launcher.compat import refusals
     from launcher.overrides import apply_overrides
 
     ts = tensors(counts, cfg)
@@ -238,19 +249,7 @@ def make_plan(
     for name, overrides in candidates or CANDIDATES:
         if "optimizer=cpu_adam" not in overrides and cfg.optimizer.name == "cpu_adam":
             overrides = [*overrides, "optimizer=adamw"]  # cpu_adam steps only what ZeRO-Offload keeps on the CPU
-        row_cfg = apply_overrides(cfg, overrides)
-        row = Row(name, overrides)
-        refused = refusals(row_cfg)
-        if refused:
-            row.refused = refused[0]
-            plan.rows.append(row)
-            continue
-        row.state = model_state(counts, row_cfg, machine.world, machine.gpus_per_node)
-        row.gathered = gathered_bytes(ts, row_cfg)
-        row.activations = activation_bytes(counts, config, row_cfg, plan.micro_batch, seq_len)
-        row.step = step_bytes(row.state, row_cfg, plan.trainable)
-        row.allowance = allowance(row.gpu_bytes)
-        plan.rows.append(row)
+        plan.rows.append(plan_row(name, overrides, cfg, counts, config, machine, seq_len))
     best = next((r for r in plan.rows if r.state is not None and fits(r, machine, SAFETY)), None)
     if best is not None:
         plan.recommended = best.strategy
@@ -258,8 +257,37 @@ def make_plan(
     return plan
 
 
-def allowance(planned: int) -> int:
-    return ALLOWANCE_FIXED + int(ALLOWANCE_SHARE * planned)
+def plan_row(
+    name: str,
+    overrides: list[str],
+    cfg: RunConfig,
+    counts: Counts,
+    config: dict,
+    machine: Machine,
+    seq_len: int,
+    gpu: bool = True,
+) -> Row:
+    """One rank of `cfg` with `overrides` on `machine` (`gpu`=False: a CPU rank, with no CUDA context to allow for)."""
+    from launcher.compat import refusals
+    from launcher.overrides import apply_overrides
+
+    row_cfg = apply_overrides(cfg, overrides)
+    row = Row(name, overrides)
+    refused = refusals(row_cfg)
+    if refused:
+        row.refused = refused[0]
+        return row
+    ts = tensors(counts, row_cfg)
+    row.state = model_state(counts, row_cfg, machine.world, machine.gpus_per_node)
+    row.gathered = gathered_bytes(ts, row_cfg)
+    row.activations = activation_bytes(counts, config, row_cfg, row_cfg.train.micro_batch_size, seq_len)
+    row.step = step_bytes(row.state, row_cfg, sum(t.numel for t in ts if t.role == "trained"), gpu)
+    row.allowance = allowance(row.gpu_bytes, gpu)
+    return row
+
+
+def allowance(planned: int, gpu: bool = True) -> int:
+    return (ALLOWANCE_FIXED if gpu else 0) + int(ALLOWANCE_SHARE * planned)
 
 
 def _limits(row: Row, counts: Counts, config: dict, cfg: RunConfig, machine: Machine, plan: Plan) -> dict:
