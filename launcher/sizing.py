@@ -1,6 +1,6 @@
 """What a rank holds of its model state, planned from the parameter counts alone (pure: no torch, no weights).
 
-The terms are holdings.TERMS, measured the same way (`Engine.held_tensors`, between the last backward of a step and
+The terms are TERMS, measured the same way (`Engine.held_tensors`, between the last backward of a step and
 its optimizer step): params, master, grads, optimizer, each split by where it lives ("gpu", or "cpu" for what an
 offload keeps there; a CPU-only run holds both on the CPU). Each strategy's layout is DeepSpeed's or FSDP2's own:
 
@@ -31,6 +31,9 @@ from launcher.config import AdamW8bit, Ddp, Dora, Fsdp, Full, Lora8, QLora, RunC
 from launcher.counting import Counts, four_bit_constants
 
 TERMS = ("params", "master", "grads", "optimizer")
+"""params: the module's parameters and buffers as a rank stores them (a shard, a 4-bit packing with its quantization
+constants); master: fp32 copies the optimizer steps instead of the parameters; grads: gradients and the buffers they
+are reduced in; optimizer: the optimizer's state (Adam's moments, an 8-bit optimizer's codes and block scales)."""
 NO_DECAY = ("bias", "norm", "layernorm", "ln_")
 """Parameter names the optimizer gives no weight decay (worker.optim.NO_DECAY): its second group."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -62,7 +65,7 @@ class Tensor:
 
 @dataclass
 class StateBytes:
-    """Planned bytes per term and place ("gpu", "cpu") for one rank."""
+    """Bytes per term and place ("gpu", "cpu") for one rank: planned here, measured by worker.holdings."""
 
     bytes: dict[str, dict[str, int]] = field(default_factory=lambda: {t: {} for t in TERMS})
 

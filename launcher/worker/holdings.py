@@ -12,37 +12,17 @@ optimizer states exist, the most a rank's model state holds outside the step's o
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 
-TERMS = ("params", "master", "grads", "optimizer")
-"""params: the module's parameters and buffers as this rank stores them (a shard, a 4-bit packing with its
-quantization constants); master: fp32 copies the optimizer steps instead of the parameters; grads: gradients and
-the buffers they are reduced in; optimizer: the optimizer's state (Adam's moments, an 8-bit optimizer's codes and
-block scales)."""
+from launcher.sizing import TERMS, StateBytes
 
 
-@dataclass
-class Held:
-    """Bytes per term and device type ("cpu", "cuda")."""
-
-    bytes: dict[str, dict[str, int]] = field(default_factory=lambda: {t: {} for t in TERMS})
-
-    def term(self, name: str) -> int:
-        return sum(self.bytes[name].values())
-
-    def total(self) -> int:
-        return sum(self.term(t) for t in TERMS)
-
-    def as_dict(self) -> dict[str, dict[str, int]]:
-        return {t: dict(self.bytes[t]) for t in TERMS}
-
-
-def measure(sources: dict[str, Iterable[torch.Tensor]]) -> Held:
-    """Sum the storages of `sources` (term -> tensors), each storage once, under the first term in TERMS that names it.
-    Meta tensors and empty placeholders count nothing."""
-    held = Held()
+def measure(sources: dict[str, Iterable[torch.Tensor]]) -> StateBytes:
+    """Sum the storages of `sources` (term -> tensors), each storage once, under the first term in TERMS that names it,
+    as the planner's StateBytes ("gpu" for a CUDA storage, else "cpu"). Meta tensors and empty placeholders count
+    nothing."""
+    held = StateBytes()
     seen: set[tuple[str, int]] = set()
     for term in TERMS:
         for t in sources.get(term, ()):
@@ -53,8 +33,7 @@ def measure(sources: dict[str, Iterable[torch.Tensor]]) -> Held:
             if storage.nbytes() == 0 or key in seen:
                 continue
             seen.add(key)
-            device = storage.device.type
-            held.bytes[term][device] = held.bytes[term].get(device, 0) + storage.nbytes()
+            held.add(term, storage.nbytes(), "gpu" if storage.device.type == "cuda" else "cpu")
     return held
 
 
@@ -102,7 +81,7 @@ class Recorder:
     def __init__(self, sources):
         self.sources = sources
         """Called with no arguments: term -> tensors (an Engine's `held_tensors`)."""
-        self.largest: Held | None = None
+        self.largest: StateBytes | None = None
 
     def __call__(self, *_):
         held = measure(self.sources())

@@ -127,22 +127,32 @@ def same_bits(before: torch.Tensor, after: torch.Tensor) -> bool:
     return before.shape == after.shape and torch.equal(before.view(torch.uint8), after.view(torch.uint8))
 
 
-def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: dist.Ranks) -> dict:
-    cfg = cell_config(overrides, out, precision)
-    base = build_model(kind)
-    blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
-    model = apply_adapter(base, cfg, task_type=TASK_TYPE[kind], heads=HEADS[kind], device=ranks.device)
-    model.eval()  # no dropout: the repeated batch gives comparable losses
-    before = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
-    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+def block_types(model: torch.nn.Module) -> tuple[type, ...]:
+    return tuple({type(m) for m in model.modules() if type(m).__name__ in model._no_split_modules})
+
+
+def engine_for(model: torch.nn.Module, cfg: RunConfig, blocks: tuple[type, ...], ranks: dist.Ranks):
+    """The cell's engine over `model` (its adapter applied), with the run's optimizer and a 100-step schedule."""
 
     def make_optimizer(module, plain_groups=None):
         opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
         return opt, build_scheduler(opt, cfg.train, 100)
 
-    engine = build_engine(
+    return build_engine(
         EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
     )
+
+
+def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: dist.Ranks) -> dict:
+    cfg = cell_config(overrides, out, precision)
+    base = build_model(kind)
+    blocks = block_types(base)
+    model = apply_adapter(base, cfg, task_type=TASK_TYPE[kind], heads=HEADS[kind], device=ranks.device)
+    model.eval()  # no dropout: the repeated batch gives comparable losses
+    before = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+
+    engine = engine_for(model, cfg, blocks, ranks)
     engine.train(False)
     # What the rank holds of its model state, at its largest: the planner's figures are checked against it.
     recorder = holdings.Recorder(engine.held_tensors)
@@ -164,7 +174,7 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
         "four_bit": four_bit_layers(engine.module),
         "logits": logits.tolist(),
         "saved": os.path.abspath(saved),
-        "held": recorder.largest.as_dict() if recorder.largest else None,
+        "held": recorder.largest.bytes if recorder.largest else None,
     }
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:

@@ -18,9 +18,7 @@ import torch
 from launcher.environment import quiet_libraries
 from launcher.worker import dist, holdings, memory
 from launcher.worker.adapters import apply_adapter
-from launcher.worker.optim import build_optimizer, build_scheduler
-from launcher.worker.strategies import EngineInputs, build_engine
-from tests.helpers.matrix_worker import cell_config
+from tests.helpers.matrix_worker import block_types, cell_config, engine_for
 
 SHAPE = {
     "model_type": "llama",
@@ -58,16 +56,9 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
     idle, _ = memory.rss_mib()
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in SHAPE.items() if k != "model_type"}))
-    blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
+    blocks = block_types(base)
     model = apply_adapter(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device)
-
-    def make_optimizer(module, plain_groups=None):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
-        return opt, build_scheduler(opt, cfg.train, 100)
-
-    engine = build_engine(
-        EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
-    )
+    engine = engine_for(model, cfg, blocks, ranks)
     # The peak of training, not of building: this whole model partitioned after it was built is a test's shortcut
     # (a large model is built on meta and loaded in parts, each rank keeping its own: tests/test_big_models.py).
     gc.collect()
@@ -81,7 +72,7 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
     for _ in range(2):
         engine.train_step([batch])
     _, peak = memory.rss_mib()
-    held = recorder.largest.as_dict() if recorder.largest else None
+    held = recorder.largest.bytes if recorder.largest else None
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:
         destroy()

@@ -100,7 +100,7 @@ class Engine(ABC):
         return self.optimizer
 
     def held_tensors(self) -> dict[str, list[torch.Tensor]]:
-        """What this rank holds of the model state, by holdings.TERMS (counted by `holdings.measure`, each storage
+        """What this rank holds of the model state, by sizing.TERMS (counted by `holdings.measure`, each storage
         once): here the module's tensors as they are, their gradients and the optimizer's states. A strategy that
         keeps shards, flat buffers or master copies names them."""
         m = self.module
