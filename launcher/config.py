@@ -146,7 +146,7 @@ ADAPTERS: dict[str, object] = {"full": Full, "lora": Lora, "dora": Dora, "qlora"
 
 @dataclass(kw_only=True)
 class AdamW:
-    """torch AdamW; the fused kernel where parameters are on CUDA, foreach otherwise."""
+    """torch AdamW; the fused kernel where parameters are on CUDA, one tensor at a time otherwise."""
 
     name: ClassVar[str] = "adamw"
 

@@ -209,12 +209,13 @@ def gathered_bytes(ts: list[Tensor], cfg: RunConfig) -> int:
 def step_bytes(state: StateBytes, cfg: RunConfig, trainable: int, gpu: bool = True) -> int:
     """What the step holds for a moment beyond the model state: ZeRO-1/2/3 make an fp32 copy of the gradient
     partition of the group (or sub-group) being stepped, and ZeRO-1 keeps each gradient whole until backward ends
-    (ZeRO-2 reduces them bucket by bucket). On the GPU our AdamW is fused and steps in place; on a CPU rank it runs
-    torch's foreach kernels, whose intermediate results are as large as what it steps (fp32)."""
+    (ZeRO-2 reduces them bucket by bucket). On the GPU our AdamW is fused and steps in place; on a CPU rank torch
+    steps one tensor at a time (its foreach kernels are for GPUs), and the denominator it builds for each is two
+    temporaries the size of that tensor (measured: 190 MiB above the state for one 95 MiB tensor)."""
     s = cfg.strategy
     out = 0
     if not gpu and cfg.optimizer.name == "adamw":
-        out += state.term("optimizer") // 2  # two fp32 moments per element stepped: one fp32 temporary
+        out += 2 * state.stepped
     if not isinstance(s, Zero) or s.stage == 0 or s.offload_optimizer != "none":
         return out
     copy = state.bytes["master"].get("gpu", 0)

@@ -68,6 +68,9 @@ class StateBytes:
     """Bytes per term and place ("gpu", "cpu") for one rank: planned here, measured by worker.holdings."""
 
     bytes: dict[str, dict[str, int]] = field(default_factory=lambda: {t: {} for t in TERMS})
+    stepped: int = 0
+    """Bytes of the largest tensor the optimizer steps at once (a parameter, a flat partition, a sub-group): the size
+    of a CPU AdamW step's temporaries."""
 
     def add(self, term: str, n: float, where: str = "gpu") -> None:
         self.bytes[term][where] = self.bytes[term].get(where, 0) + int(n)
@@ -175,6 +178,7 @@ def _ddp(ts: list[Tensor], counts: Counts, cfg: RunConfig) -> StateBytes:
     out.add("params", _constants(ts, counts, cfg))
     out.add("grads", 4 * sum(trained))
     out.add("optimizer", _optimizer_over(trained, cfg))
+    out.stepped = 4 * max(trained, default=0)
     return out
 
 
@@ -207,12 +211,14 @@ def _zero12(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Sta
         if cfg.precision != "fp32":  # its fp16/bf16 optimizer steps whole fp32 copies of the trained parameters
             out.add("master", 4 * sum(trained))
         out.add("optimizer", _optimizer_over(trained, cfg))
+        out.stepped = 4 * max(trained, default=0)
         return out
     groups = _flat_groups(ts, low, world)
     partitions = [g // world for g in groups]
     out.add("params", low * sum(groups))
     out.add("master", 4 * sum(partitions), offload)
     out.add("optimizer", _optimizer_over(partitions, cfg), offload)
+    out.stepped = 4 * max(partitions, default=0)
     if offload == "cpu":
         largest = max((t.numel for t in ts if t.role == "trained"), default=0)
         out.add("params", low * sum(partitions))  # the updated partition on its way back to the device
@@ -251,6 +257,7 @@ def _zero3(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Stat
     sub_group = max(counts.largest_block, ZERO3_SUB_GROUP_FLOOR)
     sub_groups = [sub_group] * (partition // sub_group) + ([partition % sub_group] if partition % sub_group else [])
     out.add("optimizer", _optimizer_over(sub_groups, cfg), offload)
+    out.stepped = 4 * max(sub_groups, default=0)
     return out
 
 
@@ -279,4 +286,5 @@ def _fsdp(ts: list[Tensor], counts: Counts, cfg: RunConfig, group: int) -> State
     out.add("params", _constants(ts, counts, cfg))
     out.add("grads", 4 * sum(trained), where)
     out.add("optimizer", _optimizer_over(trained, cfg), where)
+    out.stepped = 4 * max(trained, default=0)
     return out
