@@ -139,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--seq-len", type=int, default=0, metavar="S", help="tokens per example (default: the recipe's data.max_length)"
     )
+    plan.add_argument(
+        "--row", metavar="NAME", help="a row to say the largest micro-batch and sequence of, and to --verify"
+    )
+    plan.add_argument(
+        "--verify",
+        action="store_true",
+        help="train the recommended row (or --row) for 2 steps on 2 CPU processes, on a scaled-down model of the "
+        "same family where the given one is too large here, and print measured against planned bytes",
+    )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     export = sub.add_parser(
         "export",

@@ -105,18 +105,28 @@ class Counts:
         )
 
 
-def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
-    """Build the model of `config` on the meta device and count it: a causal LM when its architectures say so,
-    else the bare encoder (AutoModel). `heads`: module leaf names that are task heads (left out of all-linear)."""
-    import torch
+def is_causal(config: dict) -> bool:
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
+
+
+def model_class(config: dict):
+    """(transformers Auto class, its config) for a config.json dict: a causal LM when its architectures say so, else
+    the bare encoder (AutoModel). What the plan counts and what `launcher plan --verify` builds."""
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
     config = dict(config)
     model_type = config.pop("model_type")
-    causal = any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
-    cfg = AutoConfig.for_model(model_type, **config)
+    return (AutoModelForCausalLM if is_causal(config) else AutoModel), AutoConfig.for_model(model_type, **config)
+
+
+def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
+    """Build the model of `config` on the meta device and count it: a causal LM when its architectures say so,
+    else the bare encoder (AutoModel). `heads`: module leaf names that are task heads (left out of all-linear)."""
+    import torch
+
+    auto, cfg = model_class(config)
     with torch.device("meta"):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_config(cfg)
+        model = auto.from_config(cfg)
     params = [(name, tuple(p.shape)) for name, p in model.named_parameters()]  # a tied tensor once
     total = sum(math.prod(shape) for _, shape in params)
     buffer_bytes = sum(b.numel() * 4 for b in model.buffers())

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from launcher.config import Fsdp, RunConfig, Zero
 from launcher.counting import Counts
+from launcher.errors import ConfigError
 from launcher.sizing import DTYPE_BYTES, StateBytes, Tensor, model_state, stored_bytes, tensors
 
 GiB = 2**30
@@ -80,6 +81,12 @@ class Row:
         assert self.state is not None
         return self.state.on("gpu") + self.gathered + self.activations + self.step + self.allowance
 
+    @property
+    def rank_bytes(self) -> int:
+        """All of it, wherever it lives: what a CPU rank (holding both places) needs."""
+        assert self.state is not None
+        return self.gpu_bytes + self.state.on("cpu")
+
     def as_json(self, machine: Machine) -> dict:
         if self.state is None:
             return {"strategy": self.strategy, "overrides": self.overrides, "refused": self.refused}
@@ -117,6 +124,16 @@ class Plan:
     recommended: str | None = None
     limits: dict = field(default_factory=dict)
     """For the recommended row: the largest micro-batch at seq_len and the longest sequence at micro_batch."""
+    named: dict = field(default_factory=dict)
+    """The same for the row the user named (--row), with its name under "row"."""
+    verify: dict = field(default_factory=dict)
+    """What `--verify` measured against the plan (launcher.probe.compare), with what it ran."""
+
+    def row(self, name: str) -> Row:
+        found = next((r for r in self.rows if r.strategy == name), None)
+        if found is None:
+            raise ConfigError(f"--row {name}: no such row; the rows are {', '.join(r.strategy for r in self.rows)}")
+        return found
 
     def as_json(self) -> dict:
         return {
@@ -133,6 +150,8 @@ class Plan:
             "rows": [r.as_json(self.machine) for r in self.rows],
             "recommended": self.recommended,
             **self.limits,
+            **({"named_row": self.named} if self.named else {}),
+            **({"verify": self.verify} if self.verify else {}),
         }
 
 
@@ -149,9 +168,9 @@ def activation_bytes(counts: Counts, config: dict, cfg: RunConfig, micro_batch: 
     docs/planning.md): per token and layer, in the compute dtype, the block input and the attention and MLP
     tensors autograd saves (norm outputs, q, k and v, the attention output, a gated MLP's four intermediate tensors
     or a plain one's two) plus fp32 copies made by the norms; LoRA adds each target's dropped-out input (when
-    dropout is on) and its rank-r projection; the logits once in the compute dtype and twice in fp32 (the loss
-    and its gradient). With activation checkpointing a layer keeps only its input, and one layer at a time holds
-    the rest again while it is recomputed."""
+    dropout is on) and its rank-r projection; the logits in the compute dtype and 8 more bytes per element (the
+    loss's fp32 copy, which fp32 logits need not make, and its log-softmax, later its gradient). With activation
+    checkpointing a layer keeps only its input, and one layer at a time holds the rest again while it is recomputed."""
     e = DTYPE_BYTES[cfg.precision]
     h = config.get("hidden_size", 0)
     i = config.get("intermediate_size", 4 * h)
@@ -169,7 +188,8 @@ def activation_bytes(counts: Counts, config: dict, cfg: RunConfig, micro_batch: 
         per_layer += e * sum((t.in_features if dropout else 0) + adapter.r for t in per_block)
     tokens = micro_batch * seq_len
     causal = any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
-    logits = tokens * vocab * (e + 8) if causal else 0
+    # fp32 logits are the loss's input as they are; lower precision ones get an fp32 copy first (transformers' loss)
+    logits = tokens * vocab * ((e if e != 4 else 0) + 8) if causal else 0
     if cfg.activation_checkpointing:
         return tokens * (layers * e * h + per_layer) + logits
     return tokens * layers * per_layer + logits
@@ -229,9 +249,10 @@ def make_plan(
     machine: Machine,
     seq_len: int,
     candidates: list[tuple[str, list[str]]] | None = None,
+    named: str | None = None,
 ) -> Plan:
     """Every candidate row for `cfg`'s adapter and optimizer (an offload row uses cpu_adam), its bytes, whether it
-    fits, the recommended row and how far it goes."""
+    fits, the recommended row and how far it goes (and the row called `named`, when given)."""
     from launcher.overrides import apply_overrides
 
     ts = tensors(counts, cfg)
@@ -255,6 +276,11 @@ def make_plan(
     if best is not None:
         plan.recommended = best.strategy
         plan.limits = _limits(best, counts, config, apply_overrides(cfg, best.overrides), machine, plan)
+    if named is not None:
+        row = plan.row(named)
+        if row.state is None:
+            raise ConfigError(f"--row {named}: {row.refused}")
+        plan.named = {"row": named, **_limits(row, counts, config, apply_overrides(cfg, row.overrides), machine, plan)}
     return plan
 
 

@@ -54,7 +54,51 @@ def build(args: argparse.Namespace):
     if seq_len < 1:
         raise ConfigError("this recipe has no data.max_length: give the tokens per example with --seq-len S")
     config = planning_config(cfg.model)
-    return make_plan(cfg, cached_count(config), config, machine, seq_len)
+    plan = make_plan(cfg, cached_count(config), config, machine, seq_len, named=args.row)
+    if args.verify:
+        plan.verify = verify(plan, cfg, config)
+    return plan
+
+
+def verify(plan, cfg, config: dict) -> dict:
+    """Probe the row named with --row, else the recommended one, else the first supported (launcher.verify)."""
+    from launcher import verify as probe
+    from launcher.counting import cached_count, is_causal
+    from launcher.overrides import apply_overrides
+    from launcher.planner import Machine, plan_row
+
+    if not is_causal(config):
+        raise ConfigError(
+            f"--verify probes causal language models; model={plan.model} is not one ({config.get('model_type')})"
+        )
+    name = plan.named.get("row") or plan.recommended or next(r.strategy for r in plan.rows if r.state is not None)
+    row_cfg = apply_overrides(cfg, plan.row(name).overrides)
+    setup = probe.setup(config, row_cfg, plan.seq_len, probe.available_memory())
+    changes = "; ".join(setup.why) or "as planned"
+    print(
+        f"verifying {name} on {probe.WORLD} CPU processes for {probe.STEPS} steps: {changes}",
+        file=sys.stderr,
+        flush=True,
+    )
+    measured = probe.run(setup, row_cfg)
+    counts = cached_count(setup.config)
+    row = plan_row(
+        name, setup.overrides, row_cfg, counts, setup.config, Machine(1, probe.WORLD), setup.seq_len, gpu=False
+    )
+    return {
+        "row": name,
+        "world": probe.WORLD,
+        "device": "cpu",
+        "scaled": setup.scaled,
+        "changes": setup.why,
+        "parameters": counts.total,
+        "model": {
+            k: setup.config.get(k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "vocab_size")
+        },
+        "micro_batch_size": setup.micro_batch,
+        "seq_len": setup.seq_len,
+        **probe.compare(row, measured),
+    }
 
 
 def run_plan_command(args: argparse.Namespace) -> int:
@@ -123,7 +167,39 @@ def print_plan(plan) -> None:
     for row in plan.rows:
         if row.refused:
             console.print(f"[dim]{row.strategy}: {row.refused}[/]")
+    if plan.verify:
+        print_verify(console, plan.verify)
     console.print(
         "[dim]GPU total = model state + gathered block + activations + step temporaries + allowance "
         "(1 GiB + 10%); docs/planning.md says how each term is computed and checked[/]"
+    )
+
+
+def print_verify(console, v: dict) -> None:
+    from rich.table import Table
+
+    where = "a scaled-down model of the family" if v["scaled"] else "the model"
+    console.print(
+        f"[bold]verified[/] {v['row']} on {v['world']} CPU processes, {where} ({v['parameters'] / 1e6:.1f}M "
+        f"parameters), micro-batch {v['micro_batch_size']} x {v['seq_len']} tokens, fp32; "
+        "its own plan beside what a rank held:"
+    )
+    table = Table(title_justify="left")
+    for col in ("term", "planned", "measured", "measured/planned"):
+        table.add_column(col, justify="left" if col == "term" else "right")
+
+    def shown(r):
+        return f"{r:.3f}" if r is not None else "-"
+
+    for term, t in v["terms"].items():
+        table.add_row(term, human(t["planned"]), human(t["measured"]), shown(t["ratio"]))
+    state = v["model_state"]
+    table.add_row("model state", human(state["planned"]), human(state["measured"]), shown(v["ratio"]), style="bold")
+    rss = v["peak_rss"]
+    table.add_row("peak RSS above idle", human(rss["planned"]), human(rss["measured"]), shown(rss["ratio"]))
+    console.print(table)
+    console.print(
+        f"[dim]loading {v['load_seconds']:.1f} s, a step {v['step_seconds']:.1f} s; losses "
+        + ", ".join(f"{x:.3f}" for x in v["losses"])
+        + "[/]"
     )
