@@ -140,6 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-len", type=int, default=0, metavar="S", help="tokens per example (default: the recipe's data.max_length)"
     )
     plan.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=989.0,
+        metavar="T",
+        help="one GPU's peak TFLOP/s for the time per epoch (default 989: H100 SXM, dense bf16)",
+    )
+    plan.add_argument(
         "--row", metavar="NAME", help="a row to say the largest micro-batch and sequence of, and to --verify"
     )
     plan.add_argument(

@@ -15,8 +15,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from launcher import timing
 from launcher.config import Fsdp, RunConfig, Zero
 from launcher.counting import Counts
+from launcher.data.tokens import DatasetTokens
 from launcher.errors import ConfigError
 from launcher.sizing import DTYPE_BYTES, StateBytes, Tensor, model_state, stored_bytes, tensors
 
@@ -75,6 +77,8 @@ class Row:
     allowance: int = 0
     refused: str = ""
     """Why the launcher refuses this combination (empty: supported)."""
+    epoch_seconds: float | None = None
+    """One pass over the training tokens at this row's assumed utilisation (launcher.timing; None: tokens unknown)."""
 
     @property
     def gpu_bytes(self) -> int:
@@ -98,6 +102,7 @@ class Row:
             "gpu_bytes_per_rank": self.gpu_bytes,
             "cpu_bytes_per_node": self.state.on("cpu") * machine.gpus_per_node,
             "fits": fits(self, machine),
+            "epoch_seconds": round(self.epoch_seconds, 3) if self.epoch_seconds is not None else None,
             "terms": {
                 **{t: self.state.bytes[t] for t in self.state.bytes},
                 "gathered": self.gathered,
@@ -127,7 +132,13 @@ class Plan:
     named: dict = field(default_factory=dict)
     """The same for the row the user named (--row), with its name under "row"."""
     verify: dict = field(default_factory=dict)
-    """What `--verify` measured against the plan (launcher.probe.compare), with what it ran."""
+    """What `--verify` measured against the plan (launcher.verify.compare), with what it ran."""
+    flops: dict = field(default_factory=dict)
+    """Training FLOPs per token and their parts (launcher.timing.flops_per_token)."""
+    tokens: dict = field(default_factory=dict)
+    """The training split's tokens, examples, source and note (launcher.data.tokens.DatasetTokens)."""
+    peak_tflops: float = 0.0
+    """One GPU's peak the times are computed against."""
 
     def row(self, name: str) -> Row:
         found = next((r for r in self.rows if r.strategy == name), None)
@@ -150,6 +161,9 @@ class Plan:
             "rows": [r.as_json(self.machine) for r in self.rows],
             "recommended": self.recommended,
             **self.limits,
+            "flops_per_token": self.flops,
+            "tokens": self.tokens,
+            "peak_tflops": self.peak_tflops,
             **({"named_row": self.named} if self.named else {}),
             **({"verify": self.verify} if self.verify else {}),
         }
@@ -250,9 +264,12 @@ def make_plan(
     seq_len: int,
     candidates: list[tuple[str, list[str]]] | None = None,
     named: str | None = None,
+    tokens: DatasetTokens | None = None,
+    peak_tflops: float = timing.PEAK_TFLOPS,
 ) -> Plan:
     """Every candidate row for `cfg`'s adapter and optimizer (an offload row uses cpu_adam), its bytes, whether it
-    fits, the recommended row and how far it goes (and the row called `named`, when given)."""
+    fits, its time per epoch over `tokens`, the recommended row and how far it goes (and the row called `named`,
+    when given)."""
     from launcher.overrides import apply_overrides
 
     ts = tensors(counts, cfg)
@@ -272,6 +289,16 @@ def make_plan(
         if "optimizer=cpu_adam" not in overrides and cfg.optimizer.name == "cpu_adam":
             overrides = [*overrides, "optimizer=adamw"]  # cpu_adam steps only what ZeRO-Offload keeps on the CPU
         plan.rows.append(plan_row(name, overrides, cfg, counts, config, machine, seq_len))
+    plan.flops = timing.flops_per_token(counts, config, cfg, seq_len)
+    plan.peak_tflops = peak_tflops
+    if tokens is not None:
+        plan.tokens = dataclasses.asdict(tokens)
+        for row in plan.rows:
+            if row.state is not None and tokens.tokens and row.strategy in timing.UTILISATION:
+                quantized = timing.is_quantized(cfg)
+                row.epoch_seconds = timing.epoch_seconds(
+                    plan.flops, tokens.tokens, machine.world, row.strategy, quantized, peak_tflops
+                )
     best = next((r for r in plan.rows if r.state is not None and fits(r, machine, SAFETY)), None)
     if best is not None:
         plan.recommended = best.strategy

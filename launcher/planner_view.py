@@ -29,8 +29,18 @@ def human(n: int | float) -> str:
     return f"{int(n)} B"
 
 
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s" if seconds >= 10 else f"{seconds:.2g} s"
+
+
 def build(args: argparse.Namespace):
     from launcher.counting import cached_count, planning_config
+    from launcher.data.tokens import dataset_tokens
     from launcher.job import LaunchEnv
     from launcher.overrides import apply_overrides
     from launcher.plan import resolve
@@ -53,8 +63,13 @@ def build(args: argparse.Namespace):
     seq_len = args.seq_len or getattr(getattr(cfg, "data", None), "max_length", 0)
     if seq_len < 1:
         raise ConfigError("this recipe has no data.max_length: give the tokens per example with --seq-len S")
+    if args.gpu_tflops <= 0:
+        raise ConfigError(f"--gpu-tflops {args.gpu_tflops:g}: give one GPU's peak in TFLOP/s, e.g. 989 (H100, bf16)")
     config = planning_config(cfg.model)
-    plan = make_plan(cfg, cached_count(config), config, machine, seq_len, named=args.row)
+    tokens = dataset_tokens(cfg)
+    plan = make_plan(
+        cfg, cached_count(config), config, machine, seq_len, named=args.row, tokens=tokens, peak_tflops=args.gpu_tflops
+    )
     if args.verify:
         plan.verify = verify(plan, cfg, config)
     return plan
@@ -132,7 +147,7 @@ def print_plan(plan) -> None:
         "per node (--nodes, --gpus-per-node, --gpu-mem, --cpu-mem)"
     )
     table = Table(title_justify="left")
-    for col in ("strategy", "model state/GPU", "gathered", "activations", "GPU total", "CPU/node", "fits"):
+    for col in ("strategy", "model state/GPU", "gathered", "activations", "GPU total", "CPU/node", "fits", "epoch"):
         table.add_column(col, justify="left" if col == "strategy" else "right")
     for row in plan.rows:
         if row.state is None:
@@ -148,6 +163,7 @@ def print_plan(plan) -> None:
             human(row.gpu_bytes),
             human(row.state.on("cpu") * m.gpus_per_node),
             "[green]yes[/]" if ok else "[red]no[/]",
+            duration(row.epoch_seconds),
             style="bold" if mark else None,
         )
     console.print(table)
@@ -167,6 +183,7 @@ def print_plan(plan) -> None:
     for row in plan.rows:
         if row.refused:
             console.print(f"[dim]{row.strategy}: {row.refused}[/]")
+    print_time(console, plan)
     if plan.verify:
         print_verify(console, plan.verify)
     console.print(
@@ -202,4 +219,26 @@ def print_verify(console, v: dict) -> None:
         f"[dim]loading {v['load_seconds']:.1f} s, a step {v['step_seconds']:.1f} s; losses "
         + ", ".join(f"{x:.3f}" for x in v["losses"])
         + "[/]"
+    )
+
+
+def print_time(console, plan) -> None:
+    from launcher.timing import UTILISATION
+
+    f, t = plan.flops, plan.tokens
+    how = "6N" if f["matmul"] == 6 * f["matmul_params"] else "about 4N, the base frozen,"
+    recompute = f", {f['recompute'] / 1e9:.2f} recomputed (activation checkpointing)" if f["recompute"] else ""
+    console.print(
+        f"epoch: {f['model'] / 1e9:.2f} GFLOP per token ({how} + attention, N = {f['matmul_params'] / 1e9:.2f}B "
+        f"matmul parameters{recompute}); "
+        + (
+            f"{t['tokens']:,} tokens in {t['examples']:,} examples, {t['note']}"
+            if t.get("tokens")
+            else f"tokens unknown: {t.get('note', 'no data')}"
+        )
+    )
+    shares = ", ".join(f"{k} {v:.0%}" for k, v in UTILISATION.items())
+    console.print(
+        f"[dim]times assume {plan.peak_tflops:g} TFLOP/s per GPU (--gpu-tflops) at a stated utilisation per row "
+        f"({shares}; x0.7 for a 4-bit or 8-bit base), not a measurement[/]"
     )

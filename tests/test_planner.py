@@ -120,6 +120,7 @@ def test_activation_checkpointing_and_qlora_shrink_what_they_should():
         (["--gpu-mem", "lots"], "--gpu-mem lots: give a size such as 80GiB"),
         (["--nodes", "0"], "--nodes 0: give at least 1"),
         (["model=no-such-model"], "model=no-such-model"),
+        (["--gpu-tflops", "0"], "--gpu-tflops 0: give one GPU's peak"),
     ],
 )
 def test_bad_plan_input_is_a_usage_error(args, message):
@@ -180,3 +181,30 @@ def test_peak_rss_above_an_idle_rank_is_the_planned_total_within_20_percent(tmp_
         row = plan_row("x", [], config_for(r), counts, SHAPE, Machine(nodes=1, gpus_per_node=2), r["seq"], gpu=False)
         planned = row.rank_bytes / 2**20
         assert r["peak_above_idle_mib"] == pytest.approx(planned, rel=0.2), (r["cell"], r["micro_batch"], planned)
+
+
+def test_each_row_has_its_time_per_epoch_from_the_tokens_the_flops_and_its_utilisation(tmp_path):
+    from launcher.timing import UTILISATION
+
+    def plan(*flags: str) -> dict:
+        argv = ["launcher", "plan", "recipes/qlora_sft.py", "model=llama-3-8b", "adapter=lora", "--json", *flags]
+        argv += ["--gpus-per-node", "2"] if "--gpus-per-node" not in flags else []
+        proc = run(argv, cwd=ROOT, timeout=120, env={"LAUNCHER_CACHE": str(tmp_path)})
+        assert proc.returncode == 0, why_failed(proc)
+        return json.loads(proc.stdout)
+
+    p = plan()
+    tokens, flops = p["tokens"], p["flops_per_token"]
+    assert tokens["source"] == "sample" and tokens["tokens"] > tokens["examples"] > 0  # no run cached it here
+    assert flops["matmul"] == 4 * flops["matmul_params"] + 6 * flops["adapter_params"]  # LoRA: the base is frozen
+    world = p["machine"]["nodes"] * p["machine"]["gpus_per_node"]
+    rows = {r["strategy"]: r for r in p["rows"] if "refused" not in r}
+    for name, row in rows.items():
+        share = UTILISATION[{"zero2+offload": "zero2", "zero3+offload": "zero3"}.get(name, name)]  # adapter on host
+        expected = tokens["tokens"] * flops["hardware"] / (world * 989e12 * share)
+        assert row["epoch_seconds"] == pytest.approx(expected, rel=0.01), name
+    assert rows["zero3"]["epoch_seconds"] > rows["ddp"]["epoch_seconds"]  # a sharded row gathers: less utilised
+    faster = plan("--gpu-tflops", "1978", "--gpus-per-node", "1")  # twice the peak on half the GPUs: the same time
+    assert {r["strategy"]: r["epoch_seconds"] for r in faster["rows"]}["ddp"] == pytest.approx(
+        rows["ddp"]["epoch_seconds"], rel=0.01
+    )
