@@ -61,7 +61,9 @@ class Fsdp:
 
 @dataclass(kw_only=True)
 class Auto:
-    """Chosen from the launch environment: ZeRO-2 under DeepSpeed's runner, otherwise DDP."""
+    """Chosen for the job: on GPUs the cheapest strategy the memory plan fits (`launcher plan`; ZeRO stages only
+    under DeepSpeed's runner), said before the run with the runner-up; on CPUs ZeRO-2 under DeepSpeed's runner,
+    otherwise DDP."""
 
     name: ClassVar[str] = "auto"
 

@@ -37,6 +37,10 @@ class LaunchEnv:
     """Started by torchrun with --max-restarts and its rendezvous store shared with the ranks (Job)."""
     hosts: tuple[str, ...] = ()
     """The nodes of a multi-node launch, in node-rank order (empty: this machine alone)."""
+    gpu_memory: int = 0
+    """Bytes of memory of one GPU (0: no GPU, or unknown): strategy=auto plans by it."""
+    host_memory: int = 0
+    """Bytes of this machine's memory (0: unknown)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +119,20 @@ def launch_env(job: Job, *, deepspeed_runner: bool = False, hosts: tuple[str, ..
         cuda=job.cuda,
         gpus=torch.cuda.device_count() if job.cuda else 0,
         bf16_supported=job.cuda and torch.cuda.is_bf16_supported(),
+        gpu_memory=torch.cuda.get_device_properties(0).total_memory if job.cuda else 0,
+        host_memory=_host_memory(),
         # DeepSpeed's NVMe offload does its I/O through libaio; without the library its aio op cannot build.
         libaio=ctypes.util.find_library("aio") is not None,
     )
+
+
+def _host_memory() -> int:
+    """MemTotal of /proc/meminfo in bytes (0 where there is none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0

@@ -255,10 +255,12 @@ def _value(cfg: Any, key: str) -> Any:
 def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
     """The one way to make a Plan: overrides -> resolve -> validate (settings, compatibility, this machine, the
     model) -> the recipe's data checks. Raises ConfigError with every problem found."""
+    from launcher.auto_strategy import choose_strategy
     from launcher.overrides import apply_overrides, split_override
 
     given = {split_override(o)[0] for o in overrides}
-    cfg = resolve(apply_overrides(recipe.Config(), overrides), env)
+    cfg, chosen = choose_strategy(apply_overrides(recipe.Config(), overrides), env)
+    cfg = resolve(cfg, env)
     if cfg.resume == "auto" and "output_dir" not in given:
         raise ConfigError(
             "resume=auto continues the run in its output_dir, and none was given (a default folder is new each "
@@ -275,7 +277,7 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         nodes=len(env.hosts) or max(1, env.world_size // max(1, env.local_world_size)),
         hosts=list(env.hosts),
         device="cuda" if env.cuda else "cpu",
-        notes=ignored_settings(cfg, given) + resumed + _elastic_notes(env),
+        notes=chosen + ignored_settings(cfg, given) + resumed + _elastic_notes(env),
         output_dir_given="output_dir" in given,
         config=cfg,
     )
