@@ -76,6 +76,23 @@ def test_full_fine_tuning_costs_16_bytes_per_parameter_before_sharding():
     assert offload.on("cpu") > 1.5 * offload.on("gpu")  # master, moments and an fp32 gradient copy on the host
 
 
+@pytest.mark.parametrize(
+    "adapter, targets, published",
+    [
+        ("lora", "q_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", 16.2),
+        ("qlora", "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", 7.4),
+    ],
+)
+def test_the_model_state_fits_within_torchtunes_published_llama_3_1_8b_peaks(adapter, targets, published):
+    """torchtune's README: one GPU, r=8 at its configs' targets, bf16, the peak of the whole step. The model state
+    (the whole model in bf16 under one ZeRO-2 process) leaves 1-2 GiB of it to activations (docs/planning.md)."""
+    counts = count(load_shape("llama-3-8b"))
+    cfg = _cfg("strategy=zero2", f"adapter={adapter}", "adapter.r=8", "adapter.alpha=16", "adapter.dropout=0")
+    cfg = apply_overrides(cfg, [f"adapter.target_modules=[{targets}]"])
+    state = model_state(counts, cfg, world=1).total() / 2**30
+    assert published - 2.0 < state < published - 1.0, state
+
+
 def test_the_recommended_row_is_the_cheapest_that_fits_and_goes_furthest():
     counts, config = count(load_shape("llama-3-8b")), load_shape("llama-3-8b")
     cfg = _cfg("adapter=full", "activation_checkpointing=true", "train.micro_batch_size=1")
