@@ -1,7 +1,8 @@
 """Run by torchrun with 2 ranks: each given case (a cell's overrides, a micro-batch size and a sequence length)
-trains a small Llama (SHAPE) for 2 steps on one micro-batch; rank 0 reports its peak resident memory while training
-above its idle baseline (measured right before the case builds anything, every heavy library already imported; the
-peak reset through /proc/self/clear_refs once the engine is built) and what it held of its model state.
+trains a small Llama (SHAPE) for 2 steps on one micro-batch; each rank measures its peak resident memory while
+training above its idle baseline (measured right before the case builds anything, every heavy library already
+imported; the peak reset through /proc/self/clear_refs once the engine is built), and rank 0 reports every rank's
+with what it held of its model state.
 
 usage: torchrun --nproc_per_node 2 rss_worker.py OUT.json CASES.json  (CASES: [{cell, micro_batch, seq}...])
 """
@@ -59,6 +60,7 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
     blocks = block_types(base)
     model = apply_adapter(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device)
     engine = engine_for(model, cfg, blocks, ranks)
+    memory.trim_between_blocks(engine.module, blocks)  # as a CPU rank does (worker/main.py)
     # The peak of training, not of building: this whole model partitioned after it was built is a test's shortcut
     # (a large model is built on meta and loaded in parts, each rank keeping its own: tests/test_big_models.py).
     gc.collect()
@@ -78,7 +80,8 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
         destroy()
     del engine, model, base, recorder
     gc.collect()
-    return {**case, "peak_above_idle_mib": peak - idle, "idle_mib": idle, "held": held}
+    peaks = dist.gather_objects(peak - idle)  # every rank's, rank 0 reports them
+    return {**case, "peak_above_idle_mib": peaks, "idle_mib": idle, "held": held}
 
 
 def main() -> None:
