@@ -4,8 +4,10 @@ Writes (once) a random-weight bf16 safetensors folder of the shape (about 16 GB 
 writer, tensor by tensor), then for each strategy runs `launcher run recipes/qlora_sft.py --nproc 2` on it: built on
 the meta device, each linear layer read and quantized on load, everything else loaded into each rank's shard;
 sequence length 128, micro-batch 1, the same two examples every step (a repeated batch), activation checkpointing.
-Prints per rank: peak RSS after loading and for the whole run, load time, seconds per step; and the losses.
-Checks: finite, falling loss; an adapter whose saved tensors hold every trained element. Exit 1 if one fails.
+Prints per rank: peak RSS after loading and for the whole run, load time, seconds per step, the model state each
+rank held beside `launcher plan`'s for the same run (per term); and the losses. Checks: finite, falling loss; an
+adapter whose saved tensors hold every trained element; the held model state within 2% of the plan. Exit 1 if one
+fails.
 The fp32 copy of the model it never builds would be 4 bytes per parameter (32 GB for llama-3-8b).
 
 usage: python benchmarks/big_model.py [--shape llama-3-8b] [--folder /tmp/llama-3-8b-random] [--steps 3]
@@ -87,14 +89,36 @@ def run_one(folder: Path, strategy: str, steps: int, precision: str, out: Path) 
         "strategy": strategy,
         "rc": 0,
         "wall": wall,
+        "state": planned_and_held(folder, out, summary),
         "peak": summary["peak_rss_mib_per_rank"],
         "loaded": summary["peak_rss_mib_loaded_per_rank"],
+        "before": summary["rss_mib_before_model_per_rank"],
         "load_s": summary["model_load_seconds"],
         "step_s": step_s,
         "losses": [r["loss"] for r in train],
         "trainable": summary["trainable_parameters"],
         "saved_elements": saved,
         "adapter_bytes": adapter.stat().st_size,
+    }
+
+
+def planned_and_held(folder: Path, out: Path, summary: dict) -> dict:
+    """The model state `launcher plan` gives this run (its own resolved config, 2 CPU ranks, 128 tokens) beside what
+    each rank held (summary.json's model_state_bytes_per_rank), per term."""
+    from launcher.counting import cached_count, planning_config
+    from launcher.plan import read_plan
+    from launcher.planner import Machine, plan_row
+    from launcher.recipe import Recipe
+    from launcher.sizing import TERMS
+
+    cfg = read_plan(str(out / "config.json"), Recipe.load(str(ROOT / "recipes/qlora_sft.py"))).config
+    config = planning_config(str(folder))
+    row = plan_row("run", [], cfg, cached_count(config), config, Machine(1, 2), 128, gpu=False)
+    held = summary["model_state_bytes_per_rank"]
+    return {
+        "planned": {t: row.state.term(t) for t in TERMS},
+        "held": [{t: sum((h or {}).get(t, {}).values()) for t in TERMS} for h in held],
+        "planned_rank_total": row.rank_bytes,
     }
 
 
@@ -127,6 +151,18 @@ def main() -> int:
             f"adapter {r['saved_elements']:,} elements ({r['adapter_bytes'] / 2**20:.1f} MiB), "
             f"{r['trainable']:,} trained; wall {r['wall']:.0f}s"
         )
+        planned, held = r["state"]["planned"], r["state"]["held"]
+        for rank, h in enumerate(held):
+            ratio = sum(h.values()) / sum(planned.values())
+            print(
+                f"  rank {rank} model state: planned {sum(planned.values()) / 2**30:.3f} GiB, held "
+                f"{sum(h.values()) / 2**30:.3f} GiB ({ratio:.3f}); "
+                + ", ".join(f"{t} {h[t] / 2**20:.1f}/{planned[t] / 2**20:.1f} MiB" for t in planned)
+                + f"; peak RSS above the rank before its model {r['peak'][rank] - r['before'][rank]:.0f} MiB, "
+                f"planned {r['state']['planned_rank_total'] / 2**20:.0f} MiB"
+            )
+            if abs(ratio - 1) > 0.02:
+                failures.append(f"{strategy}: rank {rank} held {ratio:.3f} of the planned model state")
         losses = r["losses"]
         if not all(x == x and abs(x) != float("inf") for x in losses) or not losses[-1] < losses[0]:
             failures.append(f"{strategy}: loss not finite and falling: {losses}")

@@ -69,7 +69,9 @@ def write_random_folder(
     )
     config.dtype = torch_dtype
     with torch.device("meta"):
-        shapes = {n: tuple(t.shape) for n, t in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        model = AutoModelForCausalLM.from_config(config)
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    config.architectures = [type(model).__name__]  # as a real checkpoint's config.json says (launcher plan reads it)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)

@@ -78,12 +78,18 @@ class Recorder:
     """Measures a rank's holdings each time it is called, keeping the largest (set as an Engine's
     `between_backward_and_step`)."""
 
-    def __init__(self, sources):
+    def __init__(self, sources, steps: int | None = None):
         self.sources = sources
         """Called with no arguments: term -> tensors (an Engine's `held_tensors`)."""
+        self.steps = steps
+        """Measure only this many times (None: every time): a run measures its first steps, then costs nothing."""
+        self.calls = 0
         self.largest: StateBytes | None = None
 
     def __call__(self, *_):
+        if self.steps is not None and self.calls >= self.steps:
+            return
+        self.calls += 1
         held = measure(self.sources())
         if self.largest is None or held.total() > self.largest.total():
             self.largest = held

@@ -162,7 +162,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
 
     from launcher.data import take_notes
     from launcher.hangs import logs_folder
-    from launcher.worker import dist, loop
+    from launcher.worker import dist, holdings, loop
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.export import save_model
     from launcher.worker.memory import rss_mib, trim_between_blocks
@@ -227,6 +227,10 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     )
     if ranks.device.type == "cpu":
         trim_between_blocks(engine.module, block_types)
+    # What this rank holds of its model state, measured on the first steps (the second has the optimizer's states):
+    # summary.json says it beside the peak RSS, and `launcher plan` is checked against it.
+    held = holdings.Recorder(engine.held_tensors, steps=2)
+    engine.between_backward_and_step = held
     if weights is not None:
         notes += weights.notes
     start = None
@@ -311,6 +315,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         "peak_rss_mib_per_rank": peak,
         "rss_mib_before_model_per_rank": before_model,
         "peak_rss_mib_loaded_per_rank": loaded_peak,
+        "model_state_bytes_per_rank": dist.gather_objects(held.largest.bytes if held.largest is not None else None),
         "model_load_seconds": round(load_seconds, 1),
         **progress,
         "seconds": round(elapsed, 1),
@@ -328,12 +333,25 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             [
                 *[(k, f"{v:.4f}") for k, v in metrics.items()],
                 ("steps", f"{progress['steps']} ({progress['train_samples_per_s']:.1f} samples/s)"),
+                ("memory per rank", _memory_line(peak, summary["model_state_bytes_per_rank"])),
                 ("adapter" if isinstance(cfg.adapter, Lora) else "model", saved),
                 ("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")),
                 ("tensorboard", os.path.join(cfg.output_dir, "tensorboard")),
             ],
         )
     return summary
+
+
+def _memory_line(peak_mib: list[float], held: list[dict | None]) -> str:
+    """'peak RSS 1234 MiB, model state 5.52 GiB held (rank 1)': the rank with the highest peak."""
+    rank = max(range(len(peak_mib)), key=lambda r: peak_mib[r])
+    line = f"peak RSS {peak_mib[rank]:.0f} MiB"
+    state = held[rank] if rank < len(held) else None
+    if state:
+        total = sum(sum(where.values()) for where in state.values())
+        shown = f"{total / 2**30:.2f} GiB" if total >= 2**30 else f"{total / 2**20:.1f} MiB"
+        line += f", model state {shown} held (rank {rank})"
+    return line
 
 
 def _write_predictions(path: str, outputs: dict) -> None:
