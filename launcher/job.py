@@ -127,11 +127,15 @@ def launch_env(job: Job, *, deepspeed_runner: bool = False, hosts: tuple[str, ..
 
 
 def _host_memory() -> int:
-    """MemTotal of /proc/meminfo in bytes (0 where there is none)."""
+    return meminfo_bytes("MemTotal")
+
+
+def meminfo_bytes(key: str) -> int:
+    """A /proc/meminfo field (MemTotal, MemAvailable) in bytes (0 where there is none)."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
-                if line.startswith("MemTotal:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

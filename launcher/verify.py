@@ -70,15 +70,10 @@ def scaled_config(config: dict, layers: int, divide: int) -> dict:
 
 
 def available_memory() -> int:
-    """MemAvailable of /proc/meminfo in bytes (0 where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    """MemAvailable in bytes (0 where there is none)."""
+    from launcher.job import meminfo_bytes
+
+    return meminfo_bytes("MemAvailable")
 
 
 def setup(config: dict, row_cfg: RunConfig, seq_len: int, memory: int, count=None) -> Setup:

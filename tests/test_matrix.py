@@ -1,4 +1,4 @@
-"""Every supported cell of the compatibility matrix trains for real: 2 gloo ranks, 3 steps on a repeated batch,
+"""Every supported cell of the compatibility matrix trains for real: 2 gloo ranks, 2 steps on a repeated batch,
 on a tiny Llama-shaped causal LM and on a tiny BERT classifier; the saved model reloads in this plain process
 to the logits the trained model gave.
 
