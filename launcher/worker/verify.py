@@ -112,9 +112,11 @@ def main() -> None:
     quiet_libraries()
     memory.limit_heap_retention()  # as a rank of a run does (worker/main.py)
     ranks = dist.init()
-    import bitsandbytes  # noqa: F401  (imported before the baseline: a library's import is not the cell's memory)
-    import deepspeed  # noqa: F401
+    # Imported before the baseline: a library's import is not the cell's memory (ZeRO's module brings DeepSpeed).
+    import bitsandbytes  # noqa: F401
     import peft  # noqa: F401
+
+    import launcher.worker.strategies.zero  # noqa: F401
 
     with open(spec_path) as f:
         spec = json.load(f)
