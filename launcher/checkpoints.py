@@ -33,6 +33,7 @@ MAY_CHANGE = (
     "data.max_eval_rows",
     "data.cache",
     "data.cache_dir",
+    "data.num_workers",
 )
 
 

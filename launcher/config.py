@@ -256,6 +256,9 @@ class DataConfig:
     """Use only the first N valid training rows; 0 uses them all."""
     max_eval_rows: int = 0
     """Evaluate on the first N valid eval rows; 0 uses them all."""
+    num_workers: int = -1
+    """Processes collating training batches ahead of the step (with pinned memory on GPUs); -1: 2 on GPUs, 0 on CPUs
+    (a CPU rank's cores are busy with the step itself)."""
 
 
 @dataclass(kw_only=True)

@@ -20,7 +20,8 @@ def test_samples_per_epoch_count_each_example_once_though_the_last_batch_is_comp
     for rank in range(2):
         sampler = DistributedBatchSampler(10, 4, rank=rank, world_size=2, seed=3, mark_repeats=True)
         for indices in sampler:
-            batch, fresh = _Collate(lambda r: [x["x"] for x in r])([_Marked(rows)[j] for j in indices])
+            batch, fresh, tokens = _Collate(lambda r: [x["x"] for x in r], len)([_Marked(rows)[j] for j in indices])
+            assert tokens == 4
             assert len(batch) == 4, "every rank still runs full micro-batches"
             seen.append((batch, fresh))
     assert sum(f for _, f in seen) == 10 and sum(len(b) for b, _ in seen) == 16

@@ -43,14 +43,33 @@ def init(job: Job | None = None) -> Ranks:
 
 
 def shutdown() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def mean_across_ranks(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+_host_group = None
+
+
+def any_rank(flag: int) -> int:
+    """The largest of every rank's `flag` (a host value: a stop request), reduced on the host: over the default group
+    under gloo, over a gloo group of the same ranks under nccl (a nccl reduction would make the host wait for the
+    device's queued work). Collective."""
+    global _host_group
+    if dist.get_world_size() == 1:
+        return flag
+    if dist.get_backend() != "gloo" and _host_group is None:
+        _host_group = dist.new_group(backend="gloo")
+    t = torch.tensor([flag], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group if dist.get_backend() != "gloo" else None)
+    return int(t[0])
 
 
 def gather_objects(obj: Any) -> list[Any]:

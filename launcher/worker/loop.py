@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from launcher.signals import signal_name
 from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.checkpoint import Position
+from launcher.worker.figures import Pending, StepFigures
 from launcher.worker.preempt import stop_requests
 from launcher.worker.runlog import RunLog
 from launcher.worker.strategies.base import Engine
@@ -25,6 +27,8 @@ from launcher.worker.watchdog import beat, beating
 
 
 def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
+    """The rank's training batches; on a GPU collated ahead by worker processes into pinned memory, so the step does
+    not wait for them and their copy to the device overlaps compute (to_device's non_blocking)."""
     sampler = DistributedBatchSampler(
         len(task.train),
         cfg.train.micro_batch_size,
@@ -37,11 +41,16 @@ def train_loader(task: Task, cfg: RunConfig, ranks: dist.Ranks) -> DataLoader:
     )
     # A generator of its own: each epoch's iterator would otherwise draw its seed from the global one, which a
     # resumed run restores from its checkpoint, and the resumed run's dropout would differ from the original's.
+    cuda = ranks.device.type == "cuda"
+    workers = cfg.data.num_workers if cfg.data.num_workers >= 0 else (2 if cuda else 0)
     return DataLoader(
         _Marked(task.train),
         batch_sampler=sampler,
-        collate_fn=_Collate(task.collate),
+        collate_fn=_Collate(task.collate, task.count_tokens or real_tokens),
         generator=torch.Generator().manual_seed(cfg.seed),
+        num_workers=workers,
+        pin_memory=cuda,
+        persistent_workers=workers > 0,
     )
 
 
@@ -60,13 +69,16 @@ class _Marked:
 
 
 class _Collate:
-    """(the recipe's batch, how many of its examples are not repeats): throughput counts each example once."""
+    """(the recipe's batch, how many of its examples are not repeats, its real tokens): throughput counts each
+    example once. Counted here, on the host's batch (in a loader worker on GPUs), not on the device's copy."""
 
-    def __init__(self, collate):
+    def __init__(self, collate, count_tokens):
         self.collate = collate
+        self.count_tokens = count_tokens
 
     def __call__(self, items):
-        return self.collate([row for row, _ in items]), sum(fresh for _, fresh in items)
+        batch = self.collate([row for row, _ in items])
+        return batch, sum(fresh for _, fresh in items), self.count_tokens(batch)
 
 
 def total_steps(loader: DataLoader, cfg: RunConfig) -> int:
@@ -104,59 +116,53 @@ def train(
     """Train to the plan's last step, from `start` (a resumed checkpoint's position) or from the beginning;
     `save(position)` writes a checkpoint every checkpoint.every_steps steps and after the last. A stop signal to
     any rank (worker.preempt) ends training after the step under way on every rank, with a checkpoint of it:
-    errors.Preempted."""
+    errors.Preempted. The step's figures are read once per logged interval (worker.figures), not once a step."""
     total = total_steps(loader, cfg)
-    step, epoch, seen, busy, real = 0, 0, 0.0, 0.0, 0.0
+    step, epoch = 0, 0
     sampler = loader.batch_sampler
     if start is not None:
         step, epoch = start.step, start.epoch
         sampler.load_state_dict({"epoch": epoch, "batches_done": start.batches_done, "seed": sampler.seed})
-    count_tokens = task.count_tokens or real_tokens
     if cfg.train.eval_at_start and task.eval is not None and start is None:
         log.eval(0, evaluate(engine, task, recipe, cfg, ranks)[0])
     every = cfg.checkpoint.every_steps
+    totals = _Totals(first_step=start.step + 1 if start is not None else 1)
     engine.train(True)
     log.begin(step)
     beat(step, "training")  # the watchdog counts from here (a resumed run: from its checkpoint's step)
+    pending = Pending(engine.device, ranks.world_size)
     with stop_requests() as requests:
         while step < total:
             sampler.set_epoch(epoch)
             done = sampler.skip  # micro-batches of this epoch trained before (a resumed epoch)
             for micro in groups(loader, cfg.train.grad_accum):
                 done += len(micro)
-                t0 = time.perf_counter()
-                samples = sum(fresh for _, fresh in micro)  # repeats completing the last batch are not counted twice
-                micro = [to_device(b, engine.device) for b, _ in micro]
-                tokens = sum(count_tokens(b) for b in micro)
-                result = engine.train_step(micro)
-                # One small all-reduce: the logged loss and throughput are the whole job's, on every rank.
-                # ... and whether any rank was asked to stop: every rank then stops after this same step.
-                stats = torch.tensor(
-                    [result.loss, samples, tokens, requests.received], dtype=torch.float64, device=engine.device
-                )
-                torch.distributed.all_reduce(stats)
+                samples = sum(fresh for _, fresh, _ in micro)  # repeats completing the last batch are counted once
+                tokens = sum(real for _, _, real in micro)
+                result = engine.train_step([to_device(b, engine.device) for b, _, _ in micro])
+                # Whether any rank was asked to stop: every rank then stops after this same step (a host reduction).
+                asked = dist.any_rank(requests.received) > 0
                 step += 1
                 beat(step, "training")
-                _check_finite(step, stats[0].item() / ranks.world_size, result, cfg, log)
-                elapsed = time.perf_counter() - t0
-                seen, busy, real = seen + stats[1].item(), busy + elapsed, real + stats[2].item()
-                log.step(
-                    step,
-                    loss=stats[0].item() / ranks.world_size,
-                    lr=result.lr,
-                    grad_norm=result.grad_norm,
-                    samples=stats[1].item(),
-                    tokens=stats[2].item(),
-                    seconds=elapsed,
-                    epoch=epoch,
-                )
-                asked = stats[3].item() > 0
+                log.tick(step)
+                pending.add(step, epoch, result, samples, tokens)
                 evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total
-                if evaluating and task.eval is not None and not asked:
+                evaluating = bool(evaluating and task.eval is not None and not asked)
+                saving = save is not None and (asked or (every and (step % every == 0 or step >= total)))
+                if (
+                    step == totals.first_step
+                    or step % cfg.train.log_every == 0
+                    or step >= total
+                    or evaluating
+                    or saving
+                ):
+                    _read(pending, totals, cfg, log)  # the figures are checked before an eval or a checkpoint
+                if evaluating:
                     log.eval(step, evaluate(engine, task, recipe, cfg, ranks)[0])
                 path = None
-                if save is not None and (asked or (every and (step % every == 0 or step >= total))):
+                if saving:
                     path = save(Position(step=step, epoch=epoch, batches_done=done))
+                pending.restart_clock()  # training throughput leaves evaluation and checkpoints out
                 if asked and step < total:
                     log.end_progress()
                     what = signal_name(requests.received) if requests.received else "a stop signal to another rank"
@@ -167,28 +173,68 @@ def train(
                 if step >= total:
                     break
             epoch += 1
+    _read(pending, totals, cfg, log)
     log.end_progress()
-    return {
-        "steps": step,
-        "train_samples": int(seen),
-        "train_seconds": round(busy, 2),
-        "train_samples_per_s": round(seen / busy, 2) if busy else 0.0,
-        "train_tokens": int(real),
-        "train_tokens_per_s": round(real / busy, 2) if busy else 0.0,
-    }
+    return totals.summary(step)
 
 
-def _check_finite(step: int, loss: float, result, cfg: RunConfig, log: RunLog) -> None:
-    """Stop when the job's loss or gradient norm is nan or inf. Every rank sees the same all-reduced loss and
-    the same global norm, so every rank stops at the same step. An fp16 step the loss scaler skipped (overflowing
-    gradients, scale lowered) is expected and goes on."""
-    norm = result.grad_norm
-    if math.isfinite(loss) and (result.skipped or norm is None or math.isfinite(norm)):
+@dataclass
+class _Totals:
+    """What the run's summary says of training, summed over the reads."""
+
+    first_step: int
+    """The step whose end the run reports as its first (time to first step): 1, or a resumed run's next."""
+    first_step_time: float | None = None
+    samples: float = 0.0
+    seconds: float = 0.0
+    tokens: float = 0.0
+
+    def summary(self, steps: int) -> dict:
+        busy = self.seconds
+        return {
+            "steps": steps,
+            "train_samples": int(self.samples),
+            "train_seconds": round(busy, 2),
+            "train_samples_per_s": round(self.samples / busy, 2) if busy else 0.0,
+            "train_tokens": int(self.tokens),
+            "train_tokens_per_s": round(self.tokens / busy, 2) if busy else 0.0,
+            **({"first_step_time": round(self.first_step_time, 3)} if self.first_step_time is not None else {}),
+        }
+
+
+def _read(pending: Pending, totals: _Totals, cfg: RunConfig, log: RunLog) -> None:
+    """Read the queued steps (the interval's one host sync), stop on a non-finite one, log each."""
+    figures, seconds = pending.read()
+    if totals.first_step_time is None and figures and figures[0].step == totals.first_step:
+        totals.first_step_time = time.time()  # the end of the first step, on the wall clock (unix seconds)
+    for f in figures:
+        _check_finite(f, cfg, log)
+        log.step(
+            f.step,
+            loss=f.loss,
+            lr=f.lr,
+            grad_norm=f.grad_norm,
+            samples=f.samples,
+            tokens=f.tokens,
+            seconds=seconds / len(figures),
+            epoch=f.epoch,
+        )
+        totals.samples += f.samples
+        totals.tokens += f.tokens
+    totals.seconds += seconds
+
+
+def _check_finite(f: StepFigures, cfg: RunConfig, log: RunLog) -> None:
+    """Stop when the job's loss or gradient norm is nan or inf. Every rank reads the same all-reduced figures at the
+    same steps, so every rank stops at the same point. An fp16 step the loss scaler skipped (overflowing gradients,
+    scale lowered) is expected and goes on."""
+    norm = f.grad_norm
+    if math.isfinite(f.loss) and (f.skipped or norm is None or math.isfinite(norm)):
         return
     log.close()
-    what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+    what = f"the loss is {f.loss}" if not math.isfinite(f.loss) else f"the gradient norm is {norm}"
     raise TrainingStopped(
-        f"step {step}: {what}: training diverged, so it stopped here and saved no weights; lower train.lr "
+        f"step {f.step}: {what}: training diverged, so it stopped here and saved no weights; lower train.lr "
         f"(now {cfg.train.lr:g}), keep train.max_grad_norm on (now {cfg.train.max_grad_norm:g}), or check the "
         f"data of this step"
     )

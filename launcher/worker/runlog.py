@@ -69,6 +69,11 @@ class RunLog:
         # Nothing to show before the first step ends (not "loss nan lr 0.00e+00").
         self._task = self._progress.add_task("train", total=self.total_steps, completed=done, stats="first step...")
 
+    def tick(self, step: int) -> None:
+        """A step ended (its figures are read later, with its interval's): move the bar on."""
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step)
+
     def step(
         self,
         step: int,

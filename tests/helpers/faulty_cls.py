@@ -63,7 +63,7 @@ def _inject(kind: str, rank: str, step: str, marker: str = "") -> None:
     real = torch.distributed.all_reduce
 
     def all_reduce(tensor, *args, **kwargs):
-        if tensor.dtype == torch.float64 and tensor.numel() == 4:  # the loop's per-step statistics
+        if tensor.dtype == torch.int64 and tensor.numel() == 1:  # the loop's per-step reduction (dist.any_rank)
             # The watchdog knows the last step finished (the loop's beat); a resumed run starts from its checkpoint's.
             if watchdog._current is not None and watchdog._current.step + 1 == int(step):
                 if kind == "hang":

@@ -165,7 +165,7 @@ def one(recipe, folder: str, case: str, ranks: dist.Ranks) -> dict:
                 expected = tensor_values(name, tuple(t.shape), seed=cfg.seed, dtype=t.dtype, std=0.02)
                 out["seeded_values_match"] = bool(torch.equal(plain[name], expected))
     engine.train(True)
-    out["train_losses"] = [engine.train_step([batch]).loss for _ in range(2)]
+    out["train_losses"] = [float(engine.train_step([batch]).loss) for _ in range(2)]
     saved = engine.gathered_state_dict(trainable_only=True)
     out["saved_trainable_elements"] = sum(t.numel() for t in saved.values())
     out["trainable_numel"] = engine.trainable_numel()

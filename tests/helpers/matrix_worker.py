@@ -158,7 +158,7 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
     recorder = holdings.Recorder(engine.held_tensors)
     engine.between_backward_and_step = recorder
     batch = {k: v.to(ranks.device) for k, v in batch_for(kind, ranks.rank).items()}
-    losses = [dist.mean_across_ranks(engine.train_step([batch]).loss, ranks.device) for _ in range(2)]
+    losses = [dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device) for _ in range(2)]
     with torch.no_grad():
         logits = engine.forward(batch).logits.float().cpu()
     after = engine.gathered_state_dict(trainable_only=False)

@@ -91,7 +91,7 @@ def one(
     for _ in range(5):
         snapshot = [_local(p).clone() for p in params] if scaler is not None else None
         result = engine.train_step([{k: v.to(ranks.device) for k, v in b.items()} for b in micro])
-        losses.append(dist.mean_across_ranks(result.loss, ranks.device))
+        losses.append(dist.mean_across_ranks(float(result.loss), ranks.device))
         if scaler is not None:
             scales.append(scaler.get_scale())
             moved = any(not torch.equal(old, _local(p)) for old, p in zip(snapshot, params))

@@ -44,10 +44,13 @@ class EngineInputs:
 
 @dataclass
 class StepResult:
-    loss: float
-    """Mean loss over this rank's micro-batches of the step."""
-    grad_norm: float | None
-    """Global gradient norm before clipping (None where the strategy does not report it)."""
+    """One optimizer step's figures. The loss and the norm stay on the device, as 0-d tensors: reading them syncs the
+    host with the device, which the loop does once per logged interval, not once per step (float(x) reads one)."""
+
+    loss: torch.Tensor
+    """Mean loss over this rank's micro-batches of the step (0-d, on the device, detached)."""
+    grad_norm: torch.Tensor | None
+    """Global gradient norm before clipping (0-d, on the device; None where the strategy does not report it)."""
     lr: float
     """Learning rate used for this step."""
     skipped: bool = False
@@ -196,12 +199,13 @@ class Engine(ABC):
             self.optimizer.state[p] = state
 
 
-def clip_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """Clip to `max_norm` (0 disables clipping) and return the total norm before clipping."""
+def clip_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Clip to `max_norm` (0 disables clipping) and return the total norm before clipping, on the device (clipping
+    scales by min(1, max_norm / norm) on the device: no host sync)."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")))
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")).detach()
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -227,21 +231,21 @@ def accumulate_and_step(
     params: list[torch.nn.Parameter],
     max_grad_norm: float,
     scaler: Any = None,
-    clip: Callable[[list[torch.nn.Parameter], float], float] = clip_norm,
+    clip: Callable[[list[torch.nn.Parameter], float], torch.Tensor] = clip_norm,
     before_step: Callable[[], None] | None = None,
 ) -> StepResult:
     """The step of the torch-native strategies: backward on each micro-batch with gradient communication only
     on the last (`set_sync`), then clip, optimizer step, schedule step. With fp16 a GradScaler scales the loss,
     unscales before clipping and skips the step (and lowers the scale) when a gradient overflowed. `clip` clips
     and returns the global norm (a strategy with sharded gradients brings its own). `before_step` is called after
-    the last backward."""
-    losses = []
+    the last backward. The step's loss is summed on the device (no host sync: see StepResult)."""
+    total = None
     for i, batch in enumerate(micro_batches):
         set_sync(i == len(micro_batches) - 1)
         loss = forward(batch).loss
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        losses.append(loss.item())
+        total = scaled.detach() if total is None else total + scaled.detach()
     if before_step is not None:
         before_step()
     if scaler is not None:
@@ -250,7 +254,7 @@ def accumulate_and_step(
     lr = current_lr(optimizer)
     skipped = False
     if scaler is not None:
-        scale = scaler.get_scale()
+        scale = scaler.get_scale()  # fp16 only: the scaler reads its found-inf flags on the host anyway
         scaler.step(optimizer)
         scaler.update()
         skipped = scaler.get_scale() < scale  # the scaler lowers its scale exactly when it skips a step
@@ -258,7 +262,7 @@ def accumulate_and_step(
         optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss=sum(losses) / len(losses), grad_norm=norm, lr=lr, skipped=skipped)
+    return StepResult(loss=total, grad_norm=norm, lr=lr, skipped=skipped)
 
 
 def frozen_dtype(precision: str) -> Callable[[torch.nn.Parameter], torch.dtype]:

@@ -210,13 +210,14 @@ def _load_shards(
                     fsdp_param.reset_sharded_param()
 
 
-def clip_sharded_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
-    """clip_norm over DTensor gradients: torch returns the global norm as a DTensor; make it a number."""
+def clip_sharded_norm(parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """clip_norm over DTensor gradients: torch returns the global norm as a DTensor; make it a plain tensor (still
+    on the device)."""
     grads = [p for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
+        return torch.zeros(())
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf"))
-    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+    return (norm.full_tensor() if isinstance(norm, DTensor) else norm).detach()
 
 
 def plain_local_shards(

@@ -54,18 +54,18 @@ class ZeroEngine(Engine):
 
     def train_step(self, micro_batches):
         lr = current_lr(self._lr_source)
-        losses = []
+        total = None
         for i, batch in enumerate(micro_batches):
             loss = self.ds(**batch).loss
             self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             if i == len(micro_batches) - 1 and self.between_backward_and_step is not None:
                 self.between_backward_and_step()
             self.ds.step()  # a no-op until the accumulation boundary
-            losses.append(loss.item())
-        norm = self.ds.get_global_grad_norm()
+            total = loss.detach() if total is None else total + loss.detach()
+        norm = self.ds.get_global_grad_norm()  # a tensor on the device, or a float DeepSpeed already read
         return StepResult(
-            loss=sum(losses) / len(losses),
-            grad_norm=None if norm is None else float(norm),
+            loss=total / len(micro_batches),
+            grad_norm=None if norm is None else torch.as_tensor(norm).detach(),
             lr=lr,
             skipped=not self.ds.was_step_applied(),  # fp16: DeepSpeed's loss scaler skipped an overflow step
         )
