@@ -34,6 +34,7 @@ MAY_CHANGE = (
     "data.cache",
     "data.cache_dir",
     "data.num_workers",
+    "kernels.",
 )
 
 

@@ -183,7 +183,8 @@ def activation_bytes(counts: Counts, config: dict, cfg: RunConfig, micro_batch: 
     tensors autograd saves (norm outputs, q, k and v, the attention output, a gated MLP's four intermediate tensors
     or a plain one's two) plus fp32 copies made by the norms; LoRA adds each target's dropped-out input (when
     dropout is on) and its rank-r projection; the logits in the compute dtype and 8 more bytes per element (the
-    loss's fp32 copy, which fp32 logits need not make, and its log-softmax, later its gradient). With activation
+    loss's fp32 copy, which fp32 logits need not make, and its log-softmax, later its gradient; kernels.fused_ce: one
+    chunk of them and the hidden states' gradient). With activation
     checkpointing a layer keeps only its input, and one layer at a time holds the rest again while it is recomputed."""
     e = DTYPE_BYTES[cfg.precision]
     h = config.get("hidden_size", 0)
@@ -204,6 +205,11 @@ def activation_bytes(counts: Counts, config: dict, cfg: RunConfig, micro_batch: 
     causal = any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
     # fp32 logits are the loss's input as they are; lower precision ones get an fp32 copy first (transformers' loss)
     logits = tokens * vocab * ((e if e != 4 else 0) + 8) if causal else 0
+    if causal and getattr(getattr(cfg, "kernels", None), "fused_ce", False):
+        from launcher.kernels.fused_ce import CHUNK_BYTES
+
+        # The fused loss: one chunk of fp32 logits at a time, and the hidden states' gradient it keeps for backward.
+        logits = min(CHUNK_BYTES, tokens * vocab * 4) + tokens * h * e
     if cfg.activation_checkpointing:
         return tokens * (layers * e * h + per_layer) + logits
     return tokens * layers * per_layer + logits

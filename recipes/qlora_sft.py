@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import torch
 
 import launcher
-from launcher.config import Adapter, DataConfig, QLora, RunConfig
+from launcher.config import Adapter, DataConfig, Kernels, QLora, RunConfig
 from launcher.data import note, read_split, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
@@ -79,6 +79,8 @@ class Config(RunConfig):
     """Vocabulary size of a tokenizer learnt from the data."""
     data: SftData = field(default_factory=SftData)
     """Data files and fields."""
+    kernels: Kernels = field(default_factory=Kernels)
+    """Fused kernels: kernels.fused_ce=true computes the loss without the whole logits."""
 
     def model_needs(self) -> dict[str, bool]:
         return {"weights": True, "tokenizer": self.tokenizer == "auto"}
@@ -324,7 +326,12 @@ def build_model(cfg: Config, task: Task):
     # Built without memory; the launcher fills in the folder's (or random:SHAPE's) weights, each rank only the part
     # its strategy keeps, so a model larger than a rank's memory still loads.
     with launcher.empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if cfg.kernels.fused_ce:
+        from launcher.kernels.lm_head import fuse_loss
+
+        fuse_loss(model)
+    return model
 
 
 # ------------------------------------------------------------------------------------------ metrics
