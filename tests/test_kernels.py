@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 
 from launcher.kernels.fused_ce import linear_cross_entropy, reference
+from tests.conftest import ROOT, run, why_failed
 
 
 def _case(tokens=37, hidden=16, vocab=50, seed=0, ignored=5):
@@ -83,11 +87,6 @@ def test_a_negative_chunk_is_refused_with_the_value():
 
 def test_qlora_sft_with_kernels_fused_ce_trains_the_same_losses_as_without(tmp_path):
     """The recipe's switch: the same run with the fused loss in the output layer, step for step."""
-    import json
-    import sys
-
-    from tests.conftest import ROOT, run, why_failed
-
     losses = {}
     for fused in ("false", "true"):
         out = tmp_path / fused

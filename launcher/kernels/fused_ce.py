@@ -104,10 +104,9 @@ def linear_cross_entropy(
     chunk = chunk or max(1, CHUNK_BYTES // (4 * weight.shape[0]))
     flat = hidden.reshape(-1, hidden.shape[-1])
     target = labels.reshape(-1).to(flat.device)
-    tracking = torch.is_grad_enabled()
+    # Which gradients the pass makes (0 none, 1 the hidden states', 2 the weight's too; a trained weight under a
+    # frozen input still gets the hidden states' gradient made, which costs one product, not memory kept whole).
     grads = 0
-    if tracking and flat.requires_grad:
-        grads = 2 if weight.requires_grad else 1
-    elif tracking and weight.requires_grad:
-        grads = 2
+    if torch.is_grad_enabled():
+        grads = 2 if weight.requires_grad else int(flat.requires_grad)
     return _linear_ce(flat.contiguous(), weight, target, ignore_index, chunk, grads)[0]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -33,6 +34,18 @@ class StepFigures:
     """fp16's loss scaler skipped the step."""
 
 
+class _Queued(NamedTuple):
+    """What the host knows of a queued step without reading the device."""
+
+    step: int
+    epoch: int
+    lr: float
+    samples: float
+    tokens: float
+    skipped: bool
+    has_norm: bool
+
+
 class Pending:
     """Steps added since the last read, and the wall time since then (the clock restarts after a read, and after
     what the loop does between steps that is not training: evaluation, checkpoints)."""
@@ -41,7 +54,7 @@ class Pending:
         self.device = device
         self.world_size = world_size
         self._device_rows: list[torch.Tensor] = []
-        self._host_rows: list[tuple[int, int, float, float, float, bool, bool]] = []
+        self._host_rows: list[_Queued] = []
         self.restart_clock()
 
     def __len__(self) -> int:
@@ -57,7 +70,7 @@ class Pending:
         norm_t = norm.detach().to(self.device, torch.float64) if norm is not None else torch.zeros_like(loss)
         self._device_rows.append(torch.stack([loss.reshape(()), norm_t.reshape(())]))
         self._host_rows.append(
-            (step, epoch, result.lr, float(samples), float(tokens), result.skipped, norm is not None)
+            _Queued(step, epoch, result.lr, float(samples), float(tokens), result.skipped, norm is not None)
         )
 
     def read(self) -> tuple[list[StepFigures], float]:
@@ -65,7 +78,7 @@ class Pending:
         took; empties the queue and restarts the clock. Collective: every rank reads at the same steps."""
         if not self._host_rows:
             return [], 0.0
-        counts = torch.tensor([[r[3], r[4]] for r in self._host_rows], dtype=torch.float64)
+        counts = torch.tensor([[r.samples, r.tokens] for r in self._host_rows], dtype=torch.float64)
         stats = torch.cat([torch.stack(self._device_rows), counts.to(self.device)], dim=1)
         if torch.distributed.is_initialized() and self.world_size > 1:
             torch.distributed.all_reduce(stats)
@@ -74,18 +87,16 @@ class Pending:
         n = self.world_size
         figures = [
             StepFigures(
-                step=step,
-                epoch=epoch,
+                step=row.step,
+                epoch=row.epoch,
                 loss=loss / n,
-                grad_norm=norm / n if has_norm else None,
-                lr=lr,
+                grad_norm=norm / n if row.has_norm else None,
+                lr=row.lr,
                 samples=samples,
                 tokens=tokens,
-                skipped=bool(skipped),
+                skipped=row.skipped,
             )
-            for (step, epoch, lr, _, _, skipped, has_norm), (loss, norm, samples, tokens) in zip(
-                self._host_rows, values, strict=True
-            )
+            for row, (loss, norm, samples, tokens) in zip(self._host_rows, values, strict=True)
         ]
         self._device_rows, self._host_rows = [], []
         self.restart_clock()
