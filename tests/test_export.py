@@ -139,8 +139,11 @@ def test_a_merged_qlora_export_is_a_bf16_model_with_the_trained_logits(sft, tmp_
         with model.disable_adapter():
             untrained = torch.stack([model(**{k: v[None] for k, v in r.items()}).logits[0] for r in rows])
     got = torch.stack(fresh_logits(tmp_path, "causal", tmp_path / "merged", "", rows)["logits"])
-    assert float((got - want).abs().max()) <= 2e-2
-    assert float((untrained - want).abs().max()) > 0.1, "the adapter barely moved the logits: the check is void"
+    # bf16 rounding of the merged weights (8 significant bits) moves the logits by a few hundredths, the amount
+    # depending on the CPU's bf16 kernels (0.027 where they are emulated without AVX-512): far less than the adapter.
+    error, moved = float((got - want).abs().max()), float((untrained - want).abs().max())
+    assert moved > 0.1, "the adapter barely moved the logits: the check is void"
+    assert error <= 5e-2 and error <= 0.2 * moved, (error, moved)
 
 
 def test_export_refuses_what_it_cannot_export_and_writes_nothing(classifier, tmp_path, capsys):

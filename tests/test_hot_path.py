@@ -40,3 +40,5 @@ def test_a_2_rank_zero2_run_reads_device_values_once_per_logged_interval(tiny_mo
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["samples_per_s"] > 0 for r in train), train
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_samples"] == 12 * 2 * 2 * 4 and summary["first_step_time"] > 0, summary
+    # The steady state leaves the first step out: 11 steps' samples over their seconds.
+    assert 0 < summary["steady_samples_per_s"] and 0 < summary["steady_tokens_per_s"], summary

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -188,6 +188,8 @@ class _Totals:
     samples: float = 0.0
     seconds: float = 0.0
     tokens: float = 0.0
+    steady: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """(samples, tokens, seconds) of the steps after the first: the steady state, without start-up's first step."""
 
     def summary(self, steps: int) -> dict:
         busy = self.seconds
@@ -199,6 +201,16 @@ class _Totals:
             "train_tokens": int(self.tokens),
             "train_tokens_per_s": round(self.tokens / busy, 2) if busy else 0.0,
             **({"first_step_time": round(self.first_step_time, 3)} if self.first_step_time is not None else {}),
+            **self._steady(),
+        }
+
+    def _steady(self) -> dict:
+        samples, tokens, seconds = self.steady
+        if not seconds:
+            return {}
+        return {
+            "steady_samples_per_s": round(samples / seconds, 2),
+            "steady_tokens_per_s": round(tokens / seconds, 2),
         }
 
 
@@ -222,6 +234,10 @@ def _read(pending: Pending, totals: _Totals, cfg: RunConfig, log: RunLog) -> Non
         totals.samples += f.samples
         totals.tokens += f.tokens
     totals.seconds += seconds
+    if figures and figures[0].step > totals.first_step:  # the first step is read alone, at its end
+        totals.steady[0] += sum(f.samples for f in figures)
+        totals.steady[1] += sum(f.tokens for f in figures)
+        totals.steady[2] += seconds
 
 
 def _check_finite(f: StepFigures, cfg: RunConfig, log: RunLog) -> None:

@@ -315,6 +315,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         "peak_rss_mib_per_rank": peak,
         "rss_mib_before_model_per_rank": before_model,
         "peak_rss_mib_loaded_per_rank": loaded_peak,
+        **_peak_gpu(ranks),
         "model_state_bytes_per_rank": dist.gather_objects(held.largest.bytes if held.largest is not None else None),
         "model_load_seconds": round(load_seconds, 1),
         **progress,
@@ -340,6 +341,18 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             ],
         )
     return summary
+
+
+def _peak_gpu(ranks) -> dict:
+    """Every GPU rank's peak of allocated device memory (torch's caching allocator), in MiB."""
+    import torch
+
+    from launcher.worker import dist
+
+    if ranks.device.type != "cuda":
+        return {}
+    peak = round(torch.cuda.max_memory_allocated(ranks.device) / 2**20, 1)
+    return {"peak_gpu_mib_per_rank": dist.gather_objects(peak)}
 
 
 def _memory_line(peak_mib: list[float], held: list[dict | None]) -> str:
