@@ -40,5 +40,7 @@ def test_a_2_rank_zero2_run_reads_device_values_once_per_logged_interval(tiny_mo
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 and r["samples_per_s"] > 0 for r in train), train
     summary = json.loads((out / "summary.json").read_text())
     assert summary["train_samples"] == 12 * 2 * 2 * 4 and summary["first_step_time"] > 0, summary
+    # Training seconds are every step's: at least what steps 5-12 took between their lines on the wall clock.
+    assert summary["train_seconds"] >= 0.9 * (train[-1]["time"] - train[0]["time"]) > 0, (summary, train)
     # The steady state leaves the first step out: 11 steps' samples over their seconds.
     assert 0 < summary["steady_samples_per_s"] and 0 < summary["steady_tokens_per_s"], summary

@@ -162,7 +162,8 @@ def train(
                 path = None
                 if saving:
                     path = save(Position(step=step, epoch=epoch, batches_done=done))
-                pending.restart_clock()  # training throughput leaves evaluation and checkpoints out
+                if evaluating or saving:
+                    pending.restart_clock()  # training throughput leaves evaluation and checkpoints out
                 if asked and step < total:
                     log.end_progress()
                     what = signal_name(requests.received) if requests.received else "a stop signal to another rank"
