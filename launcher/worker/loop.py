@@ -274,7 +274,10 @@ def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ran
     # Its own generator, as the training loader's: an evaluation must not move the random state training goes on
     # with (a resumed run may evaluate at other steps, train.eval_every, and still train exactly alike).
     loader = DataLoader(
-        list(shard), batch_size=cfg.train.micro_batch_size, collate_fn=collate, generator=torch.Generator()
+        by_length(list(shard), task.eval),
+        batch_size=cfg.train.micro_batch_size,
+        collate_fn=collate,
+        generator=torch.Generator(),
     )
     parts: list[dict[str, torch.Tensor]] = []
     engine.train(False)
@@ -295,6 +298,18 @@ def evaluate(engine: Engine, task: Task, recipe, cfg: RunConfig, ranks: dist.Ran
     gathered = {k: v[order] for k, v in gathered.items()}
     assert len(gathered["index"]) == len(task.eval), "every eval example is scored exactly once"
     return recipe.compute_metrics(gathered, task), gathered
+
+
+def by_length(indices: list[int], rows) -> list[int]:
+    """The shard's examples longest first (its -1 padding rows last): batches of like lengths pad less, as
+    length-grouped training batches do (measured: SST-2's test set scored in about half the time). Outputs are put
+    back in order by index, so metrics do not depend on it. Rows without a list of input ids keep their order."""
+    real = [i for i in indices if i >= 0]
+    try:
+        lengths = {i: len(rows[i]["input_ids"]) for i in real}
+    except (KeyError, TypeError, IndexError):
+        return indices
+    return sorted(real, key=lambda i: -lengths[i]) + [i for i in indices if i < 0]
 
 
 def cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
