@@ -16,6 +16,7 @@ metric; and ours / the peer's for each. Both sides tokenize every run (ours with
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -53,27 +54,26 @@ class Workload:
     """Settings only ours needs to match the peer's task."""
 
 
-def workload(args) -> Workload:
-    if args.task == "lora_cls":
-        return Workload(
-            task="lora_cls",
-            train=DATASETS / "sst2" / "train.jsonl",
-            eval=DATASETS / "sst2" / "test.jsonl",
-            rows=args.rows or 2000,
-            eval_rows=0,
-            max_length=64,
-            micro_batch=16,
-            lr=1e-3,
-            targets="query,key,value,dense",
-            zero_stage=2,
-            metric="accuracy",
-            off="data.group_by_length=false",
-        )
-    return Workload(
+WORKLOADS = {
+    "lora_cls": Workload(
+        task="lora_cls",
+        train=DATASETS / "sst2" / "train.jsonl",
+        eval=DATASETS / "sst2" / "test.jsonl",
+        rows=2000,
+        eval_rows=0,
+        max_length=64,
+        micro_batch=16,
+        lr=1e-3,
+        targets="query,key,value,dense",
+        zero_stage=2,
+        metric="accuracy",
+        off="data.group_by_length=false",
+    ),
+    "qlora_sft": Workload(
         task="qlora_sft",
         train=DATASETS / "alpaca" / "train.jsonl",
         eval=DATASETS / "alpaca" / "test.jsonl",
-        rows=args.rows or 1000,
+        rows=1000,
         eval_rows=200,
         max_length=256,
         micro_batch=4,
@@ -83,7 +83,8 @@ def workload(args) -> Workload:
         metric="perplexity",
         off="data.packing=false",
         extra=("data.generations=0", "adapter.compute_dtype=fp32", "precision=fp32"),
-    )
+    ),
+}
 
 
 def ours_command(w: Workload, model: str, out: Path, nproc: int, off: bool) -> list[str]:
@@ -211,12 +212,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.smoke and args.runs < 3:
         ap.error(f"--runs {args.runs}: medians need at least 3 rounds (or --smoke)")
-    w = workload(args)
+    w = WORKLOADS[args.task]
+    if args.rows:
+        w = dataclasses.replace(w, rows=args.rows)
     if not w.train.is_file():
         print(f"skipped: {w.train} is absent (the shared datasets sit beside the project on dev machines and CI)")
         return 0
     if args.smoke:
-        w = Workload(**{**w.__dict__, "rows": 64, "eval_rows": 32, "max_steps": 3})
+        w = dataclasses.replace(w, rows=64, eval_rows=32, max_steps=3)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     out = Path(args.out).resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -189,8 +189,10 @@ class _Totals:
     samples: float = 0.0
     seconds: float = 0.0
     tokens: float = 0.0
-    steady: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    """(samples, tokens, seconds) of the steps after the first: the steady state, without start-up's first step."""
+    steady_samples: float = 0.0
+    """The steady state: the steps after the first (start-up's compilation, allocation and warm caches left out)."""
+    steady_tokens: float = 0.0
+    steady_seconds: float = 0.0
 
     def summary(self, steps: int) -> dict:
         busy = self.seconds
@@ -206,12 +208,11 @@ class _Totals:
         }
 
     def _steady(self) -> dict:
-        samples, tokens, seconds = self.steady
-        if not seconds:
+        if not self.steady_seconds:
             return {}
         return {
-            "steady_samples_per_s": round(samples / seconds, 2),
-            "steady_tokens_per_s": round(tokens / seconds, 2),
+            "steady_samples_per_s": round(self.steady_samples / self.steady_seconds, 2),
+            "steady_tokens_per_s": round(self.steady_tokens / self.steady_seconds, 2),
         }
 
 
@@ -236,9 +237,9 @@ def _read(pending: Pending, totals: _Totals, cfg: RunConfig, log: RunLog) -> Non
         totals.tokens += f.tokens
     totals.seconds += seconds
     if figures and figures[0].step > totals.first_step:  # the first step is read alone, at its end
-        totals.steady[0] += sum(f.samples for f in figures)
-        totals.steady[1] += sum(f.tokens for f in figures)
-        totals.steady[2] += seconds
+        totals.steady_samples += sum(f.samples for f in figures)
+        totals.steady_tokens += sum(f.tokens for f in figures)
+        totals.steady_seconds += seconds
 
 
 def _check_finite(f: StepFigures, cfg: RunConfig, log: RunLog) -> None:
