@@ -35,6 +35,7 @@ MAY_CHANGE = (
     "data.cache_dir",
     "data.num_workers",
     "kernels.",
+    "host_memory",
 )
 
 

@@ -290,6 +290,16 @@ class RunConfig:
     activation_checkpointing: bool = False
     """Recompute each transformer block's activations in backward instead of keeping them (less memory, ~30%
     more compute)."""
+    compile: bool = False
+    """Compile each transformer block with torch.compile (inductor) before the strategy wraps the model: fused
+    kernels for the block's elementwise work. The first steps wait for the compilation (about a minute on a small
+    CPU, once per new sequence-length pattern); the weights, saved files and checkpoints are an eager run's."""
+    host_memory: Literal["auto", "lean", "fast"] = "auto"
+    """How a rank uses host memory. lean: freed blocks of 1 MB and more go back to the system at once, and a CPU
+    rank trims its heap as each transformer block's parts start (a 1B model's CPU rank stays near what `launcher
+    plan` says instead of growing by a GB; the pages given back are faulted in again, about 30% of a small model's
+    CPU speed). fast: glibc's defaults. auto: lean for models of 250M parameters and more. glibc's own
+    MALLOC_MMAP_THRESHOLD_, when set, stands."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """Training-loop settings."""
     data: DataConfig = field(default_factory=DataConfig)

@@ -42,9 +42,11 @@ def write_random_folder(
     shard_mb: int = 2000,
     vocab_size: int | None = None,
     say: Callable[[str], None] = lambda _: None,
+    tokenizer=None,
 ) -> dict:
     """Write `folder` (config.json, model-XXXXX-of-YYYYY.safetensors shards + index, tokenizer); returns the index.
-    Written to `folder.tmp` and renamed, so a folder is never half there."""
+    Written to `folder.tmp` and renamed, so a folder is never half there. `tokenizer`: the one saved with it (its
+    specials' ids in the config); by default a 1,000-token BPE learnt from the packaged instruction sample."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,7 +60,7 @@ def write_random_folder(
     if os.path.exists(folder):
         raise ConfigError(f"{folder} already exists: give a new folder")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
-    tokenizer = _tokenizer()
+    tokenizer = tokenizer or _tokenizer()
     vocab = vocab_size or VOCABS.get(name) or len(tokenizer)
     config = random_config(
         RANDOM + name,

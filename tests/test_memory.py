@@ -90,6 +90,14 @@ def test_largest_block_is_counted_on_a_model_built_on_meta():
     assert _largest_block_numel(model, ()) is None
 
 
+def test_host_memory_is_lean_when_set_or_for_a_large_model_and_fast_otherwise():
+    from launcher.worker.memory import LEAN_FROM_PARAMETERS, lean
+
+    assert lean("lean", 1000) and not lean("fast", 10**10)
+    assert lean("auto", LEAN_FROM_PARAMETERS) and lean("auto", 1_100_000_000)
+    assert not lean("auto", LEAN_FROM_PARAMETERS - 1) and not lean("auto", 23_000_000)  # MiniLM
+
+
 def test_heap_is_trimmed_in_forward_and_in_the_recomputation_that_starts_each_backward(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer

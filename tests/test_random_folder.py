@@ -86,3 +86,19 @@ def test_big_shapes_are_shipped_and_bad_requests_refused(tmp_path):
         text=True,
     )
     assert proc.returncode == 2 and "unknown" in proc.stderr and not (tmp_path / "y").exists()
+
+
+def test_a_given_tokenizer_is_saved_with_the_folder_and_sizes_its_vocabulary(tmp_path):
+    """benchmarks/compare.py writes its random Llama with the BPE the recipe learns from the training file."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from launcher.tasks.vocab import bpe_tokenizer
+
+    texts = [f"Write {n} words about the sea, then count to {n}." for n in range(200)]
+    tokenizer = bpe_tokenizer(iter(texts), 400)
+    folder = tmp_path / "model"
+    write_random_folder("llama-tiny", str(folder), dtype="fp32", vocab_size=len(tokenizer), tokenizer=tokenizer)
+    saved, config = AutoTokenizer.from_pretrained(folder), AutoConfig.from_pretrained(folder)
+    assert len(saved) == len(tokenizer) == config.vocab_size
+    assert saved(texts[7])["input_ids"] == tokenizer(texts[7])["input_ids"]
+    assert (config.pad_token_id, config.eos_token_id) == (tokenizer.pad_token_id, tokenizer.eos_token_id)

@@ -76,7 +76,8 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     from launcher.worker import dist
     from launcher.worker.memory import limit_heap_retention
 
-    limit_heap_retention()
+    if plan.config.host_memory == "lean":  # from the first allocation; auto decides once the model's size is known
+        limit_heap_retention()
 
     ranks = dist.init(job)
     code = 0
@@ -162,10 +163,10 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
 
     from launcher.data import take_notes
     from launcher.hangs import logs_folder
-    from launcher.worker import dist, holdings, loop
+    from launcher.worker import dist, holdings, loop, memory
     from launcher.worker.adapters import apply_adapter, count_parameters
+    from launcher.worker.compiled import compile_blocks
     from launcher.worker.export import save_model
-    from launcher.worker.memory import rss_mib, trim_between_blocks
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
@@ -197,11 +198,15 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
 
     say(f"building the model ({cfg.model})")
     t_model = time.time()
-    before_model = dist.gather_objects(round(rss_mib()[0], 1))
+    before_model = dist.gather_objects(round(memory.rss_mib()[0], 1))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank and under every strategy
     base = recipe.build_model(cfg, task)
     # A model built on the meta device (launcher.empty_weights) is loaded by its strategy, each rank its part.
     weights = weights_for(base, cfg.model_path, seed=cfg.seed) if has_meta(base) else None
+    # Decided before the weights are loaded (a meta-built model is filled in by apply_adapter and the strategy).
+    lean = memory.lean(cfg.host_memory, sum(p.numel() for p in base.parameters()))
+    if lean:
+        memory.limit_heap_retention()
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     block_types = tuple({type(m) for m in base.modules() if type(m).__name__ in block_names})
     model = apply_adapter(
@@ -214,6 +219,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         return opt, build_scheduler(opt, cfg.train, total)
 
     say(f"applying {choice_name(cfg.adapter)} and {choice_name(cfg.strategy)} on {ranks.world_size} process(es)")
+    compiled = compile_blocks(model, block_types) if cfg.compile else 0
     engine = build_engine(
         EngineInputs(
             model=model,
@@ -225,8 +231,8 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             weights=weights if has_meta(model) else None,
         )
     )
-    if ranks.device.type == "cpu":
-        trim_between_blocks(engine.module, block_types)
+    if lean and ranks.device.type == "cpu":
+        memory.trim_between_blocks(engine.module, block_types)
     # What this rank holds of its model state, measured on the first steps (the second has the optimizer's states):
     # summary.json says it beside the peak RSS, and `launcher plan` is checked against it.
     held = holdings.Recorder(engine.held_tensors, steps=2)
@@ -242,7 +248,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         notes.append(f"resume=auto: no checkpoint in {os.path.join(cfg.output_dir, 'checkpoints')} yet: a fresh start")
     load_seconds = time.time() - t_model
     # Peak resident memory once the model is loaded and wrapped, before training adds activations and optimizer state.
-    loaded_peak = dist.gather_objects(round(rss_mib()[1], 1))
+    loaded_peak = dist.gather_objects(round(memory.rss_mib()[1], 1))
     log = RunLog(
         cfg.output_dir,
         active=ranks.is_main,
@@ -315,6 +321,8 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         "peak_rss_mib_per_rank": peak,
         "rss_mib_before_model_per_rank": before_model,
         "peak_rss_mib_loaded_per_rank": loaded_peak,
+        "host_memory": "lean" if lean else "fast",
+        "compiled_blocks": compiled,
         **_peak_gpu(ranks),
         "model_state_bytes_per_rank": dist.gather_objects(held.largest.bytes if held.largest is not None else None),
         "model_load_seconds": round(load_seconds, 1),
