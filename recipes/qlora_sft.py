@@ -81,6 +81,10 @@ class Config(RunConfig):
     """Data files and fields."""
     kernels: Kernels = field(default_factory=Kernels)
     """Fused kernels: kernels.fused_ce=true computes the loss without the whole logits."""
+    attention: Literal["auto", "sdpa", "flex", "flash", "eager"] = "auto"
+    """The attention kernel: sdpa (PyTorch's), flex (flex_attention: block masks, compiled), flash (flash-attn on
+    GPUs, varlen over packed rows) or eager. auto: packed rows on a GPU get flash when flash-attn is installed,
+    else flex; everything else sdpa (a packed row under sdpa carries a dense block-diagonal mask)."""
 
     def model_needs(self) -> dict[str, bool]:
         return {"weights": True, "tokenizer": self.tokenizer == "auto"}
@@ -326,12 +330,25 @@ def build_model(cfg: Config, task: Task):
     # Built without memory; the launcher fills in the folder's (or random:SHAPE's) weights, each rank only the part
     # its strategy keeps, so a model larger than a rank's memory still loads.
     with launcher.empty_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=_attention(cfg))
     if cfg.kernels.fused_ce:
         from launcher.kernels.lm_head import fuse_loss
 
         fuse_loss(model)
     return model
+
+
+def _attention(cfg: Config) -> str:
+    import importlib.util
+
+    from launcher.tasks import sft
+
+    cuda = torch.cuda.is_available()
+    flash = importlib.util.find_spec("flash_attn") is not None
+    if cfg.attention == "flash" and not (cuda and flash):
+        why = "flash-attn is not installed (pip install flash-attn)" if cuda else "flash-attn runs on GPUs only"
+        raise ConfigError(f"attention=flash: {why}; use attention=auto")
+    return sft.attention_implementation(cfg.attention, packing=cfg.data.packing, cuda=cuda, flash_installed=flash)
 
 
 # ------------------------------------------------------------------------------------------ metrics

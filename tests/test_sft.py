@@ -9,7 +9,7 @@ import torch
 
 from launcher.tasks import sft
 from launcher.tasks.sft import IGNORE
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, run, why_failed
 
 RECIPE = str(ROOT / "recipes" / "qlora_sft.py")
 TEXTS = [
@@ -94,7 +94,7 @@ def test_pack_places_every_example_once_and_fills_rows():
     assert row == {"input_ids": [5, 6, 7, 8, 9], "labels": [IGNORE, 6, 7, IGNORE, 9], "position_ids": [0, 1, 2, 0, 1]}
 
 
-def _tiny_llama(vocab: int):
+def _tiny_llama(vocab: int, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
     from launcher.models import random_config
@@ -102,13 +102,44 @@ def _tiny_llama(vocab: int):
     cfg = random_config("random:llama-tiny", vocab_size=vocab, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     cfg.num_hidden_layers = 2
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg).eval()
+    return AutoModelForCausalLM.from_config(cfg, attn_implementation=attention).eval()
 
 
 def test_packed_examples_do_not_see_each_other():
     """Logits of each example inside a packed row equal its logits alone; the loss over the row equals the
     loss of the examples alone. Without restarting positions (one long sequence) they would not."""
-    model = _tiny_llama(64)
+    _check_packed(_tiny_llama(64))
+
+
+@pytest.mark.slow
+def test_packed_examples_do_not_see_each_other_under_flex_attention():
+    """attention=flex: the block mask transformers builds from the packed position ids, not a dense mask (flex
+    compiles, about 45 s on this CPU)."""
+    model = _tiny_llama(64, attention="flex_attention")
+    assert model.config._attn_implementation == "flex_attention"
+    _check_packed(model)
+
+
+def test_attention_auto_keeps_packed_rows_on_a_fast_kernel_on_gpus_and_sdpa_on_cpus():
+    pick = sft.attention_implementation
+    assert pick("auto", packing=True, cuda=True, flash_installed=True) == "flash_attention_2"
+    assert pick("auto", packing=True, cuda=True, flash_installed=False) == "flex_attention"
+    assert pick("auto", packing=False, cuda=True, flash_installed=True) == "sdpa"
+    assert pick("auto", packing=True, cuda=False, flash_installed=False) == "sdpa"
+    assert pick("flex", packing=False, cuda=False, flash_installed=False) == "flex_attention"
+    assert pick("eager", packing=True, cuda=True, flash_installed=True) == "eager"
+
+
+def test_attention_flash_without_a_gpu_is_a_usage_error_naming_the_setting(tmp_path):
+    proc = run(
+        ["python", RECIPE, "attention=flash", "train.max_steps=1", f"output_dir={tmp_path / 'run'}"], cwd=tmp_path
+    )
+    assert proc.returncode == 2, why_failed(proc)
+    assert "attention=flash: flash-attn runs on GPUs only; use attention=auto" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def _check_packed(model) -> None:
     a = ([2, 10, 11, 12, 13], [IGNORE, IGNORE, 11, 12, 13])
     b = ([2, 20, 21, 22], [IGNORE, IGNORE, 21, 22])
     c = ([2, 30, 31], [IGNORE, 30, 31])

@@ -151,6 +151,23 @@ def packed_row(examples: list[tuple[list[int], list[int]]]) -> dict[str, list[in
     return {"input_ids": ids, "labels": labels, "position_ids": positions}
 
 
+ATTENTION = {"sdpa": "sdpa", "flex": "flex_attention", "flash": "flash_attention_2", "eager": "eager"}
+"""attention= values and the transformers attn_implementation each stands for."""
+
+
+def attention_implementation(setting: str, *, packing: bool, cuda: bool, flash_installed: bool) -> str:
+    """transformers' attn_implementation for `attention=`. Packed rows (positions restarting per example, no mask)
+    keep a fast kernel under flash (varlen: each example's span found from the position ids) and flex (a block
+    mask built from them); sdpa gets a dense [rows, 1, L, L] block-diagonal mask. auto: on GPUs, packed rows go to
+    flash-attn when it is installed and to flex otherwise; padded rows, and every row on CPUs, to sdpa (flex
+    compiles for about a minute on a CPU and its packed logits are sdpa's: measured, not faster)."""
+    if setting != "auto":
+        return ATTENTION[setting]
+    if cuda and packing:
+        return "flash_attention_2" if flash_installed else "flex_attention"
+    return "sdpa"
+
+
 def collate_packed(rows: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad packed rows to the longest; the padding is a sequence of its own (positions from 0, no labels)
     and no attention mask is passed, so the model reads the boundaries from the position ids."""
