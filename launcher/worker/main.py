@@ -13,7 +13,7 @@ import sys
 import time
 from types import ModuleType
 
-from launcher.config import Lora, choice_name
+from launcher.config import Lora, RunConfig, choice_name
 from launcher.environment import quiet_libraries
 from launcher.errors import (
     CHECKPOINTED_MARK,
@@ -255,6 +255,9 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         total_steps=total,
         log_every=cfg.train.log_every,
         resumed_at=start.step if start is not None else None,
+        epochs=None if cfg.train.max_steps else cfg.train.epochs,
+        world_size=ranks.world_size,
+        **(_gpu_view(cfg, task, ranks) if ranks.device.type == "cuda" and ranks.is_main else {}),
     )
     if job.restart:  # the run log says the job was started again, from which step and why
         log.event(
@@ -291,6 +294,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
 
     def save_checkpoint(position: checkpoint.Position) -> str:
         path = checkpoint.save(engine, cfg, position, ranks, recipe=recipe.path)
+        log.checkpointed()
         if ranks.is_main:
             log.console.print(f"checkpoint: {path}")
         return path
@@ -349,6 +353,32 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             ],
         )
     return summary
+
+
+def _gpu_view(cfg: RunConfig, task, ranks) -> dict:
+    """What the live view shows on a GPU rank besides the CPU's figures: allocated and reserved memory, and MFU
+    from the planner's model FLOPs per token (launcher.timing, at data.max_length) and the GPU's peak."""
+    import torch
+
+    from launcher.counting import cached_count, planning_config
+    from launcher.timing import flops_per_token
+    from launcher.worker.live import peak_tflops
+
+    device = ranks.device
+
+    def memory() -> str:
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+        return f"GPU {allocated / 2**30:.1f} GiB allocated, {reserved / 2**30:.1f} GiB reserved"
+
+    flops = None
+    try:
+        config = planning_config(cfg.model)
+        heads = tuple(task.heads)
+        counts = cached_count(config, heads)
+        flops = flops_per_token(counts, config, cfg, getattr(cfg.data, "max_length", 512), heads)["model"]
+    except (ConfigError, OSError, KeyError, ValueError):  # a model the planner cannot count: no MFU, the rest shown
+        pass
+    return {"memory": memory, "flops_per_token": flops, "peak_tflops": peak_tflops(torch.cuda.get_device_name(device))}
 
 
 def _peak_gpu(ranks) -> dict:
