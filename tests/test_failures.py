@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -77,6 +78,32 @@ def left_running(out: Path) -> list[int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds leftover processes through /proc")
+def test_a_rank_that_raises_is_summed_up_from_its_own_log(tiny_model, tiny_data, tmp_path):
+    """Every rank writes output_dir/logs/rankR.log (its host in the header); rank 1 raises in step 3, and the
+    launcher's failure summary names rank 1, its host and the exception, and shows the log's last lines."""
+    out = tmp_path / "run"
+    argv = ["launcher", "run", FAULTY, "--nproc", "2", *settings(tiny_model, tiny_data, out)]
+    proc, _ = launch(argv, tmp_path, "raise:1:3")
+    assert proc.returncode == 1, why_failed(proc)
+    said = [line.removeprefix("launcher: ") for line in proc.stderr.splitlines() if line.startswith("launcher: ")]
+    host = socket.gethostname()
+    first = next(line for line in said if " failed first" in line)
+    assert first.startswith(f"rank 1 on {host} (pid ") and first.endswith(
+        "failed first: RuntimeError: injected fault in step 3"
+    ), said
+    log = out / "logs" / "rank1.log"
+    at = said.index(f"its last lines ({log}):")
+    shown = [line for line in said[at + 1 :] if line.startswith("  | ")]
+    assert len(shown) == 12 and said[at + 1 : at + 13] == shown, said
+    assert shown[-1].endswith("RuntimeError: injected fault in step 3"), said
+    assert said[-1].startswith("rank 1 (pid ") and said[-1].endswith("exited with code 1"), said
+    text = log.read_text()
+    assert text.startswith(f"# launcher rank log: rank 1 of 2 on {host}, pid ") and "Traceback" in text
+    assert "rank 1 is about to fail" in text  # what the rank printed itself, before the traceback
+    rank0 = (out / "logs" / "rank0.log").read_text()
+    assert rank0.startswith(f"# launcher rank log: rank 0 of 2 on {host}") and "step 2/8" in rank0
+
+
 def test_a_rank_killed_mid_run_is_named_and_leaves_its_checkpoints_complete(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "run"
     fault = f"die-once:1:5:{tmp_path / 'died'}"  # rank 1 is SIGKILLed in step 5, after the checkpoint of step 4

@@ -19,6 +19,8 @@ What `run_local` guarantees:
 - With `logs` (output_dir/logs), a failure first asks the ranks still running for their Python stacks (SIGQUIT:
   each writes logs/stacks-rank-N.txt); a rank's watchdog (worker.watchdog) that found it stalled leaves a report
   there, and the last line names the rank the others wait for, where it is stuck, and the stacks (exit 124).
+- A rank that failed (not a usage error or a divergence, which say it all themselves) is summed up from its own
+  log (output_dir/logs/rankR.log, launcher.ranklogs): its host, the exception it died of, its last lines.
 - `run_restarting` starts every rank again after a failure, up to `max_restarts` times (LAUNCHER_RESTART=N in
   their environment: they resume from the newest checkpoint), but not after a usage error, a divergence (it would
   come back at the same step), a preemption or a stop asked of the launcher.
@@ -40,6 +42,7 @@ from dataclasses import dataclass, field
 from launcher.errors import DIVERGED_EXIT_CODE, HUNG_EXIT_CODE, REQUEUE_EXIT_CODE, USAGE_EXIT_CODE
 from launcher.hangs import ranks_named
 from launcher.launch.commands import RankCommand
+from launcher.ranklogs import failure_summary
 from launcher.signals import PREEMPT, NotedSignals, signal_name
 
 GRACE_SECONDS = 10.0
@@ -81,6 +84,8 @@ class Outcome:
     """The launcher itself was asked to stop (a signal to it): never restarted."""
     details: list[str] = field(default_factory=list)
     """Lines printed before the last one (where the stacks are)."""
+    failed: Rank | None = None
+    """The rank whose exit this outcome reports."""
 
     @property
     def restartable(self) -> bool:
@@ -207,7 +212,7 @@ def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
             elif code and preempted is not None:
                 return Outcome(128 + preempted, f"stopped every rank on {signal_name(preempted)}", asked=True)
             elif code:
-                return Outcome(shell_code(code), r.describe(code))
+                return Outcome(shell_code(code), r.describe(code), failed=r)
         codes = [r.proc.returncode for r in ranks]
         if all(c == 0 for c in codes):
             return Outcome(0)
@@ -245,10 +250,15 @@ def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
         details.append(f"the Python stacks of {ranks_named([r.rank for r in alive])}, still running then: {where}")
     if logs is not None and hung:
         return _hang(ranks, logs, details)
+    failed = killed[0] if killed else first.failed
+    if logs is not None and failed is not None and failed.proc.returncode not in (USAGE_EXIT_CODE, DIVERGED_EXIT_CODE):
+        # Where it ran, what it died of and its last lines, from its own log (a usage error or a divergence
+        # already said all there is, on every rank alike).
+        details = [*failure_summary(logs, failed.rank, failed.proc.pid), *details]
     if killed:
         r = killed[0]
-        return Outcome(shell_code(r.proc.returncode), r.describe(r.proc.returncode), details=details)
-    return Outcome(first.code, first.message, details=details)
+        return Outcome(shell_code(r.proc.returncode), r.describe(r.proc.returncode), details=details, failed=r)
+    return Outcome(first.code, first.message, details=details, failed=first.failed)
 
 
 def _hang(ranks: list[Rank], logs: str, details: list[str]) -> Outcome:

@@ -25,9 +25,11 @@ from launcher.errors import (
     TrainingStopped,
 )
 from launcher.files import write_atomic
+from launcher.hangs import logs_folder
 from launcher.job import Job, job_from_environ, launch_env
 from launcher.plan import Plan, build_plan, check_job, read_plan, restarted
 from launcher.recipe import Recipe, parse_worker_argv
+from launcher.worker import ranklog
 
 
 def plan_for_rank(recipe: Recipe, argv: list[str], job: Job) -> tuple[Plan, str | None]:
@@ -83,6 +85,7 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     code = 0
     try:
         plan = _settle(plan, source, recipe, job, ranks)
+        ranklog.start(logs_folder(plan.config.output_dir), ranks.rank, ranks.world_size)
         run(recipe, plan, ranks, job)
     except ConfigError as e:  # found only once the model exists (e.g. target modules it lacks): same on every rank
         if ranks.is_main:
@@ -146,6 +149,7 @@ def _exit(code: int, world_size: int) -> None:
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    ranklog.stop()  # os._exit skips atexit: the rank's log is drained here
     os._exit(code)
 
 
@@ -162,7 +166,6 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from launcher.data import take_notes
-    from launcher.hangs import logs_folder
     from launcher.worker import dist, holdings, loop, memory
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.compiled import compile_blocks

@@ -6,6 +6,7 @@ restart tests; STEP is the training step (1 is the first):
                            creates FILE first): one death, however often the job is started
 - die-saving:RANK:STEP:FILE the same, halfway through writing the checkpoint of step STEP: its tensors and state
                            written, not its manifest
+- raise:RANK:STEP          rank RANK raises RuntimeError("injected fault in step STEP") in that all-reduce
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def _inject(kind: str, rank: str, step: str, marker: str = "") -> None:
             if watchdog._current is not None and watchdog._current.step + 1 == int(step):
                 if kind == "hang":
                     time.sleep(600)
+                elif kind == "raise":
+                    print(f"rank {rank} is about to fail", flush=True)
+                    raise RuntimeError(f"injected fault in step {step}")
                 elif kind == "die-once" and not os.path.exists(marker):
                     Path(marker).write_text("died once")
                     os.kill(os.getpid(), signal.SIGKILL)

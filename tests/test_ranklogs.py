@@ -1,0 +1,41 @@
+"""Reading a rank's own log for the launcher's failure summary (issue 16, item 2)."""
+
+from __future__ import annotations
+
+from launcher.ranklogs import exception_of, failure_summary, header, log_path, read_header
+
+TRACE = """\
+step 1/8  loss 0.6931
+Traceback (most recent call last):
+  File "x.py", line 3, in <module>
+    f()
+ValueError: first
+During handling of the above exception, another exception occurred:
+Traceback (most recent call last):
+  File "x.py", line 5, in <module>
+    g()
+torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB
+""".splitlines()
+
+
+def test_the_exception_is_the_last_tracebacks_closing_line_with_or_without_host_prefixes():
+    assert exception_of(TRACE) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert exception_of([f"[node-2:3] {line}" for line in TRACE]).startswith("torch.OutOfMemoryError: CUDA out")
+    assert exception_of([f"[rank3]: {line}" for line in TRACE]).startswith("torch.OutOfMemoryError: CUDA out")
+    assert exception_of(["loading", "Fatal Python error: Aborted", "", "Current thread 0x1 (most recent call first):"])
+    assert exception_of(["step 1/8", "all is well"]) is None
+
+
+def test_a_failed_ranks_summary_says_its_host_exception_and_last_lines(tmp_path):
+    path = log_path(str(tmp_path), 1)
+    with open(path, "w") as f:
+        f.write(header(1, 2, "node-2", 4242, "2026-12-03T12:00:00+0000", False) + "\n" + "\n".join(TRACE) + "\n")
+    assert read_header(open(path).readline()) == {"rank": 1, "world_size": 2, "host": "node-2", "pid": 4242}
+    summary = failure_summary(str(tmp_path), 1, pid=4242, tail=3)
+    assert summary[0] == (
+        "rank 1 on node-2 (pid 4242) failed first: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate "
+        "2.00 GiB"
+    )
+    assert summary[1] == f"its last lines ({path}):" and len(summary) == 2 + 3 and summary[-1].startswith("  | torch.")
+    assert failure_summary(str(tmp_path), 1, pid=999) == []  # an earlier run's log
+    assert failure_summary(str(tmp_path), 0) == []  # none written
