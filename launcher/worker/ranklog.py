@@ -53,7 +53,7 @@ class _Tee:
             pass
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
-        self.thread.join(timeout=5.0)
+        self.thread.join(timeout=2.0)  # a child still holding the pipe (rare) must not hold the exit up
         os.close(self.read)
         self.file.close()
 
