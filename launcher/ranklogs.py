@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 
 HEADER = "# launcher rank log:"
 PREFIX = re.compile(r"^(\[[^\]\s]+:\d+\] )?(\[rank\d+\]: )?")
@@ -68,3 +69,33 @@ def failure_summary(logs: str, rank: int, pid: int | None = None, tail: int = TA
     first = f"rank {rank} on {info['host']} (pid {info['pid']}) failed first" + (f": {died}" if died else "")
     shown = [f"  | {line}" for line in body[-tail:]]
     return [first, *([f"its last lines ({path}):", *shown] if shown else [f"its log ({path}) is empty"])]
+
+
+WARNING = re.compile(r"warn", re.IGNORECASE)  # UserWarning, [WARNING], warnings.warn
+
+
+class Repeats:
+    """Warnings that several ranks print alike: the launcher shows the first copy and counts the others, then says
+    how many ranks printed each (`summary`). Shared by the threads that stream the ranks' output."""
+
+    def __init__(self):
+        self._ranks: dict[str, list[int]] = {}
+        self._lock = threading.Lock()
+
+    def first(self, rank: int, line: str) -> bool:
+        """Whether to show this line: anything but a warning another rank already printed."""
+        if not WARNING.search(line):
+            return True
+        with self._lock:
+            ranks = self._ranks.setdefault(line.strip(), [])
+            ranks.append(rank)
+            return len(ranks) == 1
+
+    def summary(self) -> list[str]:
+        with self._lock:
+            repeated = {text: ranks for text, ranks in self._ranks.items() if len(ranks) > 1}
+        return [_repeated(len(set(r)), len(r), t) for t, r in repeated.items()]
+
+
+def _repeated(ranks: int, times: int, text: str) -> str:
+    return f"{ranks} rank{'s' if ranks > 1 else ''} printed this warning {times} times, shown once: {text}"

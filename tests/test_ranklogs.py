@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.ranklogs import exception_of, failure_summary, header, log_path, read_header
+from launcher.ranklogs import Repeats, exception_of, failure_summary, header, log_path, read_header
 
 TRACE = """\
 step 1/8  loss 0.6931
@@ -39,3 +39,12 @@ def test_a_failed_ranks_summary_says_its_host_exception_and_last_lines(tmp_path)
     assert summary[1] == f"its last lines ({path}):" and len(summary) == 2 + 3 and summary[-1].startswith("  | torch.")
     assert failure_summary(str(tmp_path), 1, pid=999) == []  # an earlier run's log
     assert failure_summary(str(tmp_path), 0) == []  # none written
+
+
+def test_a_warning_the_ranks_repeat_is_shown_once_and_counted():
+    repeats = Repeats()
+    warning = "UserWarning: torch.utils.checkpoint: the use_reentrant parameter should be passed explicitly\n"
+    shown = [repeats.first(rank, line) for rank in (1, 2, 3) for line in (warning, f"rank {rank} at step 1\n")]
+    assert shown == [True, True, False, True, False, True]  # every rank's own lines, the warning once
+    assert repeats.first(1, "[2026-12-03] [WARNING] [comm.py:12] backend gloo\n")  # a different one: shown
+    assert repeats.summary() == ["3 ranks printed this warning 3 times, shown once: " + warning.strip()]

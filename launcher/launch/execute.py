@@ -19,6 +19,7 @@ What `run_local` guarantees:
 - With `logs` (output_dir/logs), a failure first asks the ranks still running for their Python stacks (SIGQUIT:
   each writes logs/stacks-rank-N.txt); a rank's watchdog (worker.watchdog) that found it stalled leaves a report
   there, and the last line names the rank the others wait for, where it is stuck, and the stacks (exit 124).
+- A warning that several of the other ranks print alike is shown once; the launcher then says how many printed it.
 - A rank that failed (not a usage error or a divergence, which say it all themselves) is summed up from its own
   log (output_dir/logs/rankR.log, launcher.ranklogs): its host, the exception it died of, its last lines.
 - `run_restarting` starts every rank again after a failure, up to `max_restarts` times (LAUNCHER_RESTART=N in
@@ -42,7 +43,7 @@ from dataclasses import dataclass, field
 from launcher.errors import DIVERGED_EXIT_CODE, HUNG_EXIT_CODE, REQUEUE_EXIT_CODE, USAGE_EXIT_CODE
 from launcher.hangs import ranks_named
 from launcher.launch.commands import RankCommand
-from launcher.ranklogs import failure_summary
+from launcher.ranklogs import Repeats, failure_summary
 from launcher.signals import PREEMPT, NotedSignals, signal_name
 
 GRACE_SECONDS = 10.0
@@ -130,11 +131,12 @@ def _report(outcome: Outcome) -> int:
 def _run_once(commands: list[RankCommand], logs: str | None) -> Outcome:
     ranks: list[Rank] = []
     readers: list[threading.Thread] = []
+    repeats = Repeats()  # the other ranks' copies of one warning: shown once, then counted
     # SIGHUP inherited as ignored stays ignored: `nohup launcher run ...` outlives its terminal.
     with NotedSignals(STOP_SIGNALS, keep_ignored=(signal.SIGHUP,)) as signals:
         try:
             ranks = _spawn(commands)
-            readers = [_start_reader(r) for r in ranks if r.proc.stdout is not None]
+            readers = [_start_reader(r, repeats) for r in ranks if r.proc.stdout is not None]
             outcome = _wait(ranks, signals)
             if outcome.code and not outcome.asked and outcome.code != REQUEUE_EXIT_CODE:
                 outcome = _failure(ranks, outcome, logs)
@@ -142,6 +144,7 @@ def _run_once(commands: list[RankCommand], logs: str | None) -> Outcome:
             _stop(ranks)
             for t in readers:
                 t.join(timeout=1.0)  # a rank's own child may hold its pipe open: don't wait on it
+    outcome.details = [*repeats.summary(), *outcome.details]
     return outcome
 
 
@@ -179,16 +182,17 @@ def _die_with_launcher() -> Callable[[], None] | None:
     return arm
 
 
-def _start_reader(rank: Rank) -> threading.Thread:
-    t = threading.Thread(target=_prefix, args=(rank.proc, f"[rank{rank.rank}] "), daemon=True)
+def _start_reader(rank: Rank, repeats: Repeats) -> threading.Thread:
+    t = threading.Thread(target=_prefix, args=(rank, repeats), daemon=True)
     t.start()
     return t
 
 
-def _prefix(proc: subprocess.Popen, prefix: str) -> None:
-    for line in proc.stdout:  # type: ignore[union-attr]
-        sys.stdout.write(prefix + line)
-        sys.stdout.flush()
+def _prefix(rank: Rank, repeats: Repeats) -> None:
+    for line in rank.proc.stdout:  # type: ignore[union-attr]
+        if repeats.first(rank.rank, line):
+            sys.stdout.write(f"[rank{rank.rank}] {line}")
+            sys.stdout.flush()
 
 
 def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
