@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -92,7 +93,7 @@ def test_executor_propagates_the_failing_exit_code_and_stops_the_others(tmp_path
         os.kill(pid, 0)
     assert not finished.exists(), "the surviving rank was waited for instead of stopped"
     out, err = capfd.readouterr()
-    failed_pid = int(out.split("[rank1] ")[1].split()[0])
+    failed_pid = int(out.split(f"[{socket.gethostname()}:1] ")[1].split()[0])
     assert err.strip().splitlines()[-1:] == [f"launcher: rank 1 (pid {failed_pid}) exited with code 3"]
 
 
@@ -100,7 +101,7 @@ def test_executor_returns_zero_when_every_rank_succeeds(capfd):
     ok = [RankCommand(rank=r, argv=[sys.executable, "-c", f"print('hello from {r}')"]) for r in range(2)]
     assert run_local(ok) == 0
     out, err = capfd.readouterr()
-    assert "hello from 0" in out and "[rank1] hello from 1" in out
+    assert "hello from 0" in out and f"[{socket.gethostname()}:1] hello from 1" in out
     assert "launcher:" not in err, "a run that succeeded has nothing to report"
 
 

@@ -1,7 +1,7 @@
 """The one place that starts processes: run every rank, stream its output, stop all of them when one fails.
 
 What `run_local` guarantees:
-- Rank 0 writes straight to this terminal (its progress bar stays live); the others' lines are prefixed.
+- Rank 0 writes straight to this terminal (its progress bar stays live); the others' lines are prefixed [host:rank].
 - The first rank to fail stops the others, and the launcher's last line names it, its pid and how it ended
   ("rank 1 (pid 12345) was killed by SIGKILL", "rank 1 (pid 12345) exited with code 3"). The exit code follows
   the shell's convention: 128 + the signal that killed the rank, else the rank's own code.
@@ -33,6 +33,7 @@ import ctypes
 import dataclasses
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -46,6 +47,8 @@ from launcher.launch.commands import RankCommand
 from launcher.ranklogs import Repeats, failure_summary
 from launcher.signals import PREEMPT, NotedSignals, signal_name
 
+HOST = socket.gethostname()
+"""In the prefix of the other ranks' lines: [host:rank], as the multi-node runners print them."""
 GRACE_SECONDS = 10.0
 """How long a rank has to exit after SIGTERM before it gets SIGKILL."""
 POLL_SECONDS = 0.1
@@ -191,7 +194,7 @@ def _start_reader(rank: Rank, repeats: Repeats) -> threading.Thread:
 def _prefix(rank: Rank, repeats: Repeats) -> None:
     for line in rank.proc.stdout:  # type: ignore[union-attr]
         if repeats.first(rank.rank, line):
-            sys.stdout.write(f"[rank{rank.rank}] {line}")
+            sys.stdout.write(f"[{HOST}:{rank.rank}] {line}")
             sys.stdout.flush()
 
 
