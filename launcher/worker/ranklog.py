@@ -2,8 +2,9 @@
 warnings, faulthandler's dump of a crash, the traceback it died of), kept after the job ends.
 
 A rank whose output is not a terminal (the launcher's other ranks, CI, Slurm, pdsh) has its stdout and stderr
-file descriptors replaced by a pipe; a thread copies what comes through to where the output went before and to
-the file, so nothing changes for whoever reads the output. A rank on a terminal keeps it (its progress bar redraws
+file descriptors replaced by pipes; a small process of its own copies what comes through to where each went
+before and to the file, so nothing changes for whoever reads the output, and nothing written just before a crash
+is lost. A rank on a terminal keeps it (its progress bar redraws
 in place, which a file would record ten times a second): its log holds the header and, if it fails, the
 traceback. The launcher reads the log of a rank that failed for its failure summary (launcher.ranklogs).
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 import atexit
 import os
 import socket
+import subprocess
 import sys
-import threading
 import time
 import traceback
 
@@ -23,29 +24,55 @@ from launcher.ranklogs import header, log_path
 _tee: _Tee | None = None
 
 
-class _Tee:
-    def __init__(self, path: str):
-        self.file = open(path, "ab", buffering=0)
-        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
-        read, write = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd in (1, 2):
-            os.dup2(write, fd)
-        os.close(write)
-        self.read = read
-        self.thread = threading.Thread(target=self._copy, name="rank-log", daemon=True)
-        self.thread.start()
-
-    def _copy(self) -> None:
-        while chunk := os.read(self.read, 65536):
+# The copier: a process of its own, so that what a rank writes just before it dies (a C++ abort's message,
+# faulthandler's dump) still reaches the file and the screen: it reads until the rank's last descriptor closes.
+# It ignores the signals that stop a job (Ctrl-C's SIGINT to the terminal's group, Slurm's SIGTERM to every task):
+# a copier gone first would break the rank's output while it saves its checkpoint.
+COPIER = """
+import os, selectors, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+    signal.signal(s, signal.SIG_IGN)
+log = os.open(sys.argv[3], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+sel = selectors.DefaultSelector()
+sel.register(int(sys.argv[1]), selectors.EVENT_READ, 1)
+sel.register(int(sys.argv[2]), selectors.EVENT_READ, 2)
+while sel.get_map():
+    for key, _ in sel.select():
+        chunk = os.read(key.fd, 65536)
+        if not chunk:
+            sel.unregister(key.fd)
+            continue
+        for fd in (key.data, log):
             view = memoryview(chunk)
             while view:
-                view = view[os.write(self.saved[1], view) :]
-            self.file.write(chunk)
+                try:
+                    view = view[os.write(fd, view):]
+                except OSError:  # the screen went away: the log still gets it
+                    break
+"""
+
+
+class _Tee:
+    """fds 1 and 2 of this process become pipes into the copier, which writes each to where it went before (stdout
+    stays stdout, stderr stderr) and both to the log."""
+
+    def __init__(self, path: str):
+        pipes = {fd: os.pipe() for fd in (1, 2)}
+        self.copier = subprocess.Popen(
+            [sys.executable, "-S", "-c", COPIER, str(pipes[1][0]), str(pipes[2][0]), path],
+            stdin=subprocess.DEVNULL,
+            pass_fds=(pipes[1][0], pipes[2][0]),
+        )
+        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, (read, write) in pipes.items():
+            os.close(read)
+            os.dup2(write, fd)
+            os.close(write)
 
     def close(self) -> None:
-        """Put the original descriptors back; the pipe then ends and the thread copies what is left."""
+        """Put the original descriptors back; the pipes then end and the copier writes what is left and exits."""
         try:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -53,9 +80,11 @@ class _Tee:
             pass
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
-        self.thread.join(timeout=2.0)  # a child still holding the pipe (rare) must not hold the exit up
-        os.close(self.read)
-        self.file.close()
+            os.close(saved)
+        try:
+            self.copier.wait(timeout=2.0)  # a child of the rank still holding a pipe must not hold the exit up
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def start(logs: str, rank: int, world_size: int) -> str:

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from launcher.errors import HUNG_EXIT_CODE
 from launcher.files import write_atomic
 from launcher.hangs import Report, report_path, stacks_path
+from launcher.worker import ranklog
 
 # Python files a main thread sits in while it waits for the other ranks: a collective (torch.distributed,
 # DeepSpeed's comm and ZeRO's parameter fetches) or a backward whose gradient all-reduce waits for a peer (DDP).
@@ -125,6 +126,7 @@ class Watchdog:
             flush=True,
         )
         time.sleep(SETTLE_SECONDS)
+        ranklog.stop()  # os._exit skips atexit: the rank's log gets the lines above
         os._exit(HUNG_EXIT_CODE)
 
 
