@@ -26,6 +26,7 @@ MAY_CHANGE = (
     "resume",
     "checkpoint.",
     "watchdog.",
+    "tracking.",
     "train.eval_every",
     "train.eval_at_start",
     "train.log_every",

@@ -239,6 +239,22 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
+class TrackingConfig:
+    """Experiment trackers beside TensorBoard, which is always written (output_dir/tensorboard)."""
+
+    report_to: str = ""
+    """Also send the metrics and the resolved configuration to wandb, mlflow, or both (wandb,mlflow); empty:
+    TensorBoard only. W&B follows its own variables (WANDB_MODE=offline, WANDB_API_KEY, ...)."""
+    project: str = ""
+    """The W&B project and the MLflow experiment; empty: the recipe's name."""
+    run_name: str = ""
+    """The run's name in the trackers; empty: the name of output_dir's folder."""
+    mlflow_uri: str = ""
+    """Where MLflow records the run; empty: a file store in output_dir/mlruns (which MLflow 3 keeps in maintenance
+    mode: sqlite:///path/mlflow.db or a server's http(s) URI for more)."""
+
+
+@dataclass(kw_only=True)
 class WatchdogConfig:
     """Stop a job whose ranks stopped advancing (a stuck collective, a dead peer, a rank stuck in its own code)."""
 
@@ -308,6 +324,8 @@ class RunConfig:
     """Periodic checkpoints (checkpoint.every_steps, checkpoint.keep)."""
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     """Hang detection (watchdog.timeout)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """Experiment trackers (tracking.report_to=wandb,mlflow)."""
     resume: str = ""
     """Continue a run from a checkpoint: auto (the newest complete one in output_dir; a fresh start when there is
     none), or a checkpoint folder (output_dir/checkpoints/step-N); empty starts afresh."""

@@ -127,6 +127,9 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.seed < 0:
         problems.append(f"seed={cfg.seed}: must be a non-negative integer")
     problems += _checkpoint_problems(cfg)
+    from launcher.tracking import problems as tracker_problems
+
+    problems += tracker_problems(cfg.tracking.report_to)
     from launcher.compat import refusals
 
     return problems + refusals(cfg)

@@ -166,6 +166,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from launcher.data import take_notes
+    from launcher.overrides import to_dict
     from launcher.worker import dist, holdings, loop, memory
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.compiled import compile_blocks
@@ -173,6 +174,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.worker.optim import build_optimizer, build_scheduler
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
+    from launcher.worker.trackers import open_trackers
     from launcher.worker.watchdog import Watchdog, stacks_on_sigquit
     from launcher.worker.weights import has_meta, weights_for
 
@@ -261,6 +263,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         epochs=None if cfg.train.max_steps else cfg.train.epochs,
         world_size=ranks.world_size,
         **(_gpu_view(cfg, task, ranks) if ranks.device.type == "cuda" and ranks.is_main else {}),
+        trackers=open_trackers(cfg.tracking, recipe.name, cfg.output_dir, to_dict(cfg)) if ranks.is_main else None,
     )
     if job.restart:  # the run log says the job was started again, from which step and why
         log.event(

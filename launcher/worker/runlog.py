@@ -51,11 +51,13 @@ class RunLog:
         flops_per_token: float | None = None,
         peak_tflops: float | None = None,
         world_size: int = 1,
+        trackers: list | None = None,
     ):
         """`resumed_at`: the step of the checkpoint a resumed run continues from; it adds to that run's metrics,
         dropping those of later steps (a run that died after its checkpoint trains them again). `epochs`: the
         passes the run makes (None when max_steps decides); `memory`: this rank's memory in words; MFU is shown
-        when both `flops_per_token` (model FLOPs) and the GPU's `peak_tflops` are known."""
+        when both `flops_per_token` (model FLOPs) and the GPU's `peak_tflops` are known. `trackers`
+        (worker.trackers) get every series TensorBoard gets."""
         self.active = active
         self.total_steps = total_steps
         self.log_every = log_every
@@ -64,6 +66,7 @@ class RunLog:
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
         self.world_size = world_size
+        self.trackers = list(trackers or [])
         self.console = Console(stderr=False, highlight=False)
         self._progress: _LiveProgress | None = None
         self._jsonl = None
@@ -208,9 +211,15 @@ class RunLog:
     def _write(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
         split = record["split"]
-        for key, value in record.items():
-            if key not in ("step", "split", "epoch", "time") and isinstance(value, (int, float)):
-                self._tb.add_scalar(f"{split}/{key}", value, record["step"])
+        values = {
+            f"{split}/{key}": value
+            for key, value in record.items()
+            if key not in ("step", "split", "epoch", "time") and isinstance(value, (int, float))
+        }
+        for tag, value in values.items():
+            self._tb.add_scalar(tag, value, record["step"])
+        for tracker in self.trackers:
+            tracker.log(values, record["step"])
 
     def end_progress(self) -> None:
         if self._progress is not None:
@@ -223,6 +232,9 @@ class RunLog:
             self._jsonl.close()
             self._tb.close()
             self._jsonl = self._tb = None
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _keep_until(path: str, step: int) -> None:
