@@ -172,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="show which strategy x adapter x optimizer combinations are supported, and why not",
     )
     matrix.add_argument("--markdown", action="store_true", help="print the docs page (docs/matrix.md) instead")
+    report = sub.add_parser(
+        "report",
+        help="write report.html and report.png for one or more run directories (loss, eval, lr, throughput, memory "
+        "over steps, overlaid; the settings they differ in)",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's output_dir (several: overlaid)")
+    report.add_argument("--out", metavar="DIR", help="where to write them (default: the run directory, or ./report)")
     recipes = sub.add_parser("recipes", help="list the recipes with a one-line description each")
     recipes.add_argument("--dir", default="recipes", help="folder holding the recipes (default: ./recipes)")
     new = sub.add_parser("new", help="copy a recipe into recipes/NAME.py, ready to edit")
@@ -187,12 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_EXIT_CODE
-    if args.command in ("matrix", "recipes", "new", "export", "check"):
+    if args.command in ("matrix", "recipes", "new", "export", "check", "report"):
         if extra:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         try:
             commands = {
                 "matrix": cmd_matrix, "recipes": cmd_recipes, "new": cmd_new, "export": cmd_export, "check": cmd_check,
+                "report": cmd_report,
             }  # fmt: skip
             return commands[args.command](args)
         except ConfigError as e:
@@ -208,6 +216,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(e.render(), file=sys.stderr)
         return USAGE_EXIT_CODE
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from launcher.report import write_report
+
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else "report")
+    png, page = write_report(args.runs, out)
+    print(f"report: {page}\nplot:   {png}")
+    return 0
 
 
 def cmd_matrix(args: argparse.Namespace) -> int:

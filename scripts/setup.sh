@@ -24,4 +24,6 @@ fi
   || echo "setup: DeepSpeed's CPU ops were not prebuilt (they build on first use)"
 # openssh and pdsh for multi-node launches and their tests (installed only where we are root; else it says so).
 bash scripts/system_packages.sh
+# chromium for the headless check of `launcher report`'s page (optional).
+bash scripts/browser.sh
 echo "setup: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

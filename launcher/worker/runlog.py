@@ -17,12 +17,11 @@ from rich.table import Table
 
 from launcher.files import write_atomic
 from launcher.worker import live
+from launcher.worker.memory import rss_mib
 
 
 def host_memory() -> str:
     """This process's resident memory, as the live view shows it on CPU ranks."""
-    from launcher.worker.memory import rss_mib
-
     return f"RSS {rss_mib()[0] / 1024:.2f} GiB"
 
 
@@ -162,6 +161,7 @@ class RunLog:
             "tokens_per_s": tokens_per_s,
             **({"grad_norm": grad_norm} if grad_norm is not None else {}),
             **({"mfu": self.snapshot.mfu} if self.snapshot.mfu is not None else {}),
+            "rss_mib": round(rss_mib()[0], 1),  # rank 0's, for the report's memory over steps
             "time": round(time.time() - self.t0, 3),
         }
         self._write(record)
