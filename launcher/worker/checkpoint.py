@@ -64,9 +64,19 @@ class Resume:
         return Position(step=m["step"], epoch=m["epoch"], batches_done=done)
 
 
-def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks, *, recipe: str = "") -> str:
-    """Write a checkpoint of the run at `position` (of the recipe at path `recipe`); returns its folder.
-    Collective: call on every rank."""
+def save(
+    engine: Engine,
+    cfg,
+    position: Position,
+    ranks: dist.Ranks,
+    *,
+    recipe: str = "",
+    selection: dict | None = None,
+    protect: int | None = None,
+) -> str:
+    """Write a checkpoint of the run at `position` (of the recipe at path `recipe`; `selection`: the state of the
+    metric it follows, launcher.selection); returns its folder. Pruning keeps the checkpoint of step `protect` (the
+    best). Collective: call on every rank."""
     final = os.path.join(checkpoints.root(cfg.output_dir), checkpoints.folder_name(position.step))
     tmp = final + ".tmp"
     rng = dist.gather_objects(_rng_state())
@@ -89,6 +99,7 @@ def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks, *, recipe: 
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
             "config": to_dict(cfg),
             "files": files,
+            **({"selection": selection} if selection else {}),
         }
         with open(os.path.join(tmp, checkpoints.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2)
@@ -97,7 +108,7 @@ def save(engine: Engine, cfg, position: Position, ranks: dist.Ranks, *, recipe: 
         shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this very step (a resumed run saves it again)
         os.replace(tmp, final)
         _fsync_dir(os.path.dirname(final))
-        _prune(cfg.output_dir, cfg.checkpoint.keep)
+        _prune(cfg.output_dir, cfg.checkpoint.keep, protect)
     else:
         for _ in tensors:  # the same collectives, in the same order, as rank 0's writes
             pass
@@ -249,11 +260,12 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _prune(output_dir: str, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints, and folders of saves that never finished."""
+def _prune(output_dir: str, keep: int, protect: int | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and `protect`), and folders of saves that never
+    finished."""
     found = checkpoints.complete(output_dir)
     paths = dict(found)
-    for step in checkpoints.to_delete([s for s, _ in found], keep):
+    for step in checkpoints.to_delete([s for s, _ in found], keep, protect):
         shutil.rmtree(paths[step], ignore_errors=True)
     where = checkpoints.root(output_dir)
     for name in os.listdir(where):

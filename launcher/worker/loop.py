@@ -15,6 +15,7 @@ from launcher.config import RunConfig
 from launcher.data import EvalShard
 from launcher.data.sampling import DistributedBatchSampler
 from launcher.errors import REQUEUE_EXIT_CODE, Preempted, TrainingStopped
+from launcher.selection import Selection
 from launcher.signals import signal_name
 from launcher.task import Task
 from launcher.worker import dist
@@ -112,19 +113,23 @@ def train(
     *,
     start: Position | None = None,
     save: Callable[[Position], str] | None = None,
+    evals: Evaluations | None = None,
 ) -> dict:
     """Train to the plan's last step, from `start` (a resumed checkpoint's position) or from the beginning;
     `save(position)` writes a checkpoint every checkpoint.every_steps steps and after the last. A stop signal to
     any rank (worker.preempt) ends training after the step under way on every rank, with a checkpoint of it:
-    errors.Preempted. The step's figures are read once per logged interval (worker.figures), not once a step."""
+    errors.Preempted. The step's figures are read once per logged interval (worker.figures), not once a step.
+    `evals` follows the evaluations every train.eval_every steps: the best one (a checkpoint of it for
+    checkpoint.keep_best) and early stopping."""
     total = total_steps(loader, cfg)
+    evals = evals or Evaluations()
     step, epoch = 0, 0
     sampler = loader.batch_sampler
     if start is not None:
         step, epoch = start.step, start.epoch
         sampler.load_state_dict({"epoch": epoch, "batches_done": start.batches_done, "seed": sampler.seed})
     if cfg.train.eval_at_start and task.eval is not None and start is None:
-        log.eval(0, evaluate(engine, task, recipe, cfg, ranks)[0])
+        log.eval(0, evaluate(engine, task, recipe, cfg, ranks)[0])  # a baseline, not a candidate for the best
     every = cfg.checkpoint.every_steps
     totals = _Totals(first_step=start.step + 1 if start is not None else 1)
     engine.train(True)
@@ -148,22 +153,36 @@ def train(
                 pending.add(step, epoch, result, samples, tokens)
                 evaluating = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total
                 evaluating = bool(evaluating and task.eval is not None and not asked)
-                saving = save is not None and (asked or (every and (step % every == 0 or step >= total)))
+                periodic = save is not None and every and (step % every == 0 or step >= total)
                 if (
                     step == totals.first_step
                     or step % cfg.train.log_every == 0
                     or step >= total
                     or evaluating
-                    or saving
+                    or periodic
+                    or asked
                 ):
                     _read(pending, totals, cfg, log)  # the figures are checked before an eval or a checkpoint
+                best = False
                 if evaluating:
-                    log.eval(step, evaluate(engine, task, recipe, cfg, ranks)[0])
+                    best = evals.evaluated(step, *evaluate(engine, task, recipe, cfg, ranks), log)
+                stopping = evaluating and evals.stop
+                # A checkpoint at the end of training: the last step, or the one early stopping ends at.
+                saving = save is not None and (asked or periodic or (stopping and every) or (best and evals.keep_best))
                 path = None
                 if saving:
                     path = save(Position(step=step, epoch=epoch, batches_done=done))
+                    if best and evals.keep_best:
+                        evals.best_checkpoint = path
                 if evaluating or saving:
                     pending.restart_clock()  # training throughput leaves evaluation and checkpoints out
+                if stopping:
+                    log.end_progress()
+                    log.event("early_stop", step, **evals.selection.state())
+                    if ranks.is_main:
+                        log.console.print(evals.selection.why_stopped(step))
+                    evals.stopped_at = step
+                    total = step  # ends both loops, as the last step does
                 if asked and step < total:
                     log.end_progress()
                     what = signal_name(requests.received) if requests.received else "a stop signal to another rank"
@@ -177,6 +196,32 @@ def train(
     _read(pending, totals, cfg, log)
     log.end_progress()
     return totals.summary(step)
+
+
+@dataclass
+class Evaluations:
+    """The evaluations of a run: the metric followed (train.metric_for_best) when early stopping or keep_best ask for
+    it, the checkpoint of the best, and the newest evaluation (reused when training ends right after it)."""
+
+    selection: Selection | None = None
+    keep_best: bool = False
+    """checkpoint.keep_best: write a checkpoint at each evaluation that is the best so far."""
+    best_checkpoint: str | None = None
+    """The checkpoint of the best evaluation (keep_best)."""
+    last: tuple[int, dict, dict] | None = None
+    """(step, metrics, per-example outputs) of the newest evaluation."""
+    stopped_at: int | None = None
+    """The step early stopping ended training at."""
+
+    def evaluated(self, step: int, metrics: dict, outputs: dict, log: RunLog) -> bool:
+        """Log the evaluation at `step` and count it; True when it is the best so far."""
+        log.eval(step, metrics)
+        self.last = (step, metrics, outputs)
+        return self.selection is not None and self.selection.update(step, metrics)
+
+    @property
+    def stop(self) -> bool:
+        return self.selection is not None and self.selection.stop
 
 
 @dataclass

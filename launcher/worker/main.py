@@ -165,8 +165,10 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     import transformers
     from transformers import AutoTokenizer
 
+    from launcher import checkpoints
     from launcher.data import take_notes
     from launcher.overrides import to_dict
+    from launcher.selection import Selection
     from launcher.worker import dist, holdings, loop, memory
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.compiled import compile_blocks
@@ -298,8 +300,24 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         ],
     )
 
+    # The metric early stopping and keep_best follow; a resumed run goes on from its checkpoint's count.
+    selection = Selection.of(cfg)
+    keep_best = cfg.checkpoint.keep_best
+    evals = loop.Evaluations(selection=selection, keep_best=keep_best)
+    if chosen is not None and selection is not None and selection.restore(chosen.manifest.get("selection")):
+        best = os.path.join(os.path.dirname(chosen.path), checkpoints.folder_name(selection.best_step))
+        evals.best_checkpoint = best if keep_best and os.path.isdir(best) else None
+
     def save_checkpoint(position: checkpoint.Position) -> str:
-        path = checkpoint.save(engine, cfg, position, ranks, recipe=recipe.path)
+        path = checkpoint.save(
+            engine,
+            cfg,
+            position,
+            ranks,
+            recipe=recipe.path,
+            selection=selection.state() if selection is not None else None,
+            protect=selection.best_step if selection is not None and keep_best else None,
+        )
         log.checkpointed()
         if ranks.is_main:
             log.console.print(f"checkpoint: {path}")
@@ -308,14 +326,27 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     # From the first step to the saved model, a rank that stops advancing is stopped and says where it was.
     with Watchdog(cfg.watchdog.timeout, logs_folder(cfg.output_dir), ranks.rank) as watchdog:
         try:
-            progress = loop.train(engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint)
+            progress = loop.train(
+                engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint, evals=evals
+            )
         except Preempted:
             log.close()
             raise
         metrics: dict[str, float] = {}
         if task.eval is not None:
-            metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
-            log.eval(progress["steps"], metrics)
+            final = progress["steps"]
+            if evals.last is not None and evals.last[0] == final:  # early stopping's own evaluation
+                metrics, outputs = evals.last[1], evals.last[2]
+            else:
+                metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
+                evals.evaluated(final, metrics, outputs, log)
+            if keep_best and selection.best_step != final and evals.best_checkpoint:
+                watchdog.beat(phase="loading the best checkpoint")
+                say(f"keep_best: the model of step {selection.best_step} ({evals.best_checkpoint})")
+                best = checkpoint.Resume(evals.best_checkpoint, checkpoint.manifest_of(evals.best_checkpoint), "")
+                checkpoint.load(engine, best, ranks, grad_accum=cfg.train.grad_accum)
+                metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
+                log.event("best", selection.best_step, **metrics)
             if ranks.is_main:
                 _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
         if recipe.finish is not None:  # e.g. generations from the trained model; on every rank (collective forwards)
@@ -344,6 +375,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         "trainable_parameters": trainable,
         "saved": os.path.abspath(saved),
         "resumed_from": chosen.path if chosen is not None else None,
+        **_selection_summary(selection, evals, keep_best),
     }
     if ranks.is_main:
         write_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
@@ -359,6 +391,18 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             ],
         )
     return summary
+
+
+def _selection_summary(selection, evals, keep_best: bool) -> dict:
+    """summary.json's word on the metric followed: the best evaluation, whether the saved model is it, and the step
+    early stopping ended at."""
+    if selection is None:
+        return {}
+    best = {"metric": selection.metric, "higher_is_better": selection.higher}
+    best |= {"step": selection.best_step, "value": selection.best_value, "saved": keep_best}
+    if keep_best:
+        best["checkpoint"] = evals.best_checkpoint
+    return {"best": best, "stopped_early_at": evals.stopped_at}
 
 
 def _gpu_view(cfg: RunConfig, task, ranks) -> dict:
