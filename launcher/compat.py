@@ -159,6 +159,15 @@ RULES: list[Rule] = [
         cell=False,
     ),
     Rule(
+        "train.adversarial (fgm, pgd) under ZeRO-3",
+        lambda c: c.train.adversarial != "none" and isinstance(c.strategy, Zero) and c.strategy.stage == 3,
+        "the perturbation's direction is a backward pass to the word embeddings alone, and ZeRO-3's per-module "
+        "hooks, which gather each block's partitioned parameters for backward, expect one backward per forward "
+        "(they find the parameters partitioned)",
+        "use strategy=fsdp (FSDP2 supports it) or strategy=zero2, or train.adversarial=none",
+        cell=False,
+    ),
+    Rule(
         "NVMe offload without strategy.offload_dir",
         lambda c: (
             (z := _zero(c)) is not None and "nvme" in (z.offload_optimizer, z.offload_params) and not z.offload_dir

@@ -222,6 +222,18 @@ class TrainConfig:
     metric_for_best: str = ""
     """The eval metric that early stopping and checkpoint.keep_best follow; empty: the recipe's main metric
     (lora_cls accuracy, lora_ner f1, qlora_sft loss)."""
+    adversarial: Literal["none", "fgm", "pgd"] = "none"
+    """Adversarial training on the word embeddings: fgm adds the loss at the embeddings moved by adv_epsilon along
+    the micro-batch's gradient; pgd takes adv_steps moves of adv_alpha, kept within adv_epsilon, and adds the loss
+    at the last (each a forward, so a step costs 2 (fgm) or 1 + adv_steps (pgd) forwards and about twice the
+    backward)."""
+    adv_epsilon: float = 1.0
+    """Size of the fgm move, and the radius pgd's moves are kept within (Frobenius norm over the embedding rows of
+    the micro-batch's tokens)."""
+    adv_alpha: float = 0.3
+    """Size of each pgd move."""
+    adv_steps: int = 3
+    """pgd's moves per micro-batch."""
     best_is: Literal["auto", "higher", "lower"] = "auto"
     """Whether a higher or a lower train.metric_for_best is better; auto: lower for losses, perplexities and error
     rates, higher for the rest."""

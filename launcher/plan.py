@@ -113,6 +113,11 @@ def validate(cfg: RunConfig) -> list[str]:
     for name in ("max_train_rows", "max_eval_rows"):
         if getattr(cfg.data, name) < 0:
             problems.append(f"data.{name}={getattr(cfg.data, name)}: use 0 for all rows")
+    if t.adv_epsilon <= 0 or t.adv_alpha <= 0:
+        bad = "adv_epsilon" if t.adv_epsilon <= 0 else "adv_alpha"
+        problems.append(f"train.{bad}={getattr(t, bad)}: must be positive, e.g. train.{bad}=1.0")
+    if t.adv_steps < 1:
+        problems.append(f"train.adv_steps={t.adv_steps}: pgd takes at least 1 step, e.g. train.adv_steps=3")
     if t.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm={t.max_grad_norm}: use 0 to disable clipping")
     if isinstance(cfg.strategy, Zero) and cfg.strategy.stage not in (0, 1, 2, 3):
@@ -232,6 +237,14 @@ def ignored_settings(cfg: RunConfig, given: set[str]) -> list[str]:
         ("train.eval_at_start", not d.eval, "there is no eval set (data.eval is empty)"),
         ("data.max_eval_rows", not d.eval, "there is no eval set (data.eval is empty)"),
         ("data.cache_dir", not d.cache, "data.cache=false: nothing is cached"),
+        ("train.adv_epsilon", t.adversarial == "none", "train.adversarial=none"),
+        ("train.adv_alpha", t.adversarial != "pgd", f"train.adversarial={t.adversarial}: only pgd takes alpha steps"),
+        ("train.adv_steps", t.adversarial != "pgd", f"train.adversarial={t.adversarial}: only pgd takes steps"),
+        (
+            "train.metric_for_best",
+            not (t.early_stop_patience or cfg.checkpoint.keep_best),
+            "neither train.early_stop_patience nor checkpoint.keep_best follows a metric",
+        ),
         ("overwrite", "output_dir" not in given, "a default run directory is always a new one"),
     ]
     s = cfg.strategy

@@ -97,3 +97,16 @@ def test_activation_checkpointing_recomputes_the_same_gradients(results, strateg
 def test_two_accumulated_halves_train_like_one_whole_batch(results, strategy):
     whole, halves = results[strategy]["losses"], results[strategy]["accum2_losses"]
     assert halves == pytest.approx(whole, rel=1e-4), (whole, halves)
+
+
+@pytest.mark.parametrize("kind", ["fgm", "pgd"])
+def test_adversarial_training_on_two_ranks_matches_one_process_accumulating_both_batches(results, kind):
+    # Each micro-batch is perturbed along its own gradient: 2 ranks of a batch each train exactly like one process
+    # accumulating the two batches, under every strategy that supports it (ZeRO-3 is refused before launch).
+    alone = results[kind]["alone"]
+    for strategy in [s for s in STRATEGIES if s != "zero3"]:
+        assert results[strategy][f"{kind}_losses"] == pytest.approx(alone, rel=1e-4), (strategy, kind)
+    # ... and it is not plain training: after the first step (the same clean loss) the losses differ.
+    plain = results["ddp"]["losses"]
+    assert alone[0] == pytest.approx(plain[0], rel=1e-6)
+    assert all(abs(a - p) > 1e-4 for a, p in zip(alone[1:], plain[1:])), (alone, plain)

@@ -169,7 +169,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.data import take_notes
     from launcher.overrides import to_dict
     from launcher.selection import Selection
-    from launcher.worker import dist, holdings, loop, memory
+    from launcher.worker import adversarial, dist, holdings, loop, memory
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.compiled import compile_blocks
     from launcher.worker.export import save_model
@@ -240,6 +240,9 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     )
     if lean and ranks.device.type == "cpu":
         memory.trim_between_blocks(engine.module, block_types)
+    adversary = adversarial.attach(engine.module, cfg.train)
+    if adversary is not None:  # each micro-batch's loss is the clean one plus the one at perturbed embeddings
+        engine.micro_loss = adversary.loss
     # What this rank holds of its model state, measured on the first steps (the second has the optimizer's states):
     # summary.json says it beside the peak RSS, and `launcher plan` is checked against it.
     held = holdings.Recorder(engine.held_tensors, steps=2)

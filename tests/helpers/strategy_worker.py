@@ -15,7 +15,7 @@ import torch
 from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.recipe import load_recipe
-from launcher.worker import dist
+from launcher.worker import adversarial, dist
 from launcher.worker.adapters import apply_adapter
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
@@ -28,7 +28,12 @@ VARIANTS = {
     "bf16": ["precision=bf16"],
     "fp16": ["precision=fp16"],
     "checkpointing": ["activation_checkpointing=true"],
+    "fgm": ["train.adversarial=fgm"],
+    "pgd": ["train.adversarial=pgd", "train.adv_alpha=0.5"],
 }
+ADVERSARIAL = ("fgm", "pgd")
+"""Variants refused under ZeRO-3 (launcher.compat); each is also trained in one process, accumulating both ranks'
+batches (`alone`), which the 2-rank runs must match."""
 
 
 def one(
@@ -80,6 +85,9 @@ def one(
     engine = build_engine(
         EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
     )
+    adversary = adversarial.attach(engine.module, cfg.train)
+    if adversary is not None:
+        engine.micro_loss = adversary.loss
     engine.train(True)  # checkpointing only recomputes in train mode
     scaler = getattr(engine, "scaler", None)
     # With a loss scaler: the scale before the first step and after each step, and whether each step updated
@@ -111,6 +119,44 @@ def one(
     }
 
 
+def alone(recipe, model_dir: str, train: str, extra: tuple) -> list[float]:
+    """The 5 losses of one process (no engine, no process group) accumulating rank 0's and rank 1's batches: what
+    2 ranks with a batch each must train like."""
+    from transformers import AutoTokenizer
+
+    from launcher.worker.strategies.base import accumulate_and_step
+
+    settings = [f"model={model_dir}", f"data.train={train}", "data.eval=", "train.lr=1e-2", "train.warmup_ratio=0"]
+    settings += ["train.schedule=constant", "adapter.dropout=0", "output_dir=unused", *extra]
+    cfg = apply_overrides(recipe.Config(), settings)
+    task = recipe.build_task(cfg, AutoTokenizer.from_pretrained(model_dir))
+    micro = [task.collate([task.train[i] for i in range(r * 8, r * 8 + 8)]) for r in range(2)]
+    torch.manual_seed(cfg.seed)
+    base = load_whole(recipe.build_model(cfg, task), cfg.model_path, seed=cfg.seed)
+    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    optimizer = build_optimizer(model, cfg.train, cfg.optimizer)
+    scheduler = build_scheduler(optimizer, cfg.train, 100)
+    adversary = adversarial.attach(model, cfg.train)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for _ in range(5):
+        result = accumulate_and_step(
+            micro,
+            forward=lambda b: model(**b),
+            set_sync=lambda _: None,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            params=params,
+            max_grad_norm=cfg.train.max_grad_norm,
+            micro_loss=adversary.loss,
+        )
+        losses.append(float(result.loss))
+    return losses
+
+
 def _local(p: torch.Tensor) -> torch.Tensor:
     """This rank's part of a parameter (its shard under FSDP, where parameters are DTensors)."""
     return (p.to_local() if hasattr(p, "to_local") else p).detach()
@@ -121,13 +167,15 @@ def main() -> None:
     quiet_libraries()
     ranks = dist.init()
     recipe = load_recipe(sys.argv[4])
-    results = {}
+    results = {name: {"alone": alone(recipe, model_dir, train, tuple(VARIANTS[name]))} for name in ADVERSARIAL}
     for strategy in STRATEGIES:
         try:
             results[strategy] = one(recipe, strategy, model_dir, train, ranks)
             for name, extra in VARIANTS.items():
                 if name == "fp16" and strategy.startswith("zero") and not torch.cuda.is_available():
                     continue  # DeepSpeed's CPU accelerator has no fp16 (refused before launch; see test_compat)
+                if name in ADVERSARIAL and strategy == "zero3":
+                    continue  # refused before launch (launcher.compat)
                 accum = 2 if name == "accum2" else 1
                 variant = one(recipe, strategy, model_dir, train, ranks, accum=accum, extra=tuple(extra))
                 results[strategy][f"{name}_losses"] = variant["losses"]

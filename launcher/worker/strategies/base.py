@@ -20,6 +20,19 @@ from launcher.worker.weights import Weights
 # optimizers whose kernels need them (optim.PlainGroups).
 OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
 
+# A micro-batch's loss: (forward, batch, set_sync, sync, probe=None) -> (the loss to backpropagate, the loss to
+# report). It sets the strategy's gradient sync (set_sync) to `sync` before the forward whose backward reduces
+# gradients; `probe` is a forward whose loss may also be differentiated alone (torch.autograd.grad), where the
+# strategy's own forward cannot be (DeepSpeed's engine treats any backward through its outputs as the step's).
+MicroLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def plain_loss(forward, batch, set_sync, sync: bool, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's own loss of the micro-batch (worker.adversarial's Adversary.loss adds a perturbed one)."""
+    set_sync(sync)
+    loss = forward(batch).loss
+    return loss, loss
+
 
 @dataclass
 class EngineInputs:
@@ -66,6 +79,8 @@ class Engine(ABC):
     between_backward_and_step: Callable[[], None] | None = None
     """Called in each train_step after the last backward, before the optimizer step: the gradients are reduced and
     still held, the optimizer states exist from the second step on (holdings.Recorder measures there)."""
+    micro_loss: MicroLoss = staticmethod(plain_loss)
+    """How train_step gets a micro-batch's loss from its forward (train.adversarial replaces it)."""
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:
@@ -233,19 +248,21 @@ def accumulate_and_step(
     scaler: Any = None,
     clip: Callable[[list[torch.nn.Parameter], float], torch.Tensor] = clip_norm,
     before_step: Callable[[], None] | None = None,
+    micro_loss: MicroLoss = plain_loss,
 ) -> StepResult:
     """The step of the torch-native strategies: backward on each micro-batch with gradient communication only
     on the last (`set_sync`), then clip, optimizer step, schedule step. With fp16 a GradScaler scales the loss,
     unscales before clipping and skips the step (and lowers the scale) when a gradient overflowed. `clip` clips
     and returns the global norm (a strategy with sharded gradients brings its own). `before_step` is called after
-    the last backward. The step's loss is summed on the device (no host sync: see StepResult)."""
+    the last backward. `micro_loss` gives each micro-batch's loss. The step's loss is summed on the device (no host
+    sync: see StepResult)."""
     total = None
     for i, batch in enumerate(micro_batches):
-        set_sync(i == len(micro_batches) - 1)
-        loss = forward(batch).loss
+        loss, shown = micro_loss(forward, batch, set_sync, i == len(micro_batches) - 1)
         scaled = loss / len(micro_batches)
         (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        total = scaled.detach() if total is None else total + scaled.detach()
+        shown = shown.detach() / len(micro_batches)
+        total = shown if total is None else total + shown
     if before_step is not None:
         before_step()
     if scaler is not None:

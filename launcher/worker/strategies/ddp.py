@@ -61,6 +61,7 @@ class DdpEngine(Engine):
             max_grad_norm=self.max_grad_norm,
             scaler=self.scaler,
             before_step=self.between_backward_and_step,
+            micro_loss=self.micro_loss,
         )
 
     def _set_sync(self, sync: bool) -> None:

@@ -92,6 +92,7 @@ class FsdpEngine(Engine):
             scaler=self.scaler,
             clip=clip_sharded_norm,
             before_step=self.between_backward_and_step,
+            micro_loss=self.micro_loss,
         )
 
     def train(self, mode=True):

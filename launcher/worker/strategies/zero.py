@@ -56,12 +56,14 @@ class ZeroEngine(Engine):
         lr = current_lr(self._lr_source)
         total = None
         for i, batch in enumerate(micro_batches):
-            loss = self.ds(**batch).loss
+            loss, shown = self.micro_loss(
+                lambda b: self.ds(**b), batch, _no_sync, True, probe=lambda b: self.module(**b)
+            )
             self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
             if i == len(micro_batches) - 1 and self.between_backward_and_step is not None:
                 self.between_backward_and_step()
             self.ds.step()  # a no-op until the accumulation boundary
-            total = loss.detach() if total is None else total + loss.detach()
+            total = shown.detach() if total is None else total + shown.detach()
         norm = self.ds.get_global_grad_norm()  # a tensor on the device, or a float DeepSpeed already read
         return StepResult(
             loss=total / len(micro_batches),
@@ -409,3 +411,7 @@ def _hidden_size(module: torch.nn.Module) -> int | None:
 
 def wrap(inputs: EngineInputs) -> Engine:
     return ZeroEngine(inputs)
+
+
+def _no_sync(sync: bool) -> None:
+    """DeepSpeed decides when gradients are reduced (at its accumulation boundary): nothing to set."""
