@@ -195,7 +195,8 @@ def describe(cfg: RunConfig) -> str:
             s.offload_params != "none"
         )
     strategy = f"strategy={s.name}" + (f" ({', '.join(extras)})" if extras else "")
-    return f"{strategy}, adapter={cfg.adapter.name}, optimizer={cfg.optimizer.name}"
+    training = f", train.adversarial={cfg.train.adversarial}" if cfg.train.adversarial != "none" else ""
+    return f"{strategy}, adapter={cfg.adapter.name}, optimizer={cfg.optimizer.name}{training}"
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,19 @@ def test_ignored_settings_are_named_only_when_the_user_gave_them(recipes):
         "data.cache_dir= is ignored: data.cache=false: nothing is cached",
         "strategy.offload_dir= is ignored: nothing is offloaded to nvme",
     ]
+    notes = build_plan(
+        recipes["lora_cls"], ["train.adv_epsilon=0.5", "train.adv_steps=2", "train.metric_for_best=f1"], TWO
+    ).notes
+    assert notes == [
+        "train.adv_epsilon=0.5 is ignored: train.adversarial=none",
+        "train.adv_steps=2 is ignored: train.adversarial=none: only pgd takes steps",
+        "train.metric_for_best=f1 is ignored: neither train.early_stop_patience nor checkpoint.keep_best follows a "
+        "metric",
+    ]
+    with pytest.raises(ConfigError, match=r"train.adv_epsilon=0.0: must be positive"):
+        build_plan(recipes["lora_cls"], ["train.adversarial=fgm", "train.adv_epsilon=0"], TWO)
+    with pytest.raises(ConfigError, match=r"strategy=zero3, adapter=lora, optimizer=adamw, train.adversarial=pgd is not supported"):
+        build_plan(recipes["lora_cls"], ["train.adversarial=pgd", "strategy=zero3"], TWO)
 
 
 def test_check_job_names_what_the_plan_was_made_for_and_what_the_rank_sees(recipes):
