@@ -115,9 +115,21 @@ def test_help_imports_no_heavy_library():
 
 
 def test_kernels_folder_does_not_shadow_hf_kernels():
-    code = "from transformers.utils.import_utils import is_kernels_available as k; print(k())"
+    # Run from the project root, its kernels/ folder first on sys.path: transformers must see Hugging Face's
+    # `kernels` exactly when that package is installed (transformers 5.25 requires it), never our folder instead.
+    code = (
+        "import importlib.metadata as m, importlib.util as u\n"
+        "from transformers.utils.import_utils import is_kernels_available\n"
+        "try:\n    installed = bool(m.version('kernels'))\n"
+        "except m.PackageNotFoundError:\n    installed = False\n"
+        "spec = u.find_spec('kernels')\n"
+        "print(installed, is_kernels_available(), getattr(spec, 'origin', None))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().endswith("False")
+    installed, available, origin = out.stdout.split()[-3:]
+    assert available == installed, out.stdout
+    if installed == "True":  # the installed package is the one found, not the project's folder
+        assert not origin.startswith(str(ROOT / "kernels")), origin
 
 
 def test_warmup_factor_is_never_zero_on_the_first_step():
