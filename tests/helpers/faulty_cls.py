@@ -11,7 +11,6 @@ restart tests; STEP is the training step (1 is the first):
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import sys
@@ -21,13 +20,9 @@ from pathlib import Path
 import torch
 
 import launcher
+from launcher.recipe import load_recipe
 
-_spec = importlib.util.spec_from_file_location(
-    "lora_cls_base", Path(__file__).resolve().parents[2] / "recipes/lora_cls.py"
-)
-_base = importlib.util.module_from_spec(_spec)
-sys.modules["lora_cls_base"] = _base
-_spec.loader.exec_module(_base)
+_base = load_recipe(str(Path(__file__).resolve().parents[2] / "recipes" / "lora_cls.py"))
 
 Config = _base.Config
 check = _base.check

@@ -5,19 +5,14 @@ apart by its eval logits, so the same weights evaluated again (the best model re
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
 import launcher
+from launcher.recipe import load_recipe
 
-_spec = importlib.util.spec_from_file_location(
-    "lora_cls_scripted_base", Path(__file__).resolve().parents[2] / "recipes/lora_cls.py"
-)
-_base = importlib.util.module_from_spec(_spec)
-sys.modules["lora_cls_scripted_base"] = _base
-_spec.loader.exec_module(_base)
+_base = load_recipe(str(Path(__file__).resolve().parents[2] / "recipes" / "lora_cls.py"))
 
 Config = _base.Config
 check = _base.check
