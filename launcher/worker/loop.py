@@ -165,7 +165,8 @@ def train(
                     _read(pending, totals, cfg, log)  # the figures are checked before an eval or a checkpoint
                 best = False
                 if evaluating:
-                    best = evals.evaluated(step, *evaluate(engine, task, recipe, cfg, ranks), log)
+                    metrics, outputs = evaluate(engine, task, recipe, cfg, ranks)
+                    best = evals.evaluated(step, metrics, log)
                 stopping = evaluating and evals.stop
                 # A checkpoint at the end of training: the last step, or the one early stopping ends at.
                 saving = save is not None and (asked or periodic or (stopping and every) or (best and evals.keep_best))
@@ -182,6 +183,7 @@ def train(
                     if ranks.is_main:
                         log.console.print(evals.selection.why_stopped(step))
                     evals.stopped_at = step
+                    evals.last = (step, metrics, outputs)  # the run's final evaluation: not done again
                     total = step  # ends both loops, as the last step does
                 if asked and step < total:
                     log.end_progress()
@@ -201,7 +203,7 @@ def train(
 @dataclass
 class Evaluations:
     """The evaluations of a run: the metric followed (train.metric_for_best) when early stopping or keep_best ask for
-    it, the checkpoint of the best, and the newest evaluation (reused when training ends right after it)."""
+    it, the checkpoint of the best, and the evaluation early stopping ended at (the run's final one)."""
 
     selection: Selection | None = None
     keep_best: bool = False
@@ -209,14 +211,13 @@ class Evaluations:
     best_checkpoint: str | None = None
     """The checkpoint of the best evaluation (keep_best)."""
     last: tuple[int, dict, dict] | None = None
-    """(step, metrics, per-example outputs) of the newest evaluation."""
+    """(step, metrics, per-example outputs) of the evaluation early stopping ended training at."""
     stopped_at: int | None = None
     """The step early stopping ended training at."""
 
-    def evaluated(self, step: int, metrics: dict, outputs: dict, log: RunLog) -> bool:
+    def evaluated(self, step: int, metrics: dict, log: RunLog) -> bool:
         """Log the evaluation at `step` and count it; True when it is the best so far."""
         log.eval(step, metrics)
-        self.last = (step, metrics, outputs)
         return self.selection is not None and self.selection.update(step, metrics)
 
     @property

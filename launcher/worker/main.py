@@ -342,7 +342,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
                 metrics, outputs = evals.last[1], evals.last[2]
             else:
                 metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
-                evals.evaluated(final, metrics, outputs, log)
+                evals.evaluated(final, metrics, log)
             if keep_best and selection.best_step != final and evals.best_checkpoint:
                 watchdog.beat(phase="loading the best checkpoint")
                 say(f"keep_best: the model of step {selection.best_step} ({evals.best_checkpoint})")
