@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from launcher.config import (
     ADAPTERS,
     OPTIMIZERS,
+    AdaLora,
     AdamW,
     AdamW8bit,
     CpuAdam,
@@ -138,6 +139,13 @@ RULES: list[Rule] = [
         lambda c: isinstance(c.adapter, Lora8) and shards_params(c),
         "an 8-bit base (Int8Params with its per-row scales) cannot be sharded by ZeRO-3 or FSDP2",
         "use adapter=qlora (a 4-bit base shards), or strategy=zero2 / strategy=ddp",
+    ),
+    Rule(
+        "adapter=adalora under ZeRO-3 or FSDP2",
+        lambda c: isinstance(c.adapter, AdaLora) and shards_params(c),
+        "AdaLoRA prunes singular values by scores of the whole A, E and B matrices and their gradients after every "
+        "step, and ZeRO-3 and FSDP2 leave each rank only its shard of them (peft's scores would be of the shards)",
+        "use strategy=zero2 or strategy=ddp (the adapter's tensors are small), or adapter=lora",
     ),
     Rule(
         "adapter=qlora under ZeRO-3 or FSDP2 with adapter.quant_storage other than auto or the precision",

@@ -27,6 +27,7 @@ def grid() -> dict[str, dict[str, list[str]]]:
 
 
 def print_matrix() -> None:
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
@@ -35,6 +36,10 @@ def print_matrix() -> None:
         caption="each cell lists the optimizers in order: " + ", ".join(OPTIMIZERS),
         title_justify="left",
         caption_justify="left",
+        # No vertical rules and no padding (the box's blank column separates): nine adapter columns fit in 80.
+        box=box.SIMPLE_HEAD,
+        padding=(0, 0),
+        show_edge=False,
     )
     table.add_column("strategy", style="bold cyan", no_wrap=True)
     for adapter in ADAPTERS:
@@ -66,7 +71,10 @@ def render_markdown() -> str:
         "Every combination of strategy, adapter and optimizer is decided by one table of rules in",
         "`launcher/compat.py`. The same rules refuse a run before any process starts (the message names the",
         "setting and the fix), print this grid (`launcher matrix`), and choose the cells that the multi-process",
-        "matrix test (`tests/test_matrix.py`) trains for 3 steps on 2 ranks, on a tiny Llama and a tiny BERT.",
+        "matrix test (`tests/test_matrix.py`) trains for 2 steps on 2 ranks, on a tiny Llama and a tiny BERT.",
+        "`adalora`, `ia3`, `prompt` and `prefix` train plain tensors of their own beside a frozen base, so the",
+        "test trains them on one cell per way of holding parameters (ddp, zero2, zero3 and fsdp with `adamw`,",
+        "zero2 offload with `cpu_adam`; those their rules allow) instead of every optimizer column.",
         "",
         f"Each cell lists the optimizers in this order: {', '.join(f'`{o}`' for o in OPTIMIZERS)}.",
         f"{OK} means supported; a number is the rule that refuses the combination.",
@@ -97,6 +105,20 @@ def render_markdown() -> str:
         "  plain tensors, not DTensors).",
         "- A LoRA adapter saved under ZeRO-3 is gathered first and its element count checked against the trained",
         "  parameters, so the well-known empty (placeholder) adapter cannot be written.",
+        "- `prefix` needs a model that takes past key values: causal LMs do; transformers 5's BERT does not (the",
+        "  run stops with that reason). `prompt` and `prefix` put trained positions before the input: `lora_ner`",
+        "  refuses both (it scores words at their token positions), `qlora_sft` refuses `prompt` (it scores and",
+        "  generates from the input's own positions) and `prefix` with `data.packing=true` (one prefix per packed",
+        "  row). Their adapters are written from the gathered tensors (peft would compute the prompt on rank 0",
+        "  alone: under ZeRO-3 or FSDP2 a gather the other ranks never join).",
+        "- `adalora` prunes its rank budget after every optimizer step (peft's `update_and_allocate`): the",
+        "  gradients it scores by are kept whole between backward and the step (under ZeRO-1/2 gathered from the",
+        "  partitions) and the values it masks are written into ZeRO's fp32 masters too, so DDP and ZeRO-2 prune",
+        "  exactly as one process does. Checkpoints keep its smoothed scores and final rank pattern (a resumed",
+        "  run prunes as the uninterrupted one); the adapter is saved at the ranks kept (peft's `rank_pattern`).",
+        "- Bottleneck adapters (Houlsby, Pfeiffer): peft has none, and the maintained library that does",
+        "  (AdapterHub's `adapters` 1.3.0) requires transformers ~=4.57, while the launcher runs transformers 5;",
+        "  it also replaces the model classes and heads, which the recipes build. Not offered.",
         "",
         "## Memory per rank",
         "",

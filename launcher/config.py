@@ -133,15 +133,90 @@ class Lora8(Lora):
 
 
 @dataclass(kw_only=True)
+class AdaLora(Lora):
+    """AdaLoRA through peft: LoRA in SVD form (A, a singular-value vector E, B) whose rank budget shrinks from r to
+    target_r per layer on average, the least important singular values of the whole model pruned on a cubic schedule
+    (AdaLoRA's update_and_allocate after every optimizer step). The budget scores each value by its gradient, so the
+    strategy must hold the adapter's tensors whole: DDP and ZeRO 0-2, not ZeRO-3 or FSDP2."""
+
+    name: ClassVar[str] = "adalora"
+    r: int = 12
+    """Initial rank of every target module (peft's init_r)."""
+    target_r: int = 8
+    """Average rank per target module once the budget is spent: the whole model keeps target_r x targets values."""
+    tinit: int = 0
+    """Optimizer steps at the start before any pruning (the budget stays r x targets)."""
+    tfinal: int = 0
+    """Optimizer steps at the end with the final ranks fixed (the budget reaches target_r before them)."""
+    delta_t: int = 1
+    """Steps between two reallocations of the budget."""
+    beta1: float = 0.85
+    """Smoothing of the importance (sensitivity) scores, an exponential moving average."""
+    beta2: float = 0.85
+    """Smoothing of their uncertainty."""
+    orth_reg_weight: float = 0.5
+    """Weight of the loss term that keeps A's rows and B's columns orthogonal (an SVD's)."""
+
+
+@dataclass(kw_only=True)
 class Full:
     """Full fine-tuning: every parameter is trained."""
 
     name: ClassVar[str] = "full"
 
 
-Adapter = Lora | Dora | QLora | Lora8 | Full
+@dataclass(kw_only=True)
+class Ia3:
+    """IA3 through peft: trained vectors that rescale the keys, values and feed-forward activations of the frozen
+    base (about a hundredth of LoRA's parameters)."""
 
-ADAPTERS: dict[str, object] = {"full": Full, "lora": Lora, "dora": Dora, "qlora": QLora, "lora8": Lora8}
+    name: ClassVar[str] = "ia3"
+    target_modules: list[str] = field(default_factory=lambda: ["auto"])
+    """Linear modules (leaf names) whose outputs are rescaled, or whose inputs for feedforward_modules; auto: peft's
+    choice for the model type (BERT key, value, output.dense; Llama k_proj, v_proj, down_proj)."""
+    feedforward_modules: list[str] = field(default_factory=lambda: ["auto"])
+    """Which of target_modules are feed-forward layers (their input is rescaled); auto: peft's choice."""
+
+
+@dataclass(kw_only=True)
+class PromptTuning:
+    """Prompt tuning through peft: num_virtual_tokens trained embeddings put before every input; the whole model
+    stays frozen (a classifier's head trains too)."""
+
+    name: ClassVar[str] = "prompt"
+    num_virtual_tokens: int = 20
+    """Trained embeddings prepended to each sequence."""
+
+
+@dataclass(kw_only=True)
+class PrefixTuning:
+    """Prefix tuning through peft: num_virtual_tokens trained keys and values before the sequence in every attention
+    layer (causal LMs: transformers' encoders such as BERT take no past key values to carry them)."""
+
+    name: ClassVar[str] = "prefix"
+    num_virtual_tokens: int = 20
+    """Trained key/value positions per layer."""
+    projection: bool = False
+    """Reparametrize the prefixes through a two-layer MLP of the model's width (prefix_projection; more trained
+    parameters, often steadier)."""
+
+
+Adapter = Lora | Dora | QLora | Lora8 | AdaLora | Full | Ia3 | PromptTuning | PrefixTuning
+
+ADAPTERS: dict[str, object] = {
+    "full": Full,
+    "lora": Lora,
+    "dora": Dora,
+    "qlora": QLora,
+    "lora8": Lora8,
+    "adalora": AdaLora,
+    "ia3": Ia3,
+    "prompt": PromptTuning,
+    "prefix": PrefixTuning,
+}
+
+VIRTUAL_TOKENS = (PromptTuning, PrefixTuning)
+"""Adapters that add trained positions instead of changing layers (nothing to merge into the weights)."""
 
 # --------------------------------------------------------------------------- optimizers
 
@@ -324,7 +399,7 @@ class RunConfig:
     strategy: Strategy = field(default_factory=Auto)
     """How the model is distributed: ddp, zero0, zero1, zero2, zero3, fsdp or auto."""
     adapter: Adapter = field(default_factory=Lora)
-    """What is trained: full, lora, dora, qlora (4-bit base) or lora8 (8-bit base)."""
+    """What is trained: full, lora, dora, qlora (4-bit base), lora8 (8-bit base), adalora, ia3, prompt or prefix."""
     optimizer: Optimizer = field(default_factory=AdamW)
     """adamw, adamw8bit, paged_adamw8bit (bitsandbytes) or cpu_adam (DeepSpeed, with ZeRO-Offload)."""
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"

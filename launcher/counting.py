@@ -80,6 +80,12 @@ class Counts:
     """The module's buffers as a rank holds them (fp32: rotary frequencies and the like)."""
     hidden_size: int = 0
     """config.hidden_size (it sizes DeepSpeed's buckets and ZeRO-3's persistence threshold)."""
+    model_type: str = ""
+    """config.model_type (peft picks IA3's default targets by it)."""
+    num_layers: int = 0
+    """config.num_hidden_layers (prefix tuning trains keys and values for each)."""
+    kv_size: int = 0
+    """Key (and value) width of an attention layer: head dim x key/value heads (prefix tuning's token width)."""
 
     def targets(self, target_modules: list[str]) -> list[Linear]:
         """The linear layers an adapter with `target_modules` (leaf names, or all-linear) wraps, as peft does:
@@ -97,6 +103,24 @@ class Counts:
         else:
             names = set(target_modules)
         return [lin for lin in self.linears if leaf(lin.name) in names]
+
+    def ia3_targets(self, target_modules: list[str], feedforward: list[str]) -> list[tuple[Linear, bool]]:
+        """(linear, is feed-forward) of each layer IA3 rescales, as peft matches them: a module whose name is a
+        target or ends with "." + a target; auto: peft's targets for the model type."""
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING as FEEDFORWARD,
+        )
+        from peft.utils.constants import (
+            TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as TARGETS,
+        )
+
+        targets = TARGETS.get(self.model_type, []) if target_modules == ["auto"] else target_modules
+        ff = FEEDFORWARD.get(self.model_type, []) if feedforward == ["auto"] else feedforward
+
+        def matches(name: str, names: list[str]) -> bool:
+            return any(name == t or name.endswith("." + t) for t in names)
+
+        return [(lin, matches(lin.name, ff)) for lin in self.linears if matches(lin.name, targets)]
 
     def lora_parameters(self, r: int, target_modules: list[str], dora: bool = False) -> int:
         """LoRA's trainable parameters: A (r x in) and B (out x r) per target, and DoRA's magnitude (out)."""
@@ -152,10 +176,21 @@ def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
         params=params,
         buffer_bytes=buffer_bytes,
         hidden_size=getattr(cfg, "hidden_size", 0) or 0,
+        model_type=getattr(cfg, "model_type", "") or "",
+        num_layers=getattr(cfg, "num_hidden_layers", 0) or 0,
+        kv_size=_kv_size(cfg),
     )
 
 
-COUNTS_VERSION = 1
+def _kv_size(cfg) -> int:
+    hidden, heads = getattr(cfg, "hidden_size", 0) or 0, getattr(cfg, "num_attention_heads", 0) or 0
+    if not heads:
+        return hidden
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return head_dim * (getattr(cfg, "num_key_value_heads", None) or heads)
+
+
+COUNTS_VERSION = 3
 """Bumped whenever Counts or the counting changes: older cached counts are then ignored."""
 
 
@@ -186,6 +221,9 @@ def cached_count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
             params=[(n, tuple(shape)) for n, shape in data["params"]],
             buffer_bytes=data["buffer_bytes"],
             hidden_size=data["hidden_size"],
+            model_type=data["model_type"],
+            num_layers=data["num_layers"],
+            kv_size=data["kv_size"],
         )
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not counted yet, or by another version: count again
@@ -199,6 +237,9 @@ def cached_count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
         "params": counts.params,
         "buffer_bytes": counts.buffer_bytes,
         "hidden_size": counts.hidden_size,
+        "model_type": counts.model_type,
+        "num_layers": counts.num_layers,
+        "kv_size": counts.kv_size,
     }
     try:
         write_atomic(path, json.dumps(data))

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launcher.config import AdamW8bit, Auto, Ddp, Fsdp, Lora, RunConfig, Zero, default_output_dir
+from launcher.config import AdaLora, AdamW8bit, Auto, Ddp, Fsdp, Ia3, Lora, RunConfig, Zero, default_output_dir
 from launcher.errors import ConfigError
 from launcher.job import Job, LaunchEnv
 from launcher.overrides import from_dict, to_dict
@@ -127,6 +127,26 @@ def validate(cfg: RunConfig) -> list[str]:
             problems.append(f"adapter.r={cfg.adapter.r}: the LoRA rank must be at least 1, e.g. adapter.r=16")
         if not cfg.adapter.target_modules:
             problems.append("adapter.target_modules is empty: name modules, e.g. adapter.target_modules=query,value")
+    if isinstance(cfg.adapter, AdaLora):
+        a = cfg.adapter
+        if not 1 <= a.target_r <= a.r:
+            problems.append(
+                f"adapter.target_r={a.target_r}: the final average rank must be between 1 and adapter.r={a.r}, "
+                f"e.g. adapter.target_r={max(1, a.r * 2 // 3)}"
+            )
+        if a.delta_t < 1 or a.tinit < 0 or a.tfinal < 0:
+            bad = "delta_t" if a.delta_t < 1 else "tinit" if a.tinit < 0 else "tfinal"
+            problems.append(f"adapter.{bad}={getattr(a, bad)}: steps, at least {int(bad == 'delta_t')}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(a, name) < 1:
+                problems.append(f"adapter.{name}={getattr(a, name)}: a moving-average factor in [0, 1), e.g. 0.85")
+        if a.orth_reg_weight < 0:
+            problems.append(f"adapter.orth_reg_weight={a.orth_reg_weight}: must be 0 or more (0 disables it)")
+    if getattr(cfg.adapter, "num_virtual_tokens", 1) < 1:
+        n = cfg.adapter.num_virtual_tokens
+        problems.append(f"adapter.num_virtual_tokens={n}: train at least 1, e.g. adapter.num_virtual_tokens=20")
+    if isinstance(cfg.adapter, Ia3) and not cfg.adapter.target_modules:
+        problems.append("adapter.target_modules is empty: name modules, e.g. adapter.target_modules=auto")
     if isinstance(cfg.strategy, Fsdp) and cfg.strategy.shard_group_size < 0:
         problems.append(f"strategy.shard_group_size={cfg.strategy.shard_group_size}: use 0 for one node's processes")
     if isinstance(cfg.optimizer, AdamW8bit) and cfg.optimizer.min_8bit_size < 0:

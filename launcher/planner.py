@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from launcher import timing
-from launcher.config import Fsdp, RunConfig, Zero
+from launcher.config import Fsdp, Lora, RunConfig, Zero
 from launcher.counting import Counts
 from launcher.data.tokens import DatasetTokens
 from launcher.errors import ConfigError
@@ -196,7 +196,7 @@ def activation_bytes(counts: Counts, config: dict, cfg: RunConfig, micro_batch: 
     gated = any(lin.name.endswith("gate_proj") for lin in counts.linears)
     per_layer = e * (5 * h + 4 * kv + (4 if gated else 2) * i) + 2 * 4 * h
     adapter = cfg.adapter
-    if hasattr(adapter, "target_modules"):
+    if isinstance(adapter, Lora):
         targets = counts.targets(adapter.target_modules)
         per_block = [t for t in targets if re.search(r"\.0\.", t.name)]
         dropout = getattr(adapter, "dropout", 0) > 0

@@ -27,7 +27,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from launcher.config import AdamW8bit, Ddp, Dora, Fsdp, Full, Lora8, QLora, RunConfig, Zero
+from launcher.config import (
+    AdaLora,
+    AdamW8bit,
+    Ddp,
+    Dora,
+    Fsdp,
+    Full,
+    Ia3,
+    Lora8,
+    PrefixTuning,
+    PromptTuning,
+    QLora,
+    RunConfig,
+    Zero,
+)
 from launcher.counting import Counts, four_bit_constants
 
 TERMS = ("params", "master", "grads", "optimizer")
@@ -103,11 +117,39 @@ def tensors(counts: Counts, cfg: RunConfig, heads: tuple[str, ...] = ()) -> list
     head_modules = {m for m in counts.skipped if m.rsplit(".", 1)[-1] in heads}
     out = [Tensor(n, s, role if n in quantized else "frozen") for n, s in counts.params]
     out += [Tensor(f"{n}.modules_to_save", s, "trained") for n, s in counts.params if inside(n, head_modules)]
+    return out + _adapter_tensors(counts, adapter)
+
+
+def _adapter_tensors(counts: Counts, adapter) -> list[Tensor]:
+    """The adapter's own trained tensors (peft's shapes)."""
+    out: list[Tensor] = []
+    h = counts.hidden_size
+    if isinstance(adapter, Ia3):  # a vector per layer: over the output, or over the input of a feed-forward one
+        for lin, ff in counts.ia3_targets(adapter.target_modules, adapter.feedforward_modules):
+            out.append(Tensor(f"{lin.name}.ia3_l", (1, lin.in_features) if ff else (lin.out_features, 1), "trained"))
+        return out
+    if isinstance(adapter, PromptTuning):
+        return [Tensor("prompt_encoder.embedding.weight", (adapter.num_virtual_tokens, h), "trained")]
+    if isinstance(adapter, PrefixTuning):  # keys and values of every layer, or an MLP producing them
+        d = counts.kv_size  # peft's token width for prefixes: a key's (GQA: the key/value heads' width)
+        kv = counts.num_layers * 2 * d
+        if not adapter.projection:
+            return [Tensor("prompt_encoder.embedding.weight", (adapter.num_virtual_tokens, kv), "trained")]
+        return [
+            Tensor("prompt_encoder.embedding.weight", (adapter.num_virtual_tokens, d), "trained"),
+            Tensor("prompt_encoder.transform.0.weight", (d, d), "trained"),
+            Tensor("prompt_encoder.transform.0.bias", (d,), "trained"),
+            Tensor("prompt_encoder.transform.2.weight", (kv, d), "trained"),
+            Tensor("prompt_encoder.transform.2.bias", (kv,), "trained"),
+        ]
     for lin in counts.targets(adapter.target_modules):
         out.append(Tensor(f"{lin.name}.lora_A.weight", (adapter.r, lin.in_features), "trained"))
         out.append(Tensor(f"{lin.name}.lora_B.weight", (lin.out_features, adapter.r), "trained"))
         if isinstance(adapter, Dora):
             out.append(Tensor(f"{lin.name}.lora_magnitude_vector", (lin.out_features,), "trained"))
+        if isinstance(adapter, AdaLora):  # the singular values, and the rank the update is divided by
+            out.append(Tensor(f"{lin.name}.lora_E", (adapter.r, 1), "trained"))
+            out.append(Tensor(f"{lin.name}.ranknum", (1,), "frozen"))
     return out
 
 
@@ -185,15 +227,38 @@ def _ddp(ts: list[Tensor], counts: Counts, cfg: RunConfig) -> StateBytes:
 def _flat_groups(ts: list[Tensor], element: int, world: int) -> list[int]:
     """ZeRO-1/2's flat buffers, one per optimizer group (decayed, then not): each parameter but the last padded to
     16 bytes, the whole to a multiple of 2 x world elements."""
+    return [size for size, _ in _flat_layout(ts, element, world)]
+
+
+def _flat_layout(ts: list[Tensor], element: int, world: int) -> list[tuple[int, list[tuple[int, int]]]]:
+    """Each ZeRO-1/2 flat buffer's size and the (start, numel) of each parameter in it."""
     align = 16 // math.gcd(16, element)
-    sizes = []
+    out = []
     for decay in (True, False):
         group = [t.numel for t in ts if t.role == "trained" and t.decay == decay]
         if not group:
             continue
-        total = sum(n + (-n) % align for n in group[:-1]) + group[-1]
-        sizes.append(total + (-total) % (2 * world))
-    return sizes
+        spans, start = [], 0
+        for n in group:
+            spans.append((start, n))
+            start += n + (-n) % align
+        total = spans[-1][0] + group[-1]
+        out.append((total + (-total) % (2 * world), spans))
+    return out
+
+
+def _zero2_grad_elements(ts: list[Tensor], element: int, world: int) -> int:
+    """ZeRO-2 copies the gradients of the parameters its partition touches into one buffer, each whole (a parameter
+    across a partition boundary counts in both): the largest such sum over the ranks."""
+    most = 0
+    for rank in range(world):
+        held = 0
+        for size, spans in _flat_layout(ts, element, world):
+            part = size // world
+            lo, hi = rank * part, (rank + 1) * part
+            held += sum(n for start, n in spans if start < hi and start + n > lo)
+        most = max(most, held)
+    return most
 
 
 def _zero12(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> StateBytes:
@@ -224,6 +289,8 @@ def _zero12(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Sta
         out.add("params", low * sum(partitions))  # the updated partition on its way back to the device
         out.add("grads", 4 * sum(partitions), "cpu")
         out.add("grads", 2 * low * largest)  # the copy buffers each gradient goes through
+    elif strategy.stage == 2:
+        out.add("grads", _zero_grad_dtype(cfg) * _zero2_grad_elements(ts, low, world))
     else:
         out.add("grads", _zero_grad_dtype(cfg) * sum(partitions))
     return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from launcher.config import Full, Lora8, QLora, RunConfig
+from launcher.config import Full, Lora, Lora8, PromptTuning, QLora, RunConfig
 from launcher.counting import Counts, Linear
 
 PEAK_TFLOPS = 989.0
@@ -78,8 +78,11 @@ def flops_per_token(
     model = matmul + attention (what MFU counts); hardware = model + recompute (what the GPU executes)."""
     n = _matmul(counts.linears)
     adapter = cfg.adapter
-    targets: list[Linear] = [] if isinstance(adapter, Full) else counts.targets(adapter.target_modules)
-    r = 0 if isinstance(adapter, Full) else adapter.r
+    # IA3's rescaling is elementwise: left out. Prompt tuning's virtual tokens are positions the model computes too,
+    # and prefix tuning's lengthen attention: both counted per real token below.
+    lora = isinstance(adapter, Lora)
+    targets: list[Linear] = counts.targets(adapter.target_modules) if lora else []
+    r = adapter.r if lora else 0
     adapter_params = sum(r * (t.in_features + t.out_features) for t in targets)
     if isinstance(adapter, Full):
         matmul = 6 * n
@@ -88,7 +91,11 @@ def flops_per_token(
         trained_heads = _matmul([lin for lin in counts.linears if _inside(lin.name, head_modules)])
         matmul = 4 * n + 2 * trained_heads + 6 * adapter_params
     layers, width = config.get("num_hidden_layers", 0), attention_width(config)
-    attention = 12 * layers * width * seq_len
+    virtual = getattr(adapter, "num_virtual_tokens", 0)
+    attention = 12 * layers * width * (seq_len + virtual)
+    if isinstance(adapter, PromptTuning):  # every position of the longer sequence, per real token
+        matmul = matmul * (seq_len + virtual) // seq_len
+        attention = attention * (seq_len + virtual) // seq_len
     recompute = 0
     if cfg.activation_checkpointing:
         in_blocks = _matmul([lin for lin in counts.linears if BLOCK.search(lin.name)])

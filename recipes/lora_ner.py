@@ -129,6 +129,11 @@ def check(cfg: Config) -> None:
     from launcher.tasks.vocab import check_setting
 
     check_setting(cfg.tokenizer, cfg.model_init)
+    if cfg.adapter.name in ("prompt", "prefix"):
+        raise ConfigError(
+            f"adapter={cfg.adapter.name}: lora_ner scores each word at its token's position, which trained tokens "
+            "before the sentence would shift (and BERT takes no prefixes); use adapter=lora, dora, ia3 or full"
+        )
     _load(cfg)
 
 

@@ -159,6 +159,16 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"tokenizer={cfg.tokenizer}: use auto, train or a tokenizer folder")
     if cfg.tokenizer_vocab < 300:
         raise ConfigError(f"tokenizer_vocab={cfg.tokenizer_vocab}: must be at least 300 (256 bytes and specials)")
+    if cfg.adapter.name == "prompt":
+        raise ConfigError(
+            "adapter=prompt: qlora_sft scores and generates from the logits of the input's own positions, which "
+            "trained tokens before the input shift; use adapter=prefix (data.packing=false), ia3 or qlora"
+        )
+    if cfg.adapter.name == "prefix" and cfg.data.packing:
+        raise ConfigError(
+            "adapter=prefix with data.packing=true: each packed example would need the prefix of its own, and a "
+            "packed row has one; set data.packing=false"
+        )
     if is_random(cfg.model):
         limit = SHAPES[cfg.model[len(RANDOM) :]]["max_position_embeddings"]
         if cfg.data.max_length > limit:

@@ -29,6 +29,8 @@ EVERY_3 = ["checkpoint.every_steps=3", "checkpoint.keep=4"]
 FULL = ["adapter=full", "train.grad_accum=2", "checkpoint.every_steps=2", "checkpoint.keep=3"]
 # bitsandbytes' 8-bit AdamW on tensors this small too (its default keeps moments under 4096 values in fp32).
 EIGHT_BIT = ["optimizer=adamw8bit", "optimizer.min_8bit_size=64"]
+# Ranks 8 -> 2 on average, the final pattern fixed for the last 3 of the 12 steps.
+ADALORA = ["adapter=adalora", "adapter.r=8", "adapter.target_r=2", "adapter.tfinal=3"]
 CASES = {
     # Resumed runs that evaluate at other steps: an evaluation must not move the random state training uses.
     "ddp lora": {"overrides": ["strategy=ddp", *EVERY_3], **LORA, "resume_overrides": ["train.eval_every=2"]},
@@ -45,6 +47,9 @@ CASES = {
     "zero2 lora 8-bit": {"overrides": ["strategy=zero2", *EIGHT_BIT, *EVERY_3], "resume_from": [3]},
     "zero3 full 8-bit": {"overrides": ["strategy=zero3", *EIGHT_BIT, *FULL], "resume_from": [2]},
     "fsdp lora 8-bit": {"overrides": ["strategy=fsdp", *EIGHT_BIT, *EVERY_3], "resume_from": [3]},
+    # AdaLoRA's smoothed scores mid-schedule (step 3) and its final rank pattern (fixed at step 9, then kept)
+    "ddp adalora": {"overrides": ["strategy=ddp", *ADALORA, *EVERY_3], "resume_from": [3, 9]},
+    "zero2 adalora": {"overrides": ["strategy=zero2", *ADALORA, *EVERY_3], "resume_from": [3]},
 }
 
 
@@ -123,7 +128,7 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_run(resumed, case)
         assert sorted(int(s) for s in again["losses"]) == list(range(k + 1, total + 1)), again["losses"]
         diffs = [abs(again["losses"][s] - full[s]) for s in again["losses"]]
         assert max(diffs) <= 1e-6, (step, diffs)
-        assert again["same_names"] and again["max_weight_diff"] <= 1e-6, again
+        assert again["same_names"] and again["same_shapes"] and again["max_weight_diff"] <= 1e-6, again
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if "8-bit" in c])

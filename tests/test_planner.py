@@ -71,7 +71,9 @@ def test_full_fine_tuning_costs_16_bytes_per_parameter_before_sharding():
     # bf16 partitions, bf16 gradient partitions, fp32 master and moments: 16 bytes, sharded 8 ways.
     assert zero3.total() / counts.total == pytest.approx(16 / 8, rel=0.01)
     zero2 = model_state(counts, _cfg("strategy=zero2", "adapter=full"), world=8)
-    assert zero2.total() / counts.total == pytest.approx(2 + 14 / 8, rel=0.001)  # the bf16 module stays whole
+    # The bf16 module stays whole; a rank's gradient buffer holds each parameter its partition touches whole, so the
+    # (at most two) parameters across its boundaries add a little to the textbook 2 + 14 / 8.
+    assert 2 + 14 / 8 <= zero2.total() / counts.total <= (2 + 14 / 8) * 1.01
     offload = model_state(counts, _cfg("strategy=zero3", "strategy.offload_optimizer=cpu", "adapter=full"), world=8)
     assert offload.on("cpu") > 1.5 * offload.on("gpu")  # master, moments and an fp32 gradient copy on the host
 

@@ -9,7 +9,19 @@ from __future__ import annotations
 import torch
 
 from launcher.compat import shards_params
-from launcher.config import Adapter, Dora, Full, Lora, Lora8, QLora, RunConfig
+from launcher.config import (
+    AdaLora,
+    Adapter,
+    Dora,
+    Full,
+    Ia3,
+    Lora,
+    Lora8,
+    PrefixTuning,
+    PromptTuning,
+    QLora,
+    RunConfig,
+)
 from launcher.errors import ConfigError
 from launcher.worker.weights import Weights, has_meta, materialize
 
@@ -177,8 +189,10 @@ def apply_adapter(
     heads: list[str],
     device: torch.device | None = None,
     weights: Weights | None = None,
+    total_steps: int = 0,
 ) -> torch.nn.Module:
-    """Wrap `model` for `cfg.adapter`. `heads` (e.g. the classifier) are always trained in full.
+    """Wrap `model` for `cfg.adapter`. `heads` (e.g. the classifier) are always trained in full. `total_steps`: the
+    optimizer steps training will take (AdaLoRA's budget schedule runs over them; 0 where the model is not trained).
 
     Quantized bases are quantized on `device` (the rank's device; bitsandbytes quantizes where the weight is). A
     model built on the meta device stays there but for its quantized layers (read from `weights`) and the adapter's
@@ -191,7 +205,8 @@ def apply_adapter(
     if isinstance(adapter, Full):
         model.requires_grad_(True)
         return model
-    assert isinstance(adapter, Lora)
+    if not isinstance(adapter, Lora):
+        return _other_peft(model, adapter, task_type, heads)
     from peft import LoraConfig, get_peft_model
 
     available = linear_names(model, heads)
@@ -212,26 +227,136 @@ def apply_adapter(
     if isinstance(adapter, (QLora, Lora8)):
         quantize(model, cfg, heads, device or torch.device("cpu"), weights if has_meta(model) else None)
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    config = LoraConfig(
+    common = dict(
         task_type=task_type,
-        r=adapter.r,
         lora_alpha=adapter.alpha,
         lora_dropout=adapter.dropout,
         target_modules=targets,
-        use_dora=isinstance(adapter, Dora),
         modules_to_save=[h for h in heads if h in present],
     )
+    if isinstance(adapter, AdaLora):
+        config = _adalora_config(adapter, total_steps, common)
+    else:
+        config = LoraConfig(r=adapter.r, use_dora=isinstance(adapter, Dora), **common)
     wrapped = get_peft_model(model, config)
     _initialise_meta_adapters(wrapped)
     return wrapped
 
 
+def _adalora_config(adapter: AdaLora, total_steps: int, common: dict):
+    from peft import AdaLoraConfig
+
+    # A model that is not trained (an export, a reload) still needs a schedule peft accepts.
+    steps = total_steps or adapter.tinit + adapter.tfinal + 1
+    if adapter.tinit + adapter.tfinal >= steps:
+        raise ConfigError(
+            f"adapter.tinit={adapter.tinit} + adapter.tfinal={adapter.tfinal} leave none of the {steps} optimizer "
+            "steps to prune ranks in: lower them (e.g. adapter.tinit=0 adapter.tfinal=0) or train longer"
+        )
+    return AdaLoraConfig(
+        init_r=adapter.r,
+        target_r=adapter.target_r,
+        tinit=adapter.tinit,
+        tfinal=adapter.tfinal,
+        deltaT=adapter.delta_t,
+        beta1=adapter.beta1,
+        beta2=adapter.beta2,
+        orth_reg_weight=adapter.orth_reg_weight,
+        total_step=steps,
+        **common,
+    )
+
+
+def _other_peft(model: torch.nn.Module, adapter, task_type: str, heads: list[str]) -> torch.nn.Module:
+    """IA3, prompt or prefix tuning through peft; their trained tensors made on the CPU when the base is on meta."""
+    from peft import IA3Config, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    kept = [h for h in heads if h in present]
+    if isinstance(adapter, Ia3):
+        auto = adapter.target_modules == ["auto"]
+        config = IA3Config(
+            task_type=task_type,
+            target_modules=None if auto else list(adapter.target_modules),
+            feedforward_modules=None if adapter.feedforward_modules == ["auto"] else list(adapter.feedforward_modules),
+            modules_to_save=kept,
+        )
+    elif isinstance(adapter, PromptTuning):
+        config = PromptTuningConfig(
+            task_type=task_type, num_virtual_tokens=adapter.num_virtual_tokens, modules_to_save=kept
+        )
+    else:
+        assert isinstance(adapter, PrefixTuning)
+        config = PrefixTuningConfig(
+            task_type=task_type,
+            num_virtual_tokens=adapter.num_virtual_tokens,
+            prefix_projection=adapter.projection,
+            modules_to_save=kept,
+        )
+    # peft hands a causal LM its prefixes as past key values whatever its signature; a classifier or tagger only
+    # when its forward (or its backbone's) has that argument.
+    if isinstance(adapter, PrefixTuning) and task_type != "CAUSAL_LM" and not _takes_past_key_values(model):
+        raise ConfigError(
+            f"adapter=prefix: {type(model).__name__} takes no past key values, which prefix tuning carries its "
+            "prefixes in (transformers' encoders such as BERT); use adapter=prompt (trained tokens before the input), "
+            "ia3 or lora"
+        )
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as e:  # peft's word on what this model cannot take (e.g. BERT and prefix tuning)
+        raise ConfigError(f"adapter={adapter.name} cannot wrap this model ({type(model).__name__}): {e}") from None
+    _initialise_meta_trained(wrapped)
+    return wrapped
+
+
+def _takes_past_key_values(model: torch.nn.Module) -> bool:
+    """Whether the model, or its backbone, has a past_key_values argument (what peft passes prefixes in)."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    return any("past_key_values" in inspect.signature(m.forward).parameters for m in (model, backbone) if m is not None)
+
+
+def _initialise_meta_trained(model: torch.nn.Module) -> None:
+    """peft puts IA3's vectors (and a prompt encoder) where the base is: on meta for a base not yet loaded. They are
+    small and every rank keeps them whole: made on the CPU and initialised as peft does (IA3: ones; embeddings and
+    a prefix MLP: torch's default initialisation), in module order from the seeded generator, alike on every rank."""
+    from peft.tuners.ia3.layer import IA3Layer
+
+    for module in model.modules():
+        if isinstance(module, IA3Layer):
+            for name in list(module.ia3_l.keys()):
+                if module.ia3_l[name].device.type == "meta":
+                    module.ia3_l[name] = torch.nn.Parameter(torch.ones(module.ia3_l[name].shape))
+    encoders = getattr(model, "prompt_encoder", None) or {}
+    for encoder in encoders.values():
+        if any(p.device.type == "meta" for p in encoder.parameters()):
+            encoder.to_empty(device="cpu")
+            for m in encoder.modules():
+                if hasattr(m, "reset_parameters"):
+                    m.reset_parameters()
+
+
 def _initialise_meta_adapters(model: torch.nn.Module) -> None:
     """peft puts a layer's LoRA matrices where its base weight is: on meta for a base not yet loaded. They are small
     and every rank keeps them whole: made on the CPU and initialised as peft does (A Kaiming-uniform, B zero)."""
+    from peft.tuners.adalora.layer import AdaLoraLayer
     from peft.tuners.lora.layer import LoraLayer
 
     for module in model.modules():
+        if isinstance(module, AdaLoraLayer):  # A, E and B are parameters (E zero, A and B normal(0, 0.02))
+            for name in list(module.lora_A.keys()):
+                if module.lora_A[name].device.type == "meta":
+                    for tensors in (module.lora_A, module.lora_E, module.lora_B):
+                        tensors[name] = torch.nn.Parameter(torch.empty(tensors[name].shape))
+                    module.reset_lora_parameters(name)
+            for name in list(module.ranknum.keys()):
+                # The rank the update is divided by: a constant, float(r), made by peft off the meta device only
+                # under its own empty-weights context; ours leaves it on meta and (re-registered) trainable.
+                if module.ranknum[name].device.type == "meta" or module.ranknum[name].requires_grad:
+                    value = torch.full((1,), float(module.r[name]))
+                    module.ranknum[name] = torch.nn.Parameter(value, requires_grad=False)
+            continue
         if not isinstance(module, LoraLayer):
             continue
         for name in list(module.lora_A.keys()):

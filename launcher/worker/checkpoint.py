@@ -73,10 +73,12 @@ def save(
     recipe: str = "",
     selection: dict | None = None,
     protect: int | None = None,
+    extra: dict | None = None,
 ) -> str:
     """Write a checkpoint of the run at `position` (of the recipe at path `recipe`; `selection`: the state of the
     metric it follows, launcher.selection); returns its folder. Pruning keeps the checkpoint of step `protect` (the
-    best). Collective: call on every rank."""
+    best). `extra`: more of the run's state, alike on every rank (AdaLoRA's budget), kept with the scalars.
+    Collective: call on every rank."""
     final = os.path.join(checkpoints.root(cfg.output_dir), checkpoints.folder_name(position.step))
     tmp = final + ".tmp"
     rng = dist.gather_objects(_rng_state())
@@ -87,7 +89,7 @@ def save(
         os.makedirs(tmp)
         write_shards(tmp, tensors, shard_mb=SHARD_MB, stem=STEM)
         # Filled while the tensors were gathered (the optimizer's per-parameter scalars), so written after them.
-        torch.save({**scalars, "rng": rng}, os.path.join(tmp, STATE))
+        torch.save({**scalars, "rng": rng, **(extra or {})}, os.path.join(tmp, STATE))
         files = {name: _describe(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         manifest = {
             "format": checkpoints.FORMAT,
@@ -132,12 +134,22 @@ def choose(cfg, ranks: dist.Ranks) -> Resume | None:
     return chosen
 
 
-def load(engine: Engine, chosen: Resume, ranks: dist.Ranks, *, grad_accum: int) -> Position:
+def load(
+    engine: Engine,
+    chosen: Resume,
+    ranks: dist.Ranks,
+    *,
+    grad_accum: int,
+    restore: Callable[[dict], None] | None = None,
+) -> Position:
     """Give the engine the checkpoint's trained state, and this rank its random generators back; returns where
-    training goes on for a job accumulating `grad_accum` micro-batches per step."""
+    training goes on for a job accumulating `grad_accum` micro-batches per step. `restore(state)` takes back what
+    `save` was given as `extra`."""
     keys, tensor = stored_tensors(chosen.path)
     state = torch.load(os.path.join(chosen.path, STATE), weights_only=True)
     engine.load_train_state(state, keys, tensor)
+    if restore is not None:
+        restore(state)
     # Each rank's own generators; a rank the checkpoint's job did not have keeps the ones it started with.
     if ranks.rank < len(state["rng"]):
         _set_rng_state(state["rng"][ranks.rank])

@@ -13,7 +13,7 @@ import sys
 import time
 from types import ModuleType
 
-from launcher.config import Lora, RunConfig, choice_name
+from launcher.config import Full, RunConfig, choice_name
 from launcher.environment import quiet_libraries
 from launcher.errors import (
     CHECKPOINTED_MARK,
@@ -169,7 +169,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.data import take_notes
     from launcher.overrides import to_dict
     from launcher.selection import Selection
-    from launcher.worker import adversarial, dist, holdings, loop, memory
+    from launcher.worker import adalora, adversarial, dist, holdings, loop, memory
     from launcher.worker.adapters import apply_adapter, count_parameters
     from launcher.worker.compiled import compile_blocks
     from launcher.worker.export import save_model
@@ -217,7 +217,13 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     block_names = set(getattr(base, "_no_split_modules", None) or [])
     block_types = tuple({type(m) for m in base.modules() if type(m).__name__ in block_names})
     model = apply_adapter(
-        base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device, weights=weights
+        base,
+        cfg,
+        task_type=task.peft_task_type,
+        heads=task.heads,
+        device=ranks.device,
+        weights=weights,
+        total_steps=total,
     )
     trainable, params = count_parameters(model)
 
@@ -247,12 +253,20 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     # summary.json says it beside the peak RSS, and `launcher plan` is checked against it.
     held = holdings.Recorder(engine.held_tensors, steps=2)
     engine.between_backward_and_step = held
+    budget = adalora.attach(engine)  # AdaLoRA: the gradients its scores need are kept before the step takes them
+    if budget is not None:
+        engine.between_backward_and_step = lambda: (held(), budget.keep_gradients())
     if weights is not None:
         notes += weights.notes
+
+    def restore_budget(state: dict) -> None:
+        if budget is not None:
+            budget.restore(state.get("adalora"))
+
     start = None
     if chosen is not None:
         say(f"loading the checkpoint {chosen.path}")
-        start = checkpoint.load(engine, chosen, ranks, grad_accum=cfg.train.grad_accum)
+        start = checkpoint.load(engine, chosen, ranks, grad_accum=cfg.train.grad_accum, restore=restore_budget)
         notes.append(chosen.note)
     elif cfg.resume == "auto":
         notes.append(f"resume=auto: no checkpoint in {os.path.join(cfg.output_dir, 'checkpoints')} yet: a fresh start")
@@ -320,6 +334,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
             recipe=recipe.path,
             selection=selection.state() if selection is not None else None,
             protect=selection.best_step if selection is not None and keep_best else None,
+            extra={"adalora": budget.state()} if budget is not None else None,
         )
         log.checkpointed()
         if ranks.is_main:
@@ -330,7 +345,17 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     with Watchdog(cfg.watchdog.timeout, logs_folder(cfg.output_dir), ranks.rank) as watchdog:
         try:
             progress = loop.train(
-                engine, task, recipe, cfg, ranks, log, loader, start=start, save=save_checkpoint, evals=evals
+                engine,
+                task,
+                recipe,
+                cfg,
+                ranks,
+                log,
+                loader,
+                start=start,
+                save=save_checkpoint,
+                evals=evals,
+                after_step=budget.after_step if budget is not None else None,
             )
         except Preempted:
             log.close()
@@ -347,7 +372,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
                 watchdog.beat(phase="loading the best checkpoint")
                 say(f"keep_best: the model of step {selection.best_step} ({evals.best_checkpoint})")
                 best = checkpoint.Resume(evals.best_checkpoint, checkpoint.manifest_of(evals.best_checkpoint), "")
-                checkpoint.load(engine, best, ranks, grad_accum=cfg.train.grad_accum)
+                checkpoint.load(engine, best, ranks, grad_accum=cfg.train.grad_accum, restore=restore_budget)
                 metrics, outputs = loop.evaluate(engine, task, recipe, cfg, ranks)
                 log.event("best", selection.best_step, **metrics)
             if ranks.is_main:
@@ -379,6 +404,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         "saved": os.path.abspath(saved),
         "resumed_from": chosen.path if chosen is not None else None,
         **_selection_summary(selection, evals, keep_best),
+        **({"adalora": budget.summary()} if budget is not None else {}),
     }
     if ranks.is_main:
         write_atomic(os.path.join(cfg.output_dir, "summary.json"), json.dumps(summary, indent=2))
@@ -388,7 +414,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
                 *[(k, f"{v:.4f}") for k, v in metrics.items()],
                 ("steps", f"{progress['steps']} ({progress['train_samples_per_s']:.1f} samples/s)"),
                 ("memory per rank", _memory_line(peak, summary["model_state_bytes_per_rank"])),
-                ("adapter" if isinstance(cfg.adapter, Lora) else "model", saved),
+                ("model" if isinstance(cfg.adapter, Full) else "adapter", saved),
                 ("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")),
                 ("tensorboard", os.path.join(cfg.output_dir, "tensorboard")),
             ],

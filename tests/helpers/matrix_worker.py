@@ -19,11 +19,11 @@ import traceback
 
 import torch
 
-from launcher.config import RunConfig
+from launcher.config import Lora, RunConfig
 from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.task import Task
-from launcher.worker import dist, holdings
+from launcher.worker import adalora, dist, holdings
 from launcher.worker.adapters import apply_adapter
 from launcher.worker.export import save_model
 from launcher.worker.optim import build_optimizer, build_scheduler
@@ -32,6 +32,8 @@ from launcher.worker.strategies import EngineInputs, build_engine
 HEADS = {"llama": [], "bert": ["classifier"]}
 TASK_TYPE = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
 VOCAB, SEQ, ROWS = 128, 16, 4
+STEPS = 2
+"""Optimizer steps each cell trains (on one repeated batch)."""
 
 
 LLAMA_SHAPE = {
@@ -82,8 +84,12 @@ def cell_config(overrides: list[str], out: str, precision: str) -> RunConfig:
     cfg = apply_overrides(RunConfig(model="tiny"), overrides)
     extra = [f"precision={precision}", "train.lr=1e-2", "train.warmup_ratio=0", "train.schedule=constant"]
     extra += [f"train.micro_batch_size={ROWS}", f"output_dir={out}"]
-    if cfg.adapter.name != "full":
+    if isinstance(cfg.adapter, Lora):
         extra += ["adapter.dropout=0", "adapter.r=8", "adapter.alpha=16"]
+    if cfg.adapter.name == "adalora":  # pruned from 8 to 4 over the cell's two steps
+        extra.append("adapter.target_r=4")
+    if hasattr(cfg.adapter, "num_virtual_tokens"):
+        extra.append("adapter.num_virtual_tokens=4")
     if "8bit" in cfg.optimizer.name:
         extra.append("optimizer.min_8bit_size=0")  # tiny tensors would otherwise keep 32-bit states
     return apply_overrides(cfg, extra)
@@ -147,7 +153,9 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
     cfg = cell_config(overrides, out, precision)
     base = build_model(kind)
     blocks = block_types(base)
-    model = apply_adapter(base, cfg, task_type=TASK_TYPE[kind], heads=HEADS[kind], device=ranks.device)
+    model = apply_adapter(
+        base, cfg, task_type=TASK_TYPE[kind], heads=HEADS[kind], device=ranks.device, total_steps=STEPS
+    )
     model.eval()  # no dropout: the repeated batch gives comparable losses
     before = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
@@ -157,8 +165,15 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
     # What the rank holds of its model state, at its largest: the planner's figures are checked against it.
     recorder = holdings.Recorder(engine.held_tensors)
     engine.between_backward_and_step = recorder
+    budget = adalora.attach(engine)  # AdaLoRA prunes as a run does: after each step
+    if budget is not None:
+        engine.between_backward_and_step = lambda: (recorder(), budget.keep_gradients())
     batch = {k: v.to(ranks.device) for k, v in batch_for(kind, ranks.rank).items()}
-    losses = [dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device) for _ in range(2)]
+    losses = []
+    for step in range(1, STEPS + 1):
+        losses.append(dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
+        if budget is not None:
+            budget.after_step(step)
     with torch.no_grad():
         logits = engine.forward(batch).logits.float().cpu()
     after = engine.gathered_state_dict(trainable_only=False)
@@ -175,6 +190,7 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
         "logits": logits.tolist(),
         "saved": os.path.abspath(saved),
         "held": recorder.largest.bytes if recorder.largest else None,
+        "adalora": budget.summary() if budget is not None else None,
     }
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:

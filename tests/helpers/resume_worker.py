@@ -67,7 +67,11 @@ def one(recipe: Recipe, name: str, case: dict, settings: list[str], root: str, r
                 "losses": losses(folder),
                 "resumed_from": summary["resumed_from"],
                 "same_names": sorted(weights) == sorted(reference),
-                "max_weight_diff": max(float((weights[k] - reference[k]).abs().max()) for k in reference),
+                "same_shapes": all(weights[k].shape == reference[k].shape for k in reference if k in weights),
+                # (an AdaLoRA layer pruned to rank 0 saves empty matrices)
+                "max_weight_diff": max(
+                    float((weights[k] - reference[k]).abs().max()) for k in reference if reference[k].numel()
+                ),
             }
     return out
 

@@ -194,6 +194,11 @@ class Engine(ABC):
         with self.whole(p) as full:
             return full.detach().to("cpu", copy=True).contiguous()
 
+    def trained_grad(self, p: torch.nn.Parameter) -> torch.Tensor | None:
+        """A trained parameter's gradient, whole and reduced over the ranks, between the last backward and the
+        optimizer step (a strategy that partitions gradients gathers it: collective there)."""
+        return p.grad
+
     def set_trained(self, p: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Set a trained parameter from its whole value."""
         with torch.no_grad():

@@ -51,6 +51,11 @@ class FsdpEngine(Engine):
         kwargs = dict(
             mesh=mesh, mp_policy=mp, reshard_after_forward=strategy.reshard_after_forward, offload_policy=policy
         )
+        # peft's prompt learning calls the word embeddings itself, outside the module that holds them (BERT's
+        # embeddings block): they are their own unit, sharded first, so that the call gathers them.
+        called_alone = getattr(self.module, "word_embeddings", None)
+        if isinstance(called_alone, torch.nn.Module):
+            fully_shard(called_alone, **kwargs)
         for block in [m for m in self.module.modules() if isinstance(m, inputs.block_types)]:
             fully_shard(block, **kwargs)
         # The vocabulary matrices are an LLM's largest parameters (Llama-3-8B: 525M each). Left to the root they would

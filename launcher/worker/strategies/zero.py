@@ -111,6 +111,13 @@ class ZeroEngine(Engine):
 
         return safe_get_full_fp32_param(p).detach().to("cpu", copy=True).reshape(_whole_shape(p)).contiguous()
 
+    def trained_grad(self, p):
+        if not _partitioned(p):
+            return super().trained_grad(p)
+        from deepspeed.utils import safe_get_full_grad
+
+        return safe_get_full_grad(p)  # ZeRO-1/2: this rank's reduced fragment, all-reduced into the whole
+
     def set_trained(self, p, value):
         if not _partitioned(p):
             return super().set_trained(p, value)
