@@ -74,7 +74,7 @@ def test_bad_settings_name_the_field(override, words):
 
 
 @pytest.mark.slow
-def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(tmp_path, tiny_model, tiny_data):
+def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(tmp_path, tiny_model, tiny_data, capsys):
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -91,6 +91,7 @@ def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(tmp_path
         "train.micro_batch_size=16",
         "train.max_steps=8",
         "train.lr=5e-3",
+        "checkpoint.every_steps=8",
         f"output_dir={out}",
     ]
     proc = run([sys.executable, str(ROOT / "recipes/lora_cls.py"), *args], cwd=tmp_path)
@@ -116,3 +117,25 @@ def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(tmp_path
     with torch.no_grad():
         logits = model(**tok([r["text"] for r in rows], padding=True, return_tensors="pt")).logits
     assert torch.allclose(logits, torch.tensor([evaluated[i] for i in range(len(rows))]), atol=1e-4)
+
+    # `launcher export` of its checkpoint: the adapter at the same ranks, and merged (B (A * E) scaled, pruned
+    # values zero), which the export loads back and compares with the trained model's logits itself.
+    from launcher import cli
+
+    checkpoint = out / "checkpoints" / "step-00000008"
+    assert cli.main(["export", str(checkpoint), "--out", str(tmp_path / "exported")]) == 0
+    again = load_file(tmp_path / "exported" / "adapter_model.safetensors")
+    assert {k: t.shape for k, t in again.items()} == {k: t.shape for k, t in saved.items()}
+    assert cli.main(["export", str(checkpoint), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert "checked: loaded back with transformers" in capsys.readouterr().out
+
+
+def test_a_schedule_with_no_step_to_score_on_is_refused_with_the_fields():
+    from launcher.errors import ConfigError
+    from launcher.worker.adapters import apply_adapter
+    from tests.helpers.matrix_worker import build_model
+
+    cfg = apply_overrides(RunConfig(model="tiny"), ["strategy=ddp", "adapter=adalora", "adapter.tfinal=2"])
+    with pytest.raises(ConfigError, match=r"adapter.tinit=0 \+ adapter.tfinal=2 leave too few of the 3 optimizer"):
+        apply_adapter(build_model("bert"), cfg, task_type="SEQ_CLS", heads=["classifier"], total_steps=3)
+    apply_adapter(build_model("bert"), cfg, task_type="SEQ_CLS", heads=["classifier"], total_steps=4)

@@ -248,3 +248,20 @@ def test_a_full_fine_tune_exports_whole_and_streamed_with_the_training_runs_logi
     got = fresh_logits(tmp_path, "classifier", tmp_path / "m", "", [{k: v[0] for k, v in r.items()} for r in rows])
     want = torch.tensor([r["logits"] for r in written])
     assert float((torch.stack(got["logits"]) - want).abs().max()) <= 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["ia3", "prompt"])
+def test_ia3_merges_and_prompt_tuning_is_refused_a_merge(adapter, tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    settings = tiny_args(tiny_model, tiny_data, out, f"adapter={adapter}", "train.max_steps=2")
+    proc = run([sys.executable, RECIPE, *settings, "checkpoint.every_steps=2", "train.lr=1e-2"], cwd=tmp_path)
+    assert proc.returncode == 0, why_failed(proc)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    code, printed, err = export(capsys, str(checkpoint), "--out", str(tmp_path / "adapter"))
+    assert code == 0 and "wrote the adapter (peft)" in printed, err
+    code, printed, err = export(capsys, str(checkpoint), "--out", str(tmp_path / "merged"), "--merge")
+    if adapter == "ia3":  # the vectors folded into the weights they scale, checked by the export against training
+        assert code == 0 and "checked: loaded back with transformers" in printed, err
+    else:
+        assert code == 2 and "--merge: adapter=prompt trains positions put before the input" in err, err
+        assert not (tmp_path / "merged").exists() and not (tmp_path / "merged.tmp").exists()

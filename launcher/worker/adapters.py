@@ -247,11 +247,13 @@ def _adalora_config(adapter: AdaLora, total_steps: int, common: dict):
     from peft import AdaLoraConfig
 
     # A model that is not trained (an export, a reload) still needs a schedule peft accepts.
-    steps = total_steps or adapter.tinit + adapter.tfinal + 1
-    if adapter.tinit + adapter.tfinal >= steps:
+    steps = total_steps or adapter.tinit + adapter.tfinal + 2
+    # The final pruning (after step steps - tfinal) ranks by scores gathered on the steps before it: at least one.
+    if adapter.tinit + adapter.tfinal + 2 > steps:
         raise ConfigError(
-            f"adapter.tinit={adapter.tinit} + adapter.tfinal={adapter.tfinal} leave none of the {steps} optimizer "
-            "steps to prune ranks in: lower them (e.g. adapter.tinit=0 adapter.tfinal=0) or train longer"
+            f"adapter.tinit={adapter.tinit} + adapter.tfinal={adapter.tfinal} leave too few of the {steps} optimizer "
+            "steps to score and prune ranks in (at least 2): lower them (e.g. adapter.tinit=0 adapter.tfinal=0) or "
+            "train longer"
         )
     return AdaLoraConfig(
         init_r=adapter.r,

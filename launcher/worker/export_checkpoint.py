@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import Full, Lora, Lora8, QLora
+from launcher.config import VIRTUAL_TOKENS, Full, Lora, Lora8, QLora
 from launcher.errors import ConfigError
 
 MERGED_DTYPE = torch.bfloat16
@@ -72,6 +72,11 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
     notes: list[str] = []
     if merge and isinstance(cfg.adapter, Full):
         notes.append("adapter=full: the model is written whole; there is no adapter to merge")
+    if merge and isinstance(cfg.adapter, VIRTUAL_TOKENS):
+        raise ConfigError(
+            f"--merge: adapter={cfg.adapter.name} trains positions put before the input, not changes to the "
+            "weights: there is nothing to merge; export without --merge (the adapter loads with peft)"
+        )
     tokenizer, task = _tokenizer_and_task(recipe, cfg)
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
