@@ -129,3 +129,31 @@ def test_early_stopping_ends_training_and_keep_best_saves_the_best_evaluated_mod
     summary = json.loads((last / "summary.json").read_text())
     assert summary["metrics"]["score"] == 0.65 and summary["best"]["saved"] is False
     assert not (last / "checkpoints").exists()
+
+
+def test_a_run_resumed_mid_count_stops_where_the_uninterrupted_one_does(tmp_path, tiny_model, tiny_data):
+    """Resumed from step 6 (the best was step 4's 0.7, one evaluation since): the step-8 evaluation is the second
+    without improvement, so the run stops there as the uninterrupted one did; a count started afresh would take
+    step 8's 0.65 for its best and train on."""
+    settings = [
+        "train.max_steps=20",
+        "train.eval_every=2",
+        "train.early_stop_patience=2",
+        "train.metric_for_best=score",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=10",
+    ]
+    first, again = tmp_path / "first", tmp_path / "again"
+    env = {**os.environ, "SCORES": "0.5,0.7,0.6,0.65,0.9"}
+    proc = run([sys.executable, SCRIPTED, *tiny_args(tiny_model, tiny_data, first, *settings)], cwd=tmp_path, env=env)
+    assert proc.returncode == 0, why_failed(proc)
+    assert json.loads((first / "summary.json").read_text())["stopped_early_at"] == 8
+    resume = f"resume={first / 'checkpoints' / 'step-00000006'}"
+    env = {**os.environ, "SCORES": "0.65,0.9"}  # the resumed process evaluates from step 8 on
+    argv = [sys.executable, SCRIPTED, *tiny_args(tiny_model, tiny_data, again, *settings), resume]
+    proc = run(argv, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, why_failed(proc)
+    assert "early stop at step 8: score has not improved for 2 evaluation(s) since step 4" in proc.stdout
+    summary = json.loads((again / "summary.json").read_text())
+    assert summary["stopped_early_at"] == 8 and summary["steps"] == 8
+    assert (summary["best"]["step"], summary["best"]["value"]) == (4, 0.7)
