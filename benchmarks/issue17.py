@@ -134,9 +134,13 @@ def adapters(args) -> None:
         "sst2": ("lora_cls", "accuracy", DATA / "sst2", ["data.max_length=64"]),
         "conll": ("lora_ner", "f1", DATA / "conll2003", ["data.max_length=128"]),
     }
+    for name, lr in (item.split("=") for item in args.lr_of):  # e.g. --lr-of adalora=5e-3
+        candidates[name] = [x for x in candidates[name] if not x.startswith("train.lr=")] + [f"train.lr={lr}"]
     out = Path(args.out)
     report = []
     for task, (recipe, metric, folder, extra) in tasks.items():
+        if args.tasks and task not in args.tasks:
+            continue
         common = [
             f"data.train={folder / 'train.jsonl'}",
             f"data.eval={folder / 'test.jsonl'}",
@@ -148,15 +152,24 @@ def adapters(args) -> None:
         ]
         results = {}
         for name, settings in candidates.items():
-            results[name] = launch(common + settings, out / f"{task}-{name}", args.nproc, recipe, refusable=True)
+            if name != "lora" and args.only and name not in args.only:
+                continue
+            lr = next(x for x in settings if x.startswith("train.lr=")).split("=")[1]
+            folder_name = f"{task}-{name}" + (f"-lr{lr}" if name in dict(i.split("=") for i in args.lr_of) else "")
+            done = out / folder_name / "summary.json"
+            if args.reuse and done.exists():  # a finished run in this folder (the folder names the adapter and lr)
+                results[name] = {**json.loads(done.read_text()), "wall_s": float("nan")}
+                continue
+            results[name] = launch(common + settings, out / folder_name, args.nproc, recipe, refusable=True)
         base = results["lora"]["metrics"][metric]
         for name, r in results.items():
             if "refused" in r:
                 report.append(f"{task} {name}: refused: {r['refused']}")
                 continue
             value = r["metrics"][metric]
+            lr = next(x for x in candidates[name] if x.startswith("train.lr=")).split("=")[1]
             report.append(
-                f"{task} {name}: {metric} {value:.4f} ({value - base:+.4f} vs lora)  "
+                f"{task} {name} (lr {lr}): {metric} {value:.4f} ({value - base:+.4f} vs lora)  "
                 f"{r['trainable_parameters']:,} trained  {r['steps']} steps  wall {r['wall_s']:.0f} s"
                 + (f"  total rank {r['adalora']['total_rank']} of {r['adalora']['initial']}" if "adalora" in r else "")
             )
@@ -176,6 +189,10 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=256, help="chnsenticorp: BERT width")
     ap.add_argument("--epsilon", type=float, default=1.0, help="fgm's train.adv_epsilon")
     ap.add_argument("--out", default="runs/bench-issue17")
+    ap.add_argument("--reuse", action="store_true", help="adapters: keep runs finished in --out")
+    ap.add_argument("--only", nargs="*", default=[], help="adapters: these adapters (and lora, the reference) only")
+    ap.add_argument("--tasks", nargs="*", default=[], help="adapters: sst2 and/or conll (default both)")
+    ap.add_argument("--lr-of", nargs="*", default=[], help="adapters: NAME=LR replaces an adapter's learning rate")
     ap.add_argument("extra", nargs="*", help="more key=value settings for every run")
     args = ap.parse_args()
     if not DATA.is_dir():
