@@ -99,7 +99,7 @@ def start_driver(tmp_path: Path, leftovers: list[int], *behaviours: str, ignore:
             stdout=sink,
             stderr=subprocess.STDOUT,
             # The launcher inherits `ignore` ignored: SIGINT as bash does to `cmd &` in a script, SIGHUP as nohup.
-            preexec_fn=(lambda: signal.signal(ignore, signal.SIG_IGN)) if ignore else None,
+            preexec_fn=lambda: _dispositions(ignore),
         )
     files = [tmp_path / f"rank{r}.pid" for r in range(len(behaviours))]
     deadline = time.monotonic() + 30
@@ -111,6 +111,14 @@ def start_driver(tmp_path: Path, leftovers: list[int], *behaviours: str, ignore:
     pids = [int(f.read_text()) for f in files]
     leftovers.extend(pids)
     return proc, pids, log
+
+
+def _dispositions(ignore: signal.Signals | None) -> None:
+    """In the driver before exec: SIGHUP at its default whatever this run inherited (under nohup pytest ignores
+    it, and the launcher keeps an inherited ignored SIGHUP ignored), then `ignore` ignored."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    if ignore:
+        signal.signal(ignore, signal.SIG_IGN)
 
 
 def finish(proc: subprocess.Popen, log: Path, after: str, timeout: float = 30) -> tuple[int, str]:
