@@ -4,6 +4,8 @@ each warning."""
 from __future__ import annotations
 
 import hashlib
+import importlib.abc
+import importlib.machinery
 import logging
 import os
 import sys
@@ -21,6 +23,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_build_dir(sys.prefix))
     _own_ninja_first()
+    defer_deepspeed_autotuner()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("once", category=UserWarning)
@@ -57,6 +60,43 @@ def _own_ninja_first() -> None:
     path = os.environ.get("PATH", "")
     if path.split(os.pathsep)[0] != own:
         os.environ["PATH"] = own + os.pathsep + path
+
+
+class _DeferredAutotuner(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Imports the package `deepspeed.autotuning` without running its `__init__`, whose one line imports the
+    autotuner and, through it, mlflow: 2-3 s of every ZeRO rank's start (deepspeed's runtime config imports
+    `deepspeed.autotuning.config`), for a tool the launcher never runs. The package's modules import as usual, and
+    `deepspeed.autotuning.Autotuner` (DeepSpeed's own runner uses it) is imported when first asked for."""
+
+    NAME = "deepspeed.autotuning"
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.NAME:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None:
+            spec.loader = self
+        return spec
+
+    def create_module(self, spec):
+        return None  # the default module, with __path__ from the spec: its submodules are found as usual
+
+    def exec_module(self, module) -> None:
+        def __getattr__(name: str):
+            if name == "Autotuner":
+                from deepspeed.autotuning.autotuner import Autotuner
+
+                return Autotuner
+            raise AttributeError(f"module {module.__name__!r} has no attribute {name!r}")
+
+        module.__getattr__ = __getattr__
+
+
+def defer_deepspeed_autotuner() -> None:
+    """Install `_DeferredAutotuner` once, before anything imports deepspeed (a no-op once it has)."""
+    if _DeferredAutotuner.NAME in sys.modules or any(isinstance(f, _DeferredAutotuner) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _DeferredAutotuner())
 
 
 class OncePerMessage(logging.Filter):

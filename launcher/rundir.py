@@ -97,6 +97,13 @@ def claim_rerun(plan: Plan) -> Plan:
     return plan
 
 
+def release_claims() -> None:
+    """Give up every run directory this process claimed: for a process that runs one run after another in the same
+    process (a run's own process keeps its claim until it exits)."""
+    while _held:
+        _release(_held.pop())
+
+
 def claimed_by_launcher(plan: Plan) -> bool:
     return os.environ.get(CLAIMED) == os.path.abspath(plan.config.output_dir)
 

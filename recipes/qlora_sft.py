@@ -193,28 +193,15 @@ def _learns_tokenizer(cfg: Config) -> bool:
 def build_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    from launcher.data import cache as datacache
-    from launcher.data import source_path
-    from launcher.tasks.vocab import bpe_tokenizer, cached_tokenizer
+    from launcher.tasks.vocab import bpe_tokenizer, learnt_tokenizer
 
     if _learns_tokenizer(cfg):
-        d = cfg.data
 
         def build():
-            train, kind = _read("train", d)
-            return bpe_tokenizer(_texts(train, kind, d), cfg.tokenizer_vocab)
+            train, kind = _read("train", cfg.data)
+            return bpe_tokenizer(_texts(train, kind, cfg.data), cfg.tokenizer_vocab)
 
-        if not d.cache:
-            return build()
-        # What the vocabulary is learnt from: the file's content and which of its rows and columns are read.
-        read = ("format", "instruction_field", "input_field", "output_field", "messages_field", "max_train_rows")
-        key = {
-            "tokenizer": "bpe",
-            "vocab": cfg.tokenizer_vocab,
-            "data": datacache.file_digest(source_path(d.train, "data.train")),
-            **{name: getattr(d, name) for name in read},
-        }
-        return cached_tokenizer(key, build, d.cache_dir or datacache.default_dir())
+        return learnt_tokenizer(cfg, build)
     tok = AutoTokenizer.from_pretrained(cfg.tokenizer if cfg.tokenizer != "auto" else cfg.model_path)
     if tok.pad_token is None:  # Llama-style tokenizers have none; padding is never learnt (label IGNORE)
         tok.pad_token = tok.eos_token

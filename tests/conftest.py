@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,25 @@ RECIPE = str(ROOT / "recipes" / "lora_cls.py")
 BIN = Path(sys.executable).parent
 
 
+LONG_TIER = os.environ.get("LAUNCHER_TEST_TIER") == "long"
+"""Set by `make test-long`: there a real-data test whose data is missing fails instead of skipping."""
+
+
 def needs_dataset(name: str):
-    """Skip a real-data test when `../shared/datasets/NAME` is absent, saying why."""
-    return pytest.mark.skipif(
-        not (SHARED / name).is_dir(),
-        reason=f"{SHARED / name} is absent (it sits beside the project on dev machines and CI; "
-        "a user's clone has no copy)",
-    )
+    """A real-data test's mark: where `../shared/datasets/NAME` is absent it skips, saying why, except in the long
+    tier, which exists to run it: there it fails."""
+    return pytest.mark.dataset(name)
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("dataset"):
+        folder = SHARED / mark.args[0]
+        if folder.is_dir():
+            continue
+        why = f"{folder} is absent (it sits beside the project on dev machines and CI; a user's clone has no copy)"
+        if LONG_TIER:
+            pytest.fail(f"{why}: make test-long runs the real-data checks and needs it", pytrace=False)
+        pytest.skip(why)
 
 
 # No hub on this network: every lookup would wait for a timeout. Tokenized-data caches go to a folder of this
@@ -89,6 +102,67 @@ def run(argv: list[str], *, cwd: Path, timeout: int = 300, env: dict | None = No
             out, err = proc.communicate()
             raise subprocess.TimeoutExpired(argv, timeout, output=out, stderr=err) from None
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def selected(request, name: str) -> list:
+    """The values of parameter `name` of the tests this session runs in the requesting module, in order, each once:
+    a module fixture that runs every case in one process (a torchrun of many cells) runs only those, so each tier
+    runs its own cases of one parametrized test."""
+    values = []
+    for item in request.session.items:
+        if item.module is request.module and name in getattr(getattr(item, "callspec", None), "params", {}):
+            value = item.callspec.params[name]
+            if value not in values:
+                values.append(value)
+    return values
+
+
+def long_unless(condition: bool, *values, id: str | None = None) -> object:
+    """pytest.param(*values), in the long tier unless `condition`."""
+    return pytest.param(*values, marks=() if condition else pytest.mark.long, id=id)
+
+
+def launcher_cli(args: list[str], *, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`launcher ARGS` run in this process through the command's entry point (launcher.cli.main), for commands that
+    end before any worker starts (refusals, dry runs, plans, matrix, recipes): its exit code and output as a
+    subprocess would give them, in a twentieth of a second instead of two (a subprocess pays the imports again).
+    A few tests keep the real command as witnesses of the exit codes a shell sees."""
+    import io
+
+    from launcher.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with _within(cwd, env or {}), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors (2) and --help (0)
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    return subprocess.CompletedProcess(["launcher", *args], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _within(cwd: Path, env: dict):
+    """In `cwd` with `env` added to the environment; both put back afterwards."""
+    before_dir, before_env = os.getcwd(), dict(os.environ)
+    os.chdir(cwd)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.chdir(before_dir)
+        os.environ.clear()
+        os.environ.update(before_env)
+
+
+def run_helper(
+    name: str, args: list[str], *, cwd: Path, nproc: int = 2, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """tests/helpers/NAME.py on `nproc` gloo ranks under torchrun, asserted to succeed. The project root is on the
+    ranks' path: the helpers import each other and tests.helpers.imports_frozen."""
+    argv = ["torchrun", "--standalone", "--nproc_per_node", str(nproc), str(ROOT / "tests" / "helpers" / f"{name}.py")]
+    proc = run([*argv, *args], cwd=cwd, timeout=timeout, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, why_failed(proc)
+    return proc
 
 
 def why_failed(proc: subprocess.CompletedProcess, limit: int = 6000) -> str:
@@ -183,16 +257,87 @@ def loopback_nodes(tmp_path_factory):
         yield Path(config)
 
 
+class SessionWorker:
+    """tests/helpers/session_worker.py on `nproc` ranks, started at its first run and ended with the session: short
+    recipe runs whose tests read only what the run wrote go through it, in its process group, instead of each
+    paying a launch (the imports of every rank, the group's start: most of a tiny run's time)."""
+
+    def __init__(self, nproc: int, folder: Path):
+        self.nproc, self.folder = nproc, folder
+        self.proc: subprocess.Popen | None = None
+        self.queue, self.k, self.starts = folder, 0, 0
+
+    def run(self, recipe: str, overrides: list[str], *, cwd: Path, env: dict | None = None, timeout: int = 600):
+        """Run `recipe` with `overrides` as `launcher run RECIPE --nproc N ...` would, in `cwd` with `env` added;
+        returns a CompletedProcess: its exit code, rank 0's output and the refusal or traceback in stderr."""
+        request = {"recipe": str(recipe), "overrides": [str(o) for o in overrides], "cwd": str(cwd), "env": env or {}}
+        deadline = time.monotonic() + timeout
+        for _ in range(2):  # a worker that ended between runs (it was not given this one yet) is started again
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            self.k += 1
+            (self.queue / f"{self.k}.json").write_text(json.dumps(request))
+            done, started = self.queue / f"{self.k}.done.json", self.queue / f"{self.k}.started"
+            while not done.exists() and self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if done.exists() or started.exists() or self.proc.poll() is None:
+                break
+        if not done.exists():
+            self.close()
+            log = (self.queue / "worker.log").read_text()[-6000:]
+            raise AssertionError(f"the session worker ended or stalled on {request}:\n{log}")
+        outcome = json.loads(done.read_text())
+        out, err = (self.queue / f"{self.k}.rank0.{name}" for name in ("out", "err"))
+        argv = ["launcher", "run", recipe, "--nproc", str(self.nproc), *overrides]
+        return subprocess.CompletedProcess(argv, outcome["code"], out.read_text(), err.read_text() + outcome["error"])
+
+    def _start(self) -> None:
+        self.starts += 1
+        self.queue, self.k = self.folder / f"queue-{self.starts}", 0
+        self.queue.mkdir()
+        argv = ["torchrun", "--standalone", "--nproc_per_node", str(self.nproc)]
+        argv += [str(ROOT / "tests" / "helpers" / "session_worker.py"), str(self.queue)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with (self.queue / "worker.log").open("w") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def close(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.k += 1
+        (self.queue / f"{self.k}.json").write_text(json.dumps({"recipe": ""}))
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ranks2(tmp_path_factory):
+    """The session's 2-rank worker (SessionWorker)."""
+    worker = SessionWorker(2, tmp_path_factory.mktemp("ranks2"))
+    yield worker
+    worker.close()
+
+
+@pytest.fixture(scope="session")
+def ranks1(tmp_path_factory):
+    """The session's 1-rank worker (SessionWorker)."""
+    worker = SessionWorker(1, tmp_path_factory.mktemp("ranks1"))
+    yield worker
+    worker.close()
+
+
 # 300 steps of the tiny model: long enough to be signalled mid-run, short enough to finish.
 LONG = ["train.max_steps=300", "train.eval_every=0"]
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tiny_model, tiny_data, tmp_path_factory):
-    """The LONG tiny run on 2 local processes, never stopped: what a preempted and resumed run must end as."""
+def uninterrupted(ranks2, tiny_model, tiny_data, tmp_path_factory):
+    """The LONG tiny run on 2 processes, never stopped: what a preempted and resumed run must end as."""
     out = tmp_path_factory.mktemp("whole") / "run"
-    argv = ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG)]
-    proc = run(argv, cwd=out.parent)
+    proc = ranks2.run(RECIPE, tiny_args(tiny_model, tiny_data, out, *LONG), cwd=out.parent)
     assert proc.returncode == 0, why_failed(proc)
     return out
 

@@ -4,7 +4,6 @@ under ZeRO-2; refused where parameters are sharded; a recipe's run saves the ran
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -13,30 +12,16 @@ from launcher.compat import refusals
 from launcher.config import RunConfig
 from launcher.overrides import apply_overrides
 from launcher.plan import validate
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, run_helper, why_failed
 
 
 def _launch(tmp_path, nproc: int, strategies: str) -> list[dict]:
     out = tmp_path / f"adalora-{nproc}.json"
-    proc = run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node",
-            str(nproc),
-            str(ROOT / "tests/helpers/adalora_worker.py"),
-            str(out),
-            strategies,
-        ],
-        cwd=tmp_path,
-        timeout=600,
-        env={"PYTHONPATH": str(ROOT)},  # the worker builds its cells with tests.helpers.matrix_worker
-    )
-    assert proc.returncode == 0, why_failed(proc)
+    run_helper("adalora_worker", [str(out), strategies], cwd=tmp_path, nproc=nproc)
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_ddp_and_zero2_prune_and_train_as_one_process_does(tmp_path):
     (one,) = _launch(tmp_path, 1, "ddp")
     two = _launch(tmp_path, 2, "ddp,zero2")
@@ -73,8 +58,10 @@ def test_bad_settings_name_the_field(override, words):
     assert any(words in p for p in validate(cfg)), validate(cfg)
 
 
-@pytest.mark.slow
-def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(tmp_path, tiny_model, tiny_data, capsys):
+@pytest.mark.long
+def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(
+    ranks1, tmp_path, tiny_model, tiny_data, capsys
+):
     from peft import PeftConfig, PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -94,7 +81,7 @@ def test_a_recipe_run_saves_the_ranks_it_kept_and_reloads_to_its_logits(tmp_path
         "checkpoint.every_steps=8",
         f"output_dir={out}",
     ]
-    proc = run([sys.executable, str(ROOT / "recipes/lora_cls.py"), *args], cwd=tmp_path)
+    proc = ranks1.run(str(ROOT / "recipes/lora_cls.py"), args, cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     budget = json.loads((out / "summary.json").read_text())["adalora"]
     assert 0 < budget["total_rank"] <= budget["budget"] == budget["initial"] // 4, budget

@@ -11,13 +11,13 @@ from safetensors.torch import load_file
 
 from launcher.data import load_table
 from launcher.tasks.metrics import accuracy
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, launcher_cli, run
 
 RECIPES = sorted(p.stem for p in (ROOT / "recipes").glob("*.py") if not p.name.startswith("_"))
 
 
 def test_launcher_recipes_lists_each_recipe_with_its_description():
-    proc = run(["launcher", "recipes"], cwd=ROOT)
+    proc = launcher_cli(["recipes"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "lora_cls" in proc.stdout and "Text classification with LoRA" in proc.stdout
     assert RECIPES and all(name in proc.stdout for name in RECIPES)
@@ -26,8 +26,8 @@ def test_launcher_recipes_lists_each_recipe_with_its_description():
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_shipped_recipe_validates_and_dry_runs(recipe, tmp_path):
     out = tmp_path / "run"
-    proc = run(
-        ["launcher", "run", str(ROOT / "recipes" / f"{recipe}.py"), "--nproc", "2", "--dry-run", f"output_dir={out}"],
+    proc = launcher_cli(
+        ["run", str(ROOT / "recipes" / f"{recipe}.py"), "--nproc", "2", "--dry-run", f"output_dir={out}"],
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,22 +38,22 @@ def test_every_shipped_recipe_validates_and_dry_runs(recipe, tmp_path):
 def test_new_copies_a_recipe_under_a_new_name_that_runs(tmp_path):
     folder = tmp_path / "recipes"
     shutil.copytree(ROOT / "recipes", folder)
-    proc = run(["launcher", "new", "my_cls", "--from", "lora_cls", "--dir", str(folder)], cwd=tmp_path)
+    proc = launcher_cli(["new", "my_cls", "--from", "lora_cls", "--dir", str(folder)], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = (folder / "my_cls.py").read_text()
     assert 'recipe: ClassVar[str] = "my_cls"' in text and '"lora_cls"' not in text.split("class Config")[1]
-    listed = run(["launcher", "recipes", "--dir", str(folder)], cwd=tmp_path)
+    listed = launcher_cli(["recipes", "--dir", str(folder)], cwd=tmp_path)
     assert "my_cls" in listed.stdout
-    dry = run(["launcher", "run", str(folder / "my_cls.py"), "--dry-run"], cwd=tmp_path)
+    dry = launcher_cli(["run", str(folder / "my_cls.py"), "--dry-run"], cwd=tmp_path)
     assert dry.returncode == 0, dry.stderr[-3000:]
     assert "runs/my_cls-" in dry.stdout  # the default run directory carries the new name
 
-    again = run(["launcher", "new", "my_cls", "--dir", str(folder)], cwd=tmp_path)
+    again = launcher_cli(["new", "my_cls", "--dir", str(folder)], cwd=tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr
     assert (folder / "my_cls.py").read_text() == text
-    missing = run(["launcher", "new", "x", "--from", "nope", "--dir", str(folder)], cwd=tmp_path)
+    missing = launcher_cli(["new", "x", "--from", "nope", "--dir", str(folder)], cwd=tmp_path)
     assert missing.returncode == 2 and "lora_cls" in missing.stderr and not (folder / "x.py").exists()
-    bad = run(["launcher", "new", "bad-name", "--dir", str(folder)], cwd=tmp_path)
+    bad = launcher_cli(["new", "bad-name", "--dir", str(folder)], cwd=tmp_path)
     assert bad.returncode == 2 and "identifier" in bad.stderr
 
 
@@ -63,7 +63,7 @@ def test_the_docs_complete_example_runs(tmp_path, tiny_model):
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     recipe = tmp_path / "tiny_sentiment.py"
     recipe.write_text(code)
-    listed = run(["launcher", "recipes", "--dir", str(tmp_path)], cwd=tmp_path)
+    listed = launcher_cli(["recipes", "--dir", str(tmp_path)], cwd=tmp_path)
     assert "tiny_sentiment" in listed.stdout and "smallest complete recipe" in listed.stdout
     out = tmp_path / "run"
     proc = run(

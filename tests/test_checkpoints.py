@@ -20,7 +20,7 @@ from launcher.overrides import apply_overrides
 from launcher.plan import resolve
 from launcher.recipe import Recipe
 from launcher.worker.checkpoint import _choose
-from tests.conftest import RECIPE, ROOT, run, tiny_args, why_failed
+from tests.conftest import RECIPE, launcher_cli, long_unless, run, run_helper, selected, tiny_args, why_failed
 
 # 96 training rows, 8 per rank, 2 ranks: 6 steps an epoch, 2 epochs. Step 3 is mid-epoch, step 6 ends epoch 0.
 LORA = {"resume_from": [3, 6]}
@@ -53,6 +53,10 @@ CASES = {
 }
 
 
+# `make test` resumes these; `make test-long` the others. One of each strategy family, between them a full fine-tune
+# with accumulation, an 8-bit optimizer's moments and fp16's loss scale.
+FAST_CASES = {"ddp lora", "zero3 full", "zero2 lora 8-bit", "fsdp lora fp16", "zero3 2->1"}
+
 # Runs that other tests resume on another number of processes: no dropout, since each rank draws its own masks.
 RESIZE = {
     "ddp 2->1": ("ddp", 1, [], 1e-4),
@@ -82,44 +86,37 @@ def _still(strategy: str) -> list[str]:
     return [f"strategy={strategy}", "adapter.dropout=0", *EVERY_3]
 
 
+def _cases(names) -> list:
+    return [long_unless(name in FAST_CASES, name) for name in names]
+
+
 @pytest.fixture(scope="module")
-def resumed(tiny_model, tiny_data, still_model, tmp_path_factory):
+def resumed(request, tiny_model, tiny_data, still_model, tmp_path_factory):
+    """The cases this session tests (its tier's), run and resumed in one torchrun; and the runs that RESIZE's cases
+    resume on another number of processes."""
     root = tmp_path_factory.mktemp("resume")
     cases = root / "cases.json"
+    chosen = selected(request, "case")
     still = {
         name: {"overrides": [f"model={still_model}", *_still(strategy), *extra], "resume_from": []}
         for name, (strategy, _, extra, _) in RESIZE.items()
+        if name in chosen
     }
-    cases.write_text(json.dumps({**CASES, **still}))
+    cases.write_text(json.dumps({**{n: c for n, c in CASES.items() if n in chosen}, **still}))
     out = root / "out.json"
-    proc = run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "tests/helpers/resume_worker.py"),
-            str(out),
-            str(root),
-            str(tiny_model),
-            str(tiny_data["train"]),
-            str(tiny_data["test"]),
-            str(cases),
-        ],
-        cwd=root,
-        timeout=900,
-    )
-    assert proc.returncode == 0, why_failed(proc)
+    args = [str(out), str(root), str(tiny_model), str(tiny_data["train"]), str(tiny_data["test"]), str(cases)]
+    run_helper("resume_worker", args, cwd=root)
     return {**json.loads(out.read_text()), "root": str(root)}
 
 
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", _cases(CASES))
 def test_a_resumed_run_continues_exactly_as_the_uninterrupted_run(resumed, case):
     r = resumed[case]
     assert "error" not in r, r.get("trace")
     full = r["run"]["losses"]
     total = max(int(s) for s in full)
     assert sorted(int(s) for s in full) == list(range(1, total + 1))
+    assert sorted(int(s) for s in r["resumed"]) == sorted(CASES[case]["resume_from"]), "a resume did not run"
     for step, again in r["resumed"].items():
         k = int(step)
         assert again["resumed_from"].endswith(f"step-{k:08d}")
@@ -131,7 +128,7 @@ def test_a_resumed_run_continues_exactly_as_the_uninterrupted_run(resumed, case)
         assert again["same_names"] and again["same_shapes"] and again["max_weight_diff"] <= 1e-6, again
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if "8-bit" in c])
+@pytest.mark.parametrize("case", _cases(c for c in CASES if "8-bit" in c))
 def test_an_8bit_optimizers_checkpoint_holds_its_moments_whole_in_fp32(resumed, case):
     from pathlib import Path
 
@@ -156,13 +153,12 @@ def test_an_8bit_optimizers_checkpoint_holds_its_moments_whole_in_fp32(resumed, 
     assert not [k for k in tensors if "absmax" in k or "qmap" in k]  # the layout is the run's, not the checkpoint's
 
 
-def test_the_fp16_case_resumes_a_loss_scale_that_matters(resumed):
+@pytest.mark.parametrize("case", _cases(["fsdp lora fp16"]))
+def test_the_fp16_case_resumes_a_loss_scale_that_matters(resumed, case):
     """The fp16 resume above is exact only because the scale came back: the run had lowered it on an overflow."""
     from pathlib import Path
 
-    state = torch.load(
-        Path(resumed["root"]) / "fsdp lora fp16/run/checkpoints/step-00000003/state.pt", weights_only=True
-    )
+    state = torch.load(Path(resumed["root"]) / case / "run/checkpoints/step-00000003/state.pt", weights_only=True)
     assert state["scaler"]["scale"] < 2.0**16 and state["scaler"]["_growth_tracker"] > 0, state["scaler"]
 
 
@@ -189,7 +185,7 @@ def _resume_and_compare(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= tolerance
 
 
-@pytest.mark.parametrize("case", RESIZE)
+@pytest.mark.parametrize("case", _cases(RESIZE))
 def test_a_run_resumes_on_fewer_processes_with_the_same_steps(resumed, case, tmp_path, tiny_data, still_model):
     from pathlib import Path
 
@@ -332,13 +328,13 @@ def test_resume_settings_that_cannot_work_stop_before_launch(tiny_model, tiny_da
         (["checkpoint.keep=0", "checkpoint.every_steps=2"], "checkpoint.keep=0: keep at least 1"),
         (["watchdog.timeout=-1"], "watchdog.timeout=-1: give seconds (e.g. 600), or 0 to turn it off"),
     ]:
-        proc = run(
-            ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *extra)], cwd=tmp_path
+        proc = launcher_cli(
+            ["run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *extra)], cwd=tmp_path
         )
         assert proc.returncode == 2 and expected in proc.stderr, (extra, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
     no_folder = [a for a in tiny_args(tiny_model, tiny_data, out, "resume=auto") if not a.startswith("output_dir=")]
-    proc = run(["launcher", "run", RECIPE, "--nproc", "2", *no_folder], cwd=tmp_path)
+    proc = launcher_cli(["run", RECIPE, "--nproc", "2", *no_folder], cwd=tmp_path)
     assert proc.returncode == 2 and "add output_dir=FOLDER of the run to resume" in proc.stderr, proc.stderr[-2000:]
 
 

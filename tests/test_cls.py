@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, launcher_cli, run, why_failed
 
 RECIPE = str(ROOT / "recipes" / "lora_cls.py")
 FILLER = "房间地点服务价格早餐环境前台设施交通位置"
@@ -74,8 +74,8 @@ def test_chinese_classification_from_a_config_with_a_character_vocabulary(tmp_pa
 
 def test_a_character_vocabulary_needs_a_model_built_from_its_config(tmp_path):
     train = _reviews(tmp_path / "train.jsonl", 8, 0)
-    proc = run(
-        ["launcher", "run", RECIPE, f"data.train={train}", "data.eval=", "tokenizer=chars", "--dry-run"], cwd=tmp_path
+    proc = launcher_cli(
+        ["run", RECIPE, f"data.train={train}", "data.eval=", "tokenizer=chars", "--dry-run"], cwd=tmp_path
     )
     assert proc.returncode == 2 and "tokenizer=chars with model_init=pretrained" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import ROOT, needs_dataset, run, why_failed
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @needs_dataset("sst2")
 def test_compare_smoke_runs_ours_and_the_peer_and_reads_every_figure(tmp_path):
     out = tmp_path / "compare"

@@ -12,7 +12,7 @@ from launcher.errors import ConfigError
 from launcher.overrides import apply_overrides
 from launcher.plan import LaunchEnv, check, environment_problems, validate
 from launcher.worker.strategies.zero_config import deepspeed_config
-from tests.conftest import RECIPE, ROOT, run
+from tests.conftest import RECIPE, ROOT, launcher_cli
 
 UNSUPPORTED = [c for c in cells() if not c.supported]
 
@@ -52,8 +52,8 @@ def test_unsupported_cell_is_refused_before_any_worker_starts(cell, monkeypatch,
 
 def test_refusal_from_the_command_line_names_the_fix_and_writes_nothing(tmp_path):
     out = tmp_path / "run"
-    proc = run(
-        ["launcher", "run", RECIPE, "--nproc", "2", "strategy=fsdp", "optimizer=cpu_adam", f"output_dir={out}"],
+    proc = launcher_cli(
+        ["run", RECIPE, "--nproc", "2", "strategy=fsdp", "optimizer=cpu_adam", f"output_dir={out}"],
         cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
@@ -109,7 +109,7 @@ def test_deepspeed_json_for_offload_and_fp16():
 
 
 def test_launcher_matrix_prints_the_grid():
-    proc = run(["launcher", "matrix"], cwd=ROOT)
+    proc = launcher_cli(["matrix"], cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "zero3 offload opt+params" in proc.stdout and "qlora" in proc.stdout and "cpu_adam" in proc.stdout
     assert RULES[0].reason.split(":")[0] in proc.stdout

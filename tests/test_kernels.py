@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 
 from launcher.kernels.fused_ce import linear_cross_entropy, reference
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, why_failed
 
 
 def _case(tokens=37, hidden=16, vocab=50, seed=0, ignored=5):
@@ -85,16 +84,19 @@ def test_a_negative_chunk_is_refused_with_the_value():
         linear_cross_entropy(h, w, y, chunk=-1)
 
 
-def test_qlora_sft_with_kernels_fused_ce_trains_the_same_losses_as_without(tmp_path):
+def test_qlora_sft_with_kernels_fused_ce_trains_the_same_losses_as_without(ranks1, tmp_path):
     """The recipe's switch: the same run with the fused loss in the output layer, step for step."""
-    losses = {}
+    losses, calls = {}, {}
     for fused in ("false", "true"):
         out = tmp_path / fused
-        argv = [sys.executable, str(ROOT / "recipes/qlora_sft.py"), f"kernels.fused_ce={fused}", "train.max_steps=2"]
-        argv += ["train.log_every=1", "data.generations=0", f"output_dir={out}"]
-        proc = run(argv, cwd=tmp_path)
+        # qlora_sft itself, with a count of the forwards whose loss the fused kernel computed.
+        settings = [f"kernels.fused_ce={fused}", "train.max_steps=2", "train.log_every=1", "train.micro_batch_size=4"]
+        settings += ["data.max_length=256", "data.max_train_rows=32", "data.eval=", "data.generations=0"]
+        proc = ranks1.run(str(ROOT / "tests/helpers/counted_sft.py"), [*settings, f"output_dir={out}"], cwd=tmp_path)
         assert proc.returncode == 0, why_failed(proc)
         lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         losses[fused] = [r["loss"] for r in lines if r["split"] == "train"]
+        calls[fused] = json.loads((out / "fused_ce_calls.json").read_text())
+    assert calls == {"false": 0, "true": 2}, "kernels.fused_ce=true trains each step through the fused loss"
     assert len(losses["true"]) == 2 and losses["true"][0] > losses["true"][-1]
     assert losses["true"] == pytest.approx(losses["false"], abs=1e-4), losses

@@ -152,6 +152,8 @@ def test_each_strategys_quirks_stay_inside_its_module():
         if rel.startswith("launcher/worker/strategies/zero_config"):
             continue  # DeepSpeed's JSON, built without importing deepspeed
         leaked = {n for n in _identifiers(path) & set(owners) if owners[n] != rel}
-        # DeepSpeed's CPU Adam is an optimizer, and its `deepspeed` runner a multi-node launcher (launch/ starts it)
-        leaked -= {"deepspeed"} if rel.endswith("worker/optim.py") or rel.startswith("launcher/launch/") else set()
+        # DeepSpeed's CPU Adam is an optimizer, its `deepspeed` runner a multi-node launcher (launch/ starts it), and
+        # how it is imported (its autotuner deferred) a matter of the process environment.
+        others = rel.endswith(("worker/optim.py", "launcher/environment.py")) or rel.startswith("launcher/launch/")
+        leaked -= {"deepspeed"} if others else set()
         assert not leaked, f"{rel} uses {sorted(leaked)}, which belong to {sorted({owners[n] for n in leaked})}"

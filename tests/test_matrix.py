@@ -3,8 +3,8 @@ on a tiny Llama-shaped causal LM and on a tiny BERT classifier; the saved model 
 to the logits the trained model gave.
 
 The cells come from `launcher.compat` (the same rules that refuse the others before launch), so adding a rule
-or a row changes what runs here. Cells run grouped (one torchrun per strategy family, both models) to keep the
-whole matrix within a few minutes.
+or a row changes what runs here. Cells run grouped (one torchrun per strategy family, both models). `make test` runs
+a pairwise cover of them (PAIRWISE), `make test-long` the rest: the two tiers together run every cell once.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from launcher.compat import supported_cells
 from launcher.config import Full, Lora8, QLora
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import long_unless, run_helper, selected
 
 # The adapters that train tensors of their own beside a frozen base, without changing how the base is stored or
 # stepped (adalora, ia3, prompt, prefix), run on a sample of rows: one per way of holding parameters (replicated,
@@ -36,6 +36,31 @@ SAMPLE = {
 CELLS = [c for c in supported_cells() if c.adapter not in SAMPLED or (c.row, c.optimizer) in SAMPLE]
 if os.environ.get("MATRIX_ADAPTERS"):  # a developer's shortcut: MATRIX_ADAPTERS=ia3,prompt runs those columns only
     CELLS = [c for c in CELLS if c.adapter in os.environ["MATRIX_ADAPTERS"].split(",")]
+
+
+def _pairs(cell) -> set[tuple[str, ...]]:
+    """What a cell exercises together: its strategy (the family: ddp, zero0-3, fsdp) with its adapter and with its
+    optimizer, its adapter with its optimizer, and its row (offload and sharding variants) at all."""
+    strategy = cell.row.split()[0]
+    return {("row", cell.row), (strategy, cell.adapter), (strategy, cell.optimizer), (cell.adapter, cell.optimizer)}
+
+
+def pairwise_cover(cells) -> list:
+    """Cells that exercise every pair the given cells do (_pairs), chosen greedily: each next cell the one that adds
+    the most pairs not yet exercised. paged_adamw8bit runs as adamw8bit on CPUs (bitsandbytes pages only CUDA
+    memory and says so), so its cells repeat adamw8bit's here and are left to the long tier."""
+    pool = [c for c in cells if c.optimizer != "paged_adamw8bit"]
+    missing = set().union(*(_pairs(c) for c in pool))
+    chosen = []
+    while missing:
+        best = max(pool, key=lambda c: len(_pairs(c) & missing))
+        chosen.append(best)
+        missing -= _pairs(best)
+    return chosen
+
+
+PAIRWISE = pairwise_cover(CELLS)
+CELL_PARAMS = [long_unless(c in PAIRWISE, c, id=f"{c.row}|{c.adapter}|{c.optimizer}".replace(" ", "")) for c in CELLS]
 KINDS = ["llama", "bert"]
 NOT_FOR = {("bert", "prefix"): "takes no past key values"}
 """Model kinds an adapter refuses, with the words of the refusal (transformers' BERT takes no past key values)."""
@@ -43,37 +68,25 @@ MARKERS = {"ia3": "ia3_l", "prompt": "prompt_encoder", "prefix": "prompt_encoder
 """What the name of each of an adapter's trained tensors holds (LoRA's: lora_)."""
 FAMILIES = {"ddp": "strategy=ddp", "zero": "strategy=zero", "fsdp": "strategy=fsdp"}
 
-pytestmark = pytest.mark.slow
-
 
 def _key(kind: str, overrides) -> str:
     return f"{kind}: {' '.join(overrides)}"
 
 
 @pytest.fixture(scope="module")
-def matrix(tmp_path_factory) -> dict[str, dict]:
+def matrix(request, tmp_path_factory) -> dict[str, dict]:
+    """Every cell this session tests (its tier's), on both models."""
     folder = tmp_path_factory.mktemp("matrix")
+    chosen = selected(request, "cell")
     results = {}
     for family, prefix in FAMILIES.items():
-        cells = [list(c.overrides) for c in CELLS if c.overrides[0].startswith(prefix)]
+        cells = [list(c.overrides) for c in chosen if c.overrides[0].startswith(prefix)]
+        if not cells:
+            continue
         (folder / f"{family}.cells.json").write_text(json.dumps(cells))
         out = folder / family / "results.json"
         out.parent.mkdir(exist_ok=True)
-        proc = run(
-            [
-                "torchrun",
-                "--standalone",
-                "--nproc_per_node",
-                "2",
-                str(ROOT / "tests/helpers/matrix_worker.py"),
-                str(out),
-                ",".join(KINDS),
-                str(folder / f"{family}.cells.json"),
-            ],
-            cwd=folder,
-            timeout=900,
-        )
-        assert proc.returncode == 0, why_failed(proc)
+        run_helper("matrix_worker", [str(out), ",".join(KINDS), str(folder / f"{family}.cells.json")], cwd=folder)
         for result in json.loads(out.read_text()):
             results[_key(result["kind"], result["overrides"])] = result
     return results
@@ -86,7 +99,7 @@ def _cell_config(overrides):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.row}|{c.adapter}|{c.optimizer}".replace(" ", ""))
+@pytest.mark.parametrize("cell", CELL_PARAMS)
 def test_cell_trains_and_saves_what_reloads(matrix, kind, cell):
     r = matrix[_key(kind, cell.overrides)]
     if (kind, cell.adapter) in NOT_FOR:
@@ -129,7 +142,7 @@ def test_cell_trains_and_saves_what_reloads(matrix, kind, cell):
     torch.testing.assert_close(reloaded, torch.tensor(r["logits"]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("cell", CELLS, ids=lambda c: f"{c.row}|{c.adapter}|{c.optimizer}".replace(" ", ""))
+@pytest.mark.parametrize("cell", CELL_PARAMS)
 def test_planned_model_state_is_what_a_rank_holds(matrix, cell):
     """The planner's bytes per term (launcher.sizing, from the config.json alone) against what rank 0 of the
     2-rank run held between backward and its optimizer step (holdings: each storage once): within 2%."""

@@ -5,6 +5,7 @@ everything, on both hosts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shlex
@@ -18,10 +19,13 @@ import pytest
 from tests.conftest import BIN, RECIPE, ROOT, run, tiny_args, why_failed
 
 LOOPBACK = str(ROOT / "hostfiles" / "loopback-two-nodes.txt")
+# lora_cls, each rank writing the digest of the HF_TOKEN it got (the secret below must reach the second node).
+TOKEN_RECIPE = str(ROOT / "tests" / "helpers" / "token_cls.py")
 SECRET = "hf_secret_for_the_test"
 # One thread per rank (two "nodes" share two cores); a secret of a forwarded family, to be sent and never shown.
 ENV = {"OMP_NUM_THREADS": "1", "HF_TOKEN": SECRET}
 SETTINGS = ("train.max_steps=6",)
+pytestmark = pytest.mark.long  # real sshd and pdsh (scripts/system_packages.sh)
 
 
 def _nodes(runner: str, ssh_config: Path) -> list[str]:
@@ -35,7 +39,7 @@ def runs(loopback_nodes, tiny_model, tiny_data, tmp_path_factory):
     for how in ("local", "ssh", "deepspeed"):
         folder = tmp_path_factory.mktemp("multinode") / how
         where = ["--nproc", "2"] if how == "local" else _nodes(how, loopback_nodes)
-        argv = ["launcher", "run", RECIPE, *where, *tiny_args(tiny_model, tiny_data, folder, *SETTINGS)]
+        argv = ["launcher", "run", TOKEN_RECIPE, *where, *tiny_args(tiny_model, tiny_data, folder, *SETTINGS)]
         out[how] = (run(argv, cwd=ROOT, env=ENV, timeout=300), folder)
     return out
 
@@ -71,6 +75,10 @@ def test_each_line_says_where_it_came_from(runs):
 @pytest.mark.parametrize("runner", ["ssh", "deepspeed"])
 def test_secrets_reach_the_nodes_and_are_never_shown(runs, runner):
     proc, folder = runs[runner]
+    assert proc.returncode == 0, why_failed(proc)
+    sent = hashlib.sha256(SECRET.encode()).hexdigest()
+    got = {rank: (folder / f"hf_token-rank{rank}.sha256").read_text() for rank in (0, 1)}
+    assert got == {0: sent, 1: sent}, "the secret must reach both nodes (rank 1 runs on 127.0.0.2)"
     assert SECRET not in proc.stdout + proc.stderr
     if runner == "ssh":
         started = [line for line in proc.stderr.splitlines() if line.startswith("launcher: starting 127.0.0.")]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from launcher.tasks.tagging import IGNORE, TokenTagger, align_labels, check_bio, first_subtokens, repair_bio
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, launcher_cli, why_failed
 
 RECIPE = str(ROOT / "recipes" / "lora_ner.py")
 
@@ -166,8 +166,8 @@ def _rows(path: Path, rows: list[dict]) -> Path:
 )
 def test_bad_data_stops_before_any_worker(tmp_path, rows, settings, expected):
     train = _rows(tmp_path / "train.jsonl", rows)
-    proc = run(
-        ["launcher", "run", RECIPE, f"data.train={train}", "data.eval=", f"output_dir={tmp_path / 'out'}", *settings],
+    proc = launcher_cli(
+        ["run", RECIPE, f"data.train={train}", "data.eval=", f"output_dir={tmp_path / 'out'}", *settings],
         cwd=tmp_path,
     )
     assert proc.returncode == 2, proc.stderr
@@ -178,7 +178,7 @@ def test_bad_data_stops_before_any_worker(tmp_path, rows, settings, expected):
 def test_eval_tags_unseen_in_training_are_refused(tmp_path):
     train = _rows(tmp_path / "train.jsonl", [{"tokens": ["Anna"], "tags": ["B-PER"]}])
     test = _rows(tmp_path / "test.jsonl", [{"tokens": ["Oslo"], "tags": ["B-LOC"]}])
-    proc = run(["launcher", "run", RECIPE, f"data.train={train}", f"data.eval={test}", "--dry-run"], cwd=tmp_path)
+    proc = launcher_cli(["run", RECIPE, f"data.train={train}", f"data.eval={test}", "--dry-run"], cwd=tmp_path)
     assert proc.returncode == 2 and "tags B-LOC never occur in data.train" in proc.stderr
 
 
@@ -209,9 +209,9 @@ def saved_predictions(run_dir: Path) -> list[list[int]]:
     return [[t for t in json.loads(line)["pred"] if t >= 0] for line in lines]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
-def test_crf_head_under_every_strategy(tmp_path, tiny_model, strategy):
+def test_crf_head_under_every_strategy(ranks2, tmp_path, tiny_model, strategy):
     """2 ranks, CRF head: trains, its transitions are gathered and saved, and the reloaded adapter reproduces
     the run's Viterbi predictions."""
     from safetensors.torch import load_file
@@ -227,7 +227,7 @@ def test_crf_head_under_every_strategy(tmp_path, tiny_model, strategy):
         "train.log_every=1",
         f"output_dir={out}",
     ]
-    proc = run(["launcher", "run", RECIPE, "--nproc", "2", *settings], cwd=tmp_path, timeout=600)
+    proc = ranks2.run(RECIPE, settings, cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     losses = [
         json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line

@@ -198,10 +198,13 @@ def test_an_env_file_is_name_value_lines_and_a_bad_line_is_named():
     assert "write NAME=VALUE" in str(e.value)
 
 
-def test_nothing_here_reads_the_real_environment():
-    """Pure: the builders take the environment they are given (a launcher test must not depend on this shell)."""
+def test_nothing_here_reads_the_real_environment(monkeypatch):
+    """Pure: the builders take the environment they are given (a launcher test must not depend on this shell): a
+    forwarded family's variable set in this process reaches nothing it was not given."""
+    monkeypatch.setenv("HF_SENTINEL_OF_THIS_SHELL", "1")
     before = dict(os.environ)
-    forwarded_env({"HF_X": "1"})
+    assert forwarded_env({"HF_X": "1"}) == {"HF_X": "1"}
+    assert forwarded_env({"HF_X": "1"}, names=("HF_X",)) == {"HF_X": "1"}
     assert dict(os.environ) == before
 
 

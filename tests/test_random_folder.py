@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from launcher.errors import ConfigError
 from launcher.models import SHAPES
 from launcher.random_folder import tensor_values, write_random_folder
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def test_every_tensor_depends_on_the_seed_and_its_name_only():
     assert torch.equal(a, again) and not torch.equal(a, other_seed) and not torch.equal(a, other_name)
 
 
-def test_a_written_folder_trains_through_the_recipe(folder, tmp_path):
+def test_a_written_folder_trains_through_the_recipe(ranks1, folder, tmp_path):
     out = tmp_path / "run"
     settings = [
         f"model={folder}",
@@ -64,7 +64,7 @@ def test_a_written_folder_trains_through_the_recipe(folder, tmp_path):
         "data.max_length=256",
         f"output_dir={out}",
     ]
-    proc = run([sys.executable, str(ROOT / "recipes" / "qlora_sft.py"), *settings], cwd=tmp_path)
+    proc = ranks1.run(str(ROOT / "recipes" / "qlora_sft.py"), settings, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     losses = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     vocab = json.loads((folder / "config.json").read_text())["vocab_size"]

@@ -119,10 +119,27 @@ def test_the_01_tokenize_form_still_works_with_a_warning(tmp_path):
 
 def test_recipes_read_top_to_bottom_without_infrastructure():
     """What the issue asked to take out of recipes: samples paths, row cuts, hand-made cache keys, notes."""
+    import ast
+
     for name in ("lora_cls", "lora_ner", "qlora_sft"):
         source = Path(ROOT / "recipes" / f"{name}.py").read_text()
         for word in ("first_rows", "data_settings", "code=__file__", "notes=", "resolve_model", "hasattr("):
             assert word not in source, f"{name} still has {word}"
+        # Cache keys are the data layer's: a recipe neither imports the cache nor digests files or tokenizers.
+        tree = ast.parse(source)
+        imported = {
+            f"{node.module}.{alias.name}" if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        }
+        assert not {i for i in imported if i.startswith("launcher.data.cache")}, f"{name} imports the cache"
+        names = {
+            n.attr if isinstance(n, ast.Attribute) else n.id
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Name, ast.Attribute))
+        }
+        assert not {n for n in names if "digest" in n or n in ("cache_key", "cached")}, f"{name} builds a cache key"
 
 
 def test_a_row_cut_reads_only_the_rows_it_keeps(tmp_path):

@@ -10,17 +10,17 @@ import subprocess
 
 import pytest
 
-from tests.conftest import RECIPE, run, tiny_args, why_failed
+from tests.conftest import RECIPE, launcher_cli, tiny_args, why_failed
 
 
 @pytest.fixture(scope="module")
-def two_runs(tiny_model, tiny_data, tmp_path_factory):
+def two_runs(ranks1, tiny_model, tiny_data, tmp_path_factory):
     """Two real tiny runs (4 steps, an eval every 2) that differ in their learning rate."""
     runs = []
     for lr in ("1e-3", "5e-4"):
         out = tmp_path_factory.mktemp(f"lr{lr}") / "run"
         settings = tiny_args(tiny_model, tiny_data, out, "train.max_steps=4", "train.eval_every=2", f"train.lr={lr}")
-        proc = run(["python", RECIPE, *settings], cwd=out.parent)
+        proc = ranks1.run(RECIPE, settings, cwd=out.parent)
         assert proc.returncode == 0, why_failed(proc)
         runs.append(out)
     return runs
@@ -41,10 +41,9 @@ def _not_blank(path) -> float:
     return 1 - counts.max() / counts.sum()
 
 
-@pytest.mark.slow
 def test_a_report_of_two_runs_draws_both_and_tells_their_settings_apart(two_runs, tmp_path):
     out = tmp_path / "report"
-    proc = run(["launcher", "report", *map(str, two_runs), "--out", str(out)], cwd=tmp_path)
+    proc = launcher_cli(["report", *map(str, two_runs), "--out", str(out)], cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     png, page = out / "report.png", out / "report.html"
     assert _png_size(png) == (1500, 900)
@@ -57,13 +56,13 @@ def test_a_report_of_two_runs_draws_both_and_tells_their_settings_apart(two_runs
     assert "data:image/png;base64," in text
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_the_report_loads_in_headless_chromium_without_console_errors(two_runs, tmp_path):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         pytest.skip("no chromium here (scripts/system_packages.sh installs Debian's where it is root)")
     out = tmp_path / "report"
-    assert run(["launcher", "report", *map(str, two_runs), "--out", str(out)], cwd=tmp_path).returncode == 0
+    assert launcher_cli(["report", *map(str, two_runs), "--out", str(out)], cwd=tmp_path).returncode == 0
     shot = tmp_path / "shot.png"
     proc = subprocess.run(
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0",
@@ -77,6 +76,6 @@ def test_the_report_loads_in_headless_chromium_without_console_errors(two_runs, 
 
 
 def test_a_folder_that_is_not_a_run_is_a_usage_error(tmp_path):
-    proc = run(["launcher", "report", str(tmp_path)], cwd=tmp_path)
+    proc = launcher_cli(["report", str(tmp_path)], cwd=tmp_path)
     assert proc.returncode == 2 and f"{tmp_path}: no metrics.jsonl, so not a run directory" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -17,7 +17,7 @@ from launcher.overrides import apply_overrides
 from launcher.plan import PLAN_FILE, build_plan
 from launcher.recipe import Recipe
 from launcher.rundir import claim
-from tests.conftest import BIN, RECIPE, ROOT, run, tiny_args
+from tests.conftest import BIN, RECIPE, ROOT, launcher_cli, run, tiny_args
 
 ONE = LaunchEnv(now=1_700_000_000)
 
@@ -53,8 +53,8 @@ def test_non_finite_and_twice_given_settings_stop_the_command_line_with_exit_2(t
         (["train.lr=nan"], "train.lr=nan: expected a finite number"),
         (["seed=1", "seed=2"], "seed is given twice (seed=1 and seed=2)"),
     ]:
-        proc = run(
-            ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out), *extra], cwd=tmp_path
+        proc = launcher_cli(
+            ["run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out), *extra], cwd=tmp_path
         )
         assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not out.exists()
@@ -78,7 +78,7 @@ def test_bad_output_dirs_are_refused_before_anything_is_written(recipe, tiny_mod
     before = sorted(p.name for p in tmp_path.iterdir())
     for dry in ([], ["--dry-run"]):
         args = [*tiny_args(tiny_model, tiny_data, tmp_path)[:-1], f"output_dir={afile / 'run'}"]
-        proc = run(["launcher", "run", RECIPE, "--nproc", "2", *dry, *args], cwd=tmp_path)
+        proc = launcher_cli(["run", RECIPE, "--nproc", "2", *dry, *args], cwd=tmp_path)
         assert proc.returncode == 2 and "is a file, so no folder" in proc.stderr and "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
@@ -156,19 +156,19 @@ def _launch(args, cwd, **kw):
 
 def test_two_launches_into_one_directory_one_refuses_the_other_keeps_its_settings(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "run"
-    first = tiny_args(tiny_model, tiny_data, out, "train.max_steps=600", "seed=1", "train.lr=2e-3")
+    first = tiny_args(tiny_model, tiny_data, out, "train.max_steps=150", "seed=1", "train.lr=2e-3")
     a = _launch(["launcher", "run", RECIPE, "--nproc", "2", *first], tmp_path)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() and a.poll() is None and time.time() < deadline:
         time.sleep(0.2)
     second = tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", "seed=2", "train.lr=5e-4")
-    b = run(["launcher", "run", RECIPE, "--nproc", "2", *second], cwd=tmp_path)
+    b = launcher_cli(["run", RECIPE, "--nproc", "2", *second], cwd=tmp_path)
     stdout, stderr = a.communicate(timeout=300)
     assert b.returncode == 2 and f"output_dir={out}: another run is in progress there" in b.stderr, b.stderr
     assert a.returncode == 0, stdout[-2000:] + stderr[-2000:]
     plan = json.loads((out / PLAN_FILE).read_text())["config"]
-    assert (plan["seed"], plan["train"]["lr"], plan["train"]["max_steps"]) == (1, 2e-3, 600)
-    assert json.loads((out / "summary.json").read_text())["steps"] == 600
+    assert (plan["seed"], plan["train"]["lr"], plan["train"]["max_steps"]) == (1, 2e-3, 150)
+    assert json.loads((out / "summary.json").read_text())["steps"] == 150
 
 
 def test_a_finished_run_is_not_overwritten_in_place(tiny_model, tiny_data, tmp_path):

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 import torch
 
 from launcher.errors import ConfigError
 from launcher.selection import Selection, higher_is_better
-from tests.conftest import ROOT, run, tiny_args, why_failed
+from tests.conftest import ROOT, tiny_args, why_failed
 
 SCRIPTED = str(ROOT / "tests" / "helpers" / "scripted_cls.py")
 
@@ -70,10 +69,12 @@ def _records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_early_stopping_ends_training_and_keep_best_saves_the_best_evaluated_model(tmp_path, tiny_model, tiny_data):
+def test_early_stopping_ends_training_and_keep_best_saves_the_best_evaluated_model(
+    ranks1, tmp_path, tiny_model, tiny_data
+):
     from safetensors.torch import load_file
 
-    env = {**os.environ, "SCORES": "0.5,0.7,0.6,0.65,0.9"}  # evaluations at steps 2, 4, 6, 8: the best is step 4's
+    env = {"SCORES": "0.5,0.7,0.6,0.65,0.9"}  # evaluations at steps 2, 4, 6, 8: the best is step 4's
     settings = [
         "train.max_steps=20",
         "train.eval_every=2",
@@ -83,9 +84,7 @@ def test_early_stopping_ends_training_and_keep_best_saves_the_best_evaluated_mod
     ]
     kept, last = tmp_path / "kept", tmp_path / "last"
     for out, extra in ((kept, ["checkpoint.keep_best=true"]), (last, [])):
-        proc = run(
-            [sys.executable, SCRIPTED, *tiny_args(tiny_model, tiny_data, out, *settings, *extra)], cwd=tmp_path, env=env
-        )
+        proc = ranks1.run(SCRIPTED, tiny_args(tiny_model, tiny_data, out, *settings, *extra), cwd=tmp_path, env=env)
         assert proc.returncode == 0, why_failed(proc)
         assert "early stop at step 8: score has not improved for 2 evaluation(s) since step 4" in proc.stdout
         records = _records(out)
@@ -131,7 +130,7 @@ def test_early_stopping_ends_training_and_keep_best_saves_the_best_evaluated_mod
     assert not (last / "checkpoints").exists()
 
 
-def test_a_run_resumed_mid_count_stops_where_the_uninterrupted_one_does(tmp_path, tiny_model, tiny_data):
+def test_a_run_resumed_mid_count_stops_where_the_uninterrupted_one_does(ranks1, tmp_path, tiny_model, tiny_data):
     """Resumed from step 6 (the best was step 4's 0.7, one evaluation since): the step-8 evaluation is the second
     without improvement, so the run stops there as the uninterrupted one did; a count started afresh would take
     step 8's 0.65 for its best and train on."""
@@ -144,14 +143,13 @@ def test_a_run_resumed_mid_count_stops_where_the_uninterrupted_one_does(tmp_path
         "checkpoint.keep=10",
     ]
     first, again = tmp_path / "first", tmp_path / "again"
-    env = {**os.environ, "SCORES": "0.5,0.7,0.6,0.65,0.9"}
-    proc = run([sys.executable, SCRIPTED, *tiny_args(tiny_model, tiny_data, first, *settings)], cwd=tmp_path, env=env)
+    env = {"SCORES": "0.5,0.7,0.6,0.65,0.9"}
+    proc = ranks1.run(SCRIPTED, tiny_args(tiny_model, tiny_data, first, *settings), cwd=tmp_path, env=env)
     assert proc.returncode == 0, why_failed(proc)
     assert json.loads((first / "summary.json").read_text())["stopped_early_at"] == 8
     resume = f"resume={first / 'checkpoints' / 'step-00000006'}"
-    env = {**os.environ, "SCORES": "0.65,0.9"}  # the resumed process evaluates from step 8 on
-    argv = [sys.executable, SCRIPTED, *tiny_args(tiny_model, tiny_data, again, *settings), resume]
-    proc = run(argv, cwd=tmp_path, env=env)
+    env = {"SCORES": "0.65,0.9"}  # the resumed run evaluates from step 8 on
+    proc = ranks1.run(SCRIPTED, [*tiny_args(tiny_model, tiny_data, again, *settings), resume], cwd=tmp_path, env=env)
     assert proc.returncode == 0, why_failed(proc)
     assert "early stop at step 8: score has not improved for 2 evaluation(s) since step 4" in proc.stdout
     summary = json.loads((again / "summary.json").read_text())

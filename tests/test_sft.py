@@ -9,7 +9,7 @@ import torch
 
 from launcher.tasks import sft
 from launcher.tasks.sft import IGNORE
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, launcher_cli, run, why_failed
 
 RECIPE = str(ROOT / "recipes" / "qlora_sft.py")
 TEXTS = [
@@ -111,7 +111,7 @@ def test_packed_examples_do_not_see_each_other():
     _check_packed(_tiny_llama(64))
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_packed_examples_do_not_see_each_other_under_flex_attention():
     """attention=flex: the block mask transformers builds from the packed position ids, not a dense mask (flex
     compiles, about 45 s on this CPU)."""
@@ -195,7 +195,9 @@ def test_greedy_runs_every_step_and_cuts_at_eos():
 
 
 def test_bpe_tokenizer_is_cached_and_identical(tmp_path):
-    from launcher.tasks.vocab import bpe_tokenizer, cached_tokenizer
+    from launcher.overrides import apply_overrides
+    from launcher.recipe import load_recipe
+    from launcher.tasks.vocab import bpe_tokenizer, learnt_tokenizer
 
     built = []
 
@@ -203,8 +205,9 @@ def test_bpe_tokenizer_is_cached_and_identical(tmp_path):
         built.append(1)
         return bpe_tokenizer(TEXTS, 400)
 
-    first = cached_tokenizer({"k": 1}, build, str(tmp_path))
-    second = cached_tokenizer({"k": 1}, build, str(tmp_path))
+    cfg = apply_overrides(load_recipe(str(ROOT / "recipes" / "qlora_sft.py")).Config(), [f"data.cache_dir={tmp_path}"])
+    first = learnt_tokenizer(cfg, build)
+    second = learnt_tokenizer(cfg, build)
     assert len(built) == 1 and first.get_vocab() == second.get_vocab()
     assert second("Paris is the capital.")["input_ids"] == first("Paris is the capital.")["input_ids"]
     assert (second.pad_token, second.bos_token, second.eos_token) == ("<pad>", "<s>", "</s>")
@@ -247,7 +250,7 @@ def _rows(path, rows):
 )
 def test_bad_data_stops_before_any_worker(tmp_path, rows, expected):
     train = _rows(tmp_path / "train.jsonl", rows)
-    proc = run(["launcher", "run", RECIPE, f"data.train={train}", "data.eval=", "--dry-run"], cwd=tmp_path)
+    proc = launcher_cli(["run", RECIPE, f"data.train={train}", "data.eval=", "--dry-run"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr
 

@@ -20,7 +20,7 @@ import pytest
 from safetensors.torch import load_file
 
 from launcher.checkpoints import complete
-from tests.conftest import BIN, LONG, RECIPE, ROOT, last_loss, run, tiny_args, why_failed
+from tests.conftest import BIN, LONG, RECIPE, ROOT, last_loss, tiny_args, why_failed
 
 LINUX = sys.platform.startswith("linux")
 
@@ -34,13 +34,16 @@ os.replace(sys.argv[1] + ".tmp", sys.argv[1])
 time.sleep(120)
 """
 
+GRACE = 1.0
+"""The seconds the driver's launcher gives a rank between SIGTERM and SIGKILL."""
+
 # The launcher's spawner in a process of its own: driver.py OUT_DIR BEHAVIOUR... (one rank per behaviour).
 DRIVER = """
 import sys
 from launcher.launch import execute
 from launcher.launch.commands import RankCommand
 
-execute.GRACE_SECONDS = 1.0
+execute.GRACE_SECONDS = GRACE
 out, behaviours = sys.argv[1], sys.argv[2:]
 rank_code = open(out + "/rank.py").read()
 commands = [
@@ -89,7 +92,7 @@ def start_driver(tmp_path: Path, leftovers: list[int], *behaviours: str, ignore:
     """The driver with one rank per behaviour ("sleep" or "ignore-term"), once every rank is running; returns
     (driver process, rank pids, its output file)."""
     (tmp_path / "rank.py").write_text(RANK)
-    (tmp_path / "driver.py").write_text(DRIVER)
+    (tmp_path / "driver.py").write_text(DRIVER.replace("= GRACE", f"= {GRACE}"))
     # Output goes to a file, not a pipe: a rank left behind would hold a pipe open and stall the reader.
     log = tmp_path / "launcher.log"
     with log.open("w") as sink:
@@ -168,8 +171,13 @@ def test_sigint_stops_a_launcher_that_inherited_it_ignored(tmp_path, leftovers):
 def test_nohup_still_outlives_the_terminal(tmp_path, leftovers):
     proc, pids, log = start_driver(tmp_path, leftovers, "sleep", "sleep", ignore=signal.SIGHUP)
     proc.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
-    assert proc.poll() is None and all(_running(p) for p in pids), "a launcher under nohup stopped on SIGHUP"
+    # Watched past the time a launcher that took SIGHUP would need to stop its ranks (SIGTERM, then SIGKILL after
+    # the grace period): the SIGHUP case above stops within it.
+    deadline = time.monotonic() + 3 * GRACE
+    while time.monotonic() < deadline:
+        assert proc.poll() is None and all(_running(p) for p in pids), f"stopped on SIGHUP:\n{log.read_text()}"
+        time.sleep(0.05)
+    assert "SIGHUP" not in log.read_text()
     proc.send_signal(signal.SIGTERM)
     code, output = finish(proc, log, "SIGTERM")
     assert_gone(pids)
@@ -210,7 +218,7 @@ def _children(pid: int) -> list[int]:
 @pytest.mark.skipif(not LINUX, reason="finds the ranks through /proc")
 @pytest.mark.parametrize("to", ["SIGTERM to the launcher", "SIGUSR1 to the ranks"])
 def test_a_preempted_run_checkpoints_exits_75_and_resumes_to_the_same_end(
-    tiny_model, tiny_data, tmp_path, leftovers, uninterrupted, to
+    ranks2, tiny_model, tiny_data, tmp_path, leftovers, uninterrupted, to
 ):
     """A preemption (the launcher signalled, or every rank as Slurm does): each rank finishes its step, they agree,
     a checkpoint is written and the job exits with the requeue code; resume=auto then ends as a run never stopped."""
@@ -241,10 +249,7 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_to_the_same_end(
     assert len(found) == 1 and 0 < found[0][0] < 300, found
     step = found[0][0]
     assert f"after step {step} of 300: checkpoint {found[0][1]} written" in output
-    again = run(
-        ["launcher", "run", RECIPE, "--nproc", "2", *tiny_args(tiny_model, tiny_data, out, *LONG, "resume=auto")],
-        cwd=tmp_path,
-    )
+    again = ranks2.run(RECIPE, tiny_args(tiny_model, tiny_data, out, *LONG, "resume=auto"), cwd=tmp_path)
     assert again.returncode == 0, why_failed(again)
     assert json.loads((out / "summary.json").read_text())["resumed_from"] == found[0][1]
     assert last_loss(out) == pytest.approx(last_loss(uninterrupted), abs=1e-6)

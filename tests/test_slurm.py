@@ -13,7 +13,7 @@ import time
 import pytest
 
 from launcher.checkpoints import complete
-from tests.conftest import LONG, RECIPE, ROOT, last_loss, run, tiny_args, why_failed
+from tests.conftest import LONG, RECIPE, ROOT, last_loss, launcher_cli, run, tiny_args, why_failed
 
 
 def _job(job_id: str, env: dict) -> dict[str, str]:
@@ -45,6 +45,7 @@ def _node_idle(job_id: str, env: dict, seconds: float = 60) -> None:
     time.sleep(5.0)
 
 
+@pytest.mark.long  # a real Slurm cluster (scripts/slurm_cluster.sh)
 def test_a_batch_job_checkpoints_on_its_signal_requeues_and_resumes_to_the_same_end(
     slurm_cluster, tiny_model, tiny_data, tmp_path, uninterrupted
 ):
@@ -93,7 +94,7 @@ def test_sbatch_refuses_bad_options_before_writing_anything(tiny_model, tiny_dat
         (["--partition", "gpu;rm -rf /"], "--partition 'gpu;rm -rf /'"),
         (["--gpus-per-node", "8", "--procs-per-node", "2"], "give one"),
     ]:
-        proc = run(["launcher", "sbatch", RECIPE, *extra, *tiny_args(tiny_model, tiny_data, out)], cwd=ROOT)
+        proc = launcher_cli(["sbatch", RECIPE, *extra, *tiny_args(tiny_model, tiny_data, out)], cwd=ROOT)
         assert proc.returncode == 2 and said in proc.stderr, why_failed(proc)
         assert "Traceback" not in proc.stderr and not out.exists()
 

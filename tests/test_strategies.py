@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import RECIPE, ROOT, run, why_failed
+from tests.conftest import RECIPE, run_helper
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 
@@ -15,22 +15,7 @@ STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 @pytest.fixture(scope="module")
 def results(tiny_model, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("strategies") / "results.json"
-    proc = run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(ROOT / "tests/helpers/strategy_worker.py"),
-            str(out),
-            str(tiny_model),
-            str(tiny_data["train"]),
-            RECIPE,
-        ],
-        cwd=out.parent,
-        timeout=600,
-    )
-    assert proc.returncode == 0, why_failed(proc)
+    run_helper("strategy_worker", [str(out), str(tiny_model), str(tiny_data["train"]), RECIPE], cwd=out.parent)
     return json.loads(out.read_text())
 
 

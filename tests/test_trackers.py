@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPE, run, tiny_args, why_failed
+from tests.conftest import RECIPE, launcher_cli, run, tiny_args, why_failed
 
 pytest.importorskip("wandb", reason="the tracking extra (pip install 'launcher[tracking]') is not installed")
 pytest.importorskip("mlflow", reason="the tracking extra (pip install 'launcher[tracking]') is not installed")
@@ -117,5 +117,5 @@ def test_bad_tracker_settings_are_usage_errors_naming_the_setting(tmp_path):
     home = {"HOME": str(tmp_path)}  # no ~/.netrc login there
     assert "W&B has no credentials here" in problems("wandb", environ=home)[0]
     assert problems("wandb,mlflow", environ={**home, "WANDB_MODE": "offline"}) == []
-    proc = run(["launcher", "run", RECIPE, "tracking.report_to=wandb,comet", "--dry-run"], cwd=tmp_path)
+    proc = launcher_cli(["run", RECIPE, "tracking.report_to=wandb,comet", "--dry-run"], cwd=tmp_path)
     assert proc.returncode == 2 and "tracking.report_to=wandb,comet: no tracker named comet" in proc.stderr, proc.stderr

@@ -256,3 +256,16 @@ def test_a_test_command_that_times_out_takes_its_children_along(tmp_path):
     while state() not in ("", "Z") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert state() in ("", "Z"), f"the command's child {child} is still running ({state()}) 5 s after the timeout"
+
+
+def test_deepspeed_imports_without_mlflow_and_its_autotuner_still_loads():
+    """DeepSpeed's autotuner imports mlflow (2-3 s of every ZeRO rank's start) when deepspeed is imported: deferred
+    by the process environment until the autotuner is asked for. A fresh process: this one has imported both."""
+    code = (
+        "import sys\nfrom launcher.environment import quiet_libraries\nquiet_libraries()\n"
+        "import deepspeed, deepspeed.runtime.config\nprint('mlflow' in sys.modules)\n"
+        "from deepspeed.autotuning import Autotuner\nprint(Autotuner.__name__)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ["False", "Autotuner"], proc.stdout

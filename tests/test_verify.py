@@ -11,7 +11,7 @@ from launcher import verify as probe
 from launcher.config import RunConfig
 from launcher.counting import planning_config
 from launcher.overrides import apply_overrides
-from tests.conftest import ROOT, run, why_failed
+from tests.conftest import ROOT, launcher_cli, run, why_failed
 
 GiB = 2**30
 
@@ -47,7 +47,7 @@ def test_a_small_model_is_probed_as_it_is_and_a_large_one_scaled_to_the_machine(
     assert tight.config["hidden_size"] < scaled.config["hidden_size"]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_verify_measures_the_model_state_the_plan_says(tmp_path):
     """The 8B shape's QLoRA under ZeRO-3 is probed as a scaled-down Llama on 2 gloo ranks: every model-state term
     as planned within 2%, the peak resident memory above an idle rank within 20% of the CPU rank's planned total."""
@@ -78,6 +78,6 @@ def test_verify_measures_the_model_state_the_plan_says(tmp_path):
     ],
 )
 def test_bad_verify_input_is_a_usage_error(args, message, tmp_path):
-    proc = run(["launcher", "plan", *args], cwd=ROOT, timeout=120, env={"LAUNCHER_CACHE": str(tmp_path)})
+    proc = launcher_cli(["plan", *args], cwd=ROOT, env={"LAUNCHER_CACHE": str(tmp_path)})
     assert proc.returncode == 2, why_failed(proc)
     assert message in proc.stderr and "Traceback" not in proc.stderr

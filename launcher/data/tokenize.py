@@ -41,7 +41,8 @@ def recipe_file(cfg: Any) -> str:
     return os.path.abspath(sys.modules[type(cfg).__module__].__file__)
 
 
-def cache_key(cfg: Any, split: str, rows: int, tokenizer: Any) -> dict[str, Any]:
+def cache_key(cfg: Any, split: str, rows: int | None, tokenizer: Any) -> dict[str, Any]:
+    """What a split's tokenized rows depend on (`rows` and `tokenizer` None for a tokenizer learnt from the data)."""
     from launcher.data import cache as datacache
     from launcher.data.files import source_path
 
@@ -51,7 +52,7 @@ def cache_key(cfg: Any, split: str, rows: int, tokenizer: Any) -> dict[str, Any]
         "split": split,
         "data": {s: digest for s, digest in sources.items() if getattr(d, s)},
         "rows": rows,
-        "tokenizer": datacache.tokenizer_digest(tokenizer),
+        "tokenizer": datacache.tokenizer_digest(tokenizer) if tokenizer is not None else None,
         "settings": tokenization_settings(cfg),
         "code": datacache.file_digest(recipe_file(cfg)),
     }

@@ -94,17 +94,23 @@ def bpe_tokenizer(texts: Iterable[str], vocab_size: int):
     )
 
 
-def cached_tokenizer(key: dict, build, cache_dir: str):
-    """A tokenizer built once per node (file lock, see launcher.data.cache) and read by every rank: all ranks get
-    byte-identical vocabularies, and the next run reuses it (which keeps the tokenized-data cache valid)."""
+def learnt_tokenizer(cfg, build: Callable[[], object]):
+    """The tokenizer `build()` learns from the training data, built once per node (file lock, see launcher.data.cache)
+    and read by every rank: all ranks get byte-identical vocabularies, and the next run reuses it (which keeps the
+    tokenized-data cache valid). Its key is the tokenized data's, split aside: the training file's content, every
+    setting that may shape tokenization and the recipe file. With data.cache=false it is simply built."""
     from transformers import AutoTokenizer
 
     from launcher.data import cache as datacache
+    from launcher.data.tokenize import cache_key
 
+    if not cfg.data.cache:
+        return build()
+    key = {"learnt_tokenizer": cache_key(cfg, split="train", rows=None, tokenizer=None)}
     entry = datacache.cached(
         key,
         lambda: (build(), []),
-        cache_dir,
+        cfg.data.cache_dir or datacache.default_dir(),
         save=lambda tok, folder: tok.save_pretrained(folder),
         load=AutoTokenizer.from_pretrained,
         wait_message="building the tokenizer",

@@ -12,6 +12,7 @@ import torch
 from launcher.environment import quiet_libraries
 from launcher.worker import adalora, dist
 from launcher.worker.adapters import apply_adapter
+from tests.helpers import imports_frozen
 from tests.helpers.matrix_worker import HEADS, TASK_TYPE, batch_for, block_types, build_model, cell_config, engine_for
 
 STEPS = 5
@@ -51,6 +52,7 @@ def run(strategy: str, folder: str, ranks: dist.Ranks) -> dict:
 def main() -> None:
     out, strategies = sys.argv[1], sys.argv[2].split(",")
     quiet_libraries()
+    imports_frozen()
     ranks = dist.init()
     results = [run(s, f"{out}.{s}", ranks) for s in strategies]
     if ranks.is_main:

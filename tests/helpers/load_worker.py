@@ -27,6 +27,7 @@ from launcher.worker.memory import limit_heap_retention
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
 from launcher.worker.weights import Folder, has_meta, source_name, weights_for
+from tests.helpers import imports_frozen
 
 
 def settings(folder: str, strategy: str, adapter: str, precision: str) -> list[str]:
@@ -175,6 +176,7 @@ def one(recipe, folder: str, case: str, ranks: dist.Ranks) -> dict:
 
 def main() -> None:
     quiet_libraries()
+    imports_frozen()
     limit_heap_retention()
     out_path, folder, cases = sys.argv[1], sys.argv[2], sys.argv[3:]
     recipe = load_recipe(str(Path(__file__).resolve().parents[2] / "recipes" / "qlora_sft.py"))

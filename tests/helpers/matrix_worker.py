@@ -28,6 +28,7 @@ from launcher.worker.adapters import apply_adapter
 from launcher.worker.export import save_model
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
+from tests.helpers import imports_frozen
 
 HEADS = {"llama": [], "bert": ["classifier"]}
 TASK_TYPE = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
@@ -204,6 +205,7 @@ def main() -> None:
     out, kinds, cells_path = sys.argv[1:4]
     precision = sys.argv[4] if len(sys.argv) > 4 else "fp32"
     quiet_libraries()
+    imports_frozen()
     ranks = dist.init()
     with open(cells_path) as f:
         cells = json.load(f)

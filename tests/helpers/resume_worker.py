@@ -23,6 +23,7 @@ from launcher.plan import build_plan
 from launcher.recipe import Recipe
 from launcher.worker import dist
 from launcher.worker.main import run
+from tests.helpers import imports_frozen
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "lora_cls.py")
 
@@ -79,6 +80,7 @@ def one(recipe: Recipe, name: str, case: dict, settings: list[str], root: str, r
 def main() -> None:
     out_path, root, model, train, evals, cases_path = sys.argv[1:7]
     quiet_libraries()
+    imports_frozen()
     ranks = dist.init(job_from_environ())
     recipe = Recipe.load(RECIPE)
     with open(cases_path) as f:

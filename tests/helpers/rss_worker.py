@@ -19,6 +19,7 @@ import torch
 from launcher.environment import quiet_libraries
 from launcher.worker import dist, holdings, memory
 from launcher.worker.adapters import apply_adapter
+from tests.helpers import imports_frozen
 from tests.helpers.matrix_worker import block_types, cell_config, engine_for
 
 SHAPE = {
@@ -87,6 +88,7 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
 def main() -> None:
     out, cases_path = sys.argv[1:3]
     quiet_libraries()
+    imports_frozen()
     memory.limit_heap_retention()  # as a rank does (worker/main.py)
     ranks = dist.init()
     import bitsandbytes  # noqa: F401  (imported before any baseline: a library's import is not the cell's memory)

@@ -20,6 +20,7 @@ from launcher.worker.adapters import apply_adapter
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.strategies import EngineInputs, build_engine
 from launcher.worker.weights import load_whole
+from tests.helpers import imports_frozen
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 # Each strategy also runs under these variants (settings added to the fp32 baseline).
@@ -165,6 +166,7 @@ def _local(p: torch.Tensor) -> torch.Tensor:
 def main() -> None:
     out, model_dir, train = sys.argv[1:4]
     quiet_libraries()
+    imports_frozen()
     ranks = dist.init()
     recipe = load_recipe(sys.argv[4])
     results = {name: {"alone": alone(recipe, model_dir, train, tuple(VARIANTS[name]))} for name in ADVERSARIAL}
