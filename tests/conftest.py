@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -257,65 +256,11 @@ def loopback_nodes(tmp_path_factory):
         yield Path(config)
 
 
-class SessionWorker:
-    """tests/helpers/session_worker.py on `nproc` ranks, started at its first run and ended with the session: short
-    recipe runs whose tests read only what the run wrote go through it, in its process group, instead of each
-    paying a launch (the imports of every rank, the group's start: most of a tiny run's time)."""
-
-    def __init__(self, nproc: int, folder: Path):
-        self.nproc, self.folder = nproc, folder
-        self.proc: subprocess.Popen | None = None
-        self.queue, self.k, self.starts = folder, 0, 0
-
-    def run(self, recipe: str, overrides: list[str], *, cwd: Path, env: dict | None = None, timeout: int = 600):
-        """Run `recipe` with `overrides` as `launcher run RECIPE --nproc N ...` would, in `cwd` with `env` added;
-        returns a CompletedProcess: its exit code, rank 0's output and the refusal or traceback in stderr."""
-        request = {"recipe": str(recipe), "overrides": [str(o) for o in overrides], "cwd": str(cwd), "env": env or {}}
-        deadline = time.monotonic() + timeout
-        for _ in range(2):  # a worker that ended between runs (it was not given this one yet) is started again
-            if self.proc is None or self.proc.poll() is not None:
-                self._start()
-            self.k += 1
-            (self.queue / f"{self.k}.json").write_text(json.dumps(request))
-            done, started = self.queue / f"{self.k}.done.json", self.queue / f"{self.k}.started"
-            while not done.exists() and self.proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if done.exists() or started.exists() or self.proc.poll() is None:
-                break
-        if not done.exists():
-            self.close()
-            log = (self.queue / "worker.log").read_text()[-6000:]
-            raise AssertionError(f"the session worker ended or stalled on {request}:\n{log}")
-        outcome = json.loads(done.read_text())
-        out, err = (self.queue / f"{self.k}.rank0.{name}" for name in ("out", "err"))
-        argv = ["launcher", "run", recipe, "--nproc", str(self.nproc), *overrides]
-        return subprocess.CompletedProcess(argv, outcome["code"], out.read_text(), err.read_text() + outcome["error"])
-
-    def _start(self) -> None:
-        self.starts += 1
-        self.queue, self.k = self.folder / f"queue-{self.starts}", 0
-        self.queue.mkdir()
-        argv = ["torchrun", "--standalone", "--nproc_per_node", str(self.nproc)]
-        argv += [str(ROOT / "tests" / "helpers" / "session_worker.py"), str(self.queue)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        with (self.queue / "worker.log").open("w") as log:
-            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def close(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.k += 1
-        (self.queue / f"{self.k}.json").write_text(json.dumps({"recipe": ""}))
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
 @pytest.fixture(scope="session")
 def ranks2(tmp_path_factory):
     """The session's 2-rank worker (SessionWorker)."""
+    from tests.helpers.session_worker import SessionWorker
+
     worker = SessionWorker(2, tmp_path_factory.mktemp("ranks2"))
     yield worker
     worker.close()
@@ -324,6 +269,8 @@ def ranks2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def ranks1(tmp_path_factory):
     """The session's 1-rank worker (SessionWorker)."""
+    from tests.helpers.session_worker import SessionWorker
+
     worker = SessionWorker(1, tmp_path_factory.mktemp("ranks1"))
     yield worker
     worker.close()

@@ -168,13 +168,13 @@ def _train_losses(folder) -> dict[int, float]:
 
 
 def _resume_and_compare(
-    original, world: int, settings: list[str], tmp_path, tiny_data, still_model, tolerance: float = 1e-4
+    original, worker, settings: list[str], tmp_path, tiny_data, still_model, tolerance: float = 1e-4
 ) -> None:
-    """Resume `original`'s step-3 checkpoint on `world` processes: the same steps follow, within `tolerance`."""
+    """Resume `original`'s step-3 checkpoint on `worker`'s processes: the same steps follow, within `tolerance`."""
     out = tmp_path / "resumed"
     ckpt = original / "checkpoints/step-00000003"
     args = tiny_args(still_model, tiny_data, out, "train.epochs=2", *settings, f"resume={ckpt}")
-    proc = run(["launcher", "run", RECIPE, "--nproc", str(world), *args], cwd=tmp_path)
+    proc = worker.run(RECIPE, args, cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
     assert "train.grad_accum=" in proc.stdout and "each step still trains 16 examples" in proc.stdout
     before, after = _train_losses(original), _train_losses(out)
@@ -186,22 +186,22 @@ def _resume_and_compare(
 
 
 @pytest.mark.parametrize("case", _cases(RESIZE))
-def test_a_run_resumes_on_fewer_processes_with_the_same_steps(resumed, case, tmp_path, tiny_data, still_model):
+def test_a_run_resumes_on_fewer_processes_with_the_same_steps(ranks1, resumed, case, tmp_path, tiny_data, still_model):
     from pathlib import Path
 
     strategy, world, extra, tolerance = RESIZE[case]
+    assert world == 1
     original = Path(resumed["root"]) / case / "run"
-    _resume_and_compare(original, world, [*_still(strategy), *extra], tmp_path, tiny_data, still_model, tolerance)
+    _resume_and_compare(original, ranks1, [*_still(strategy), *extra], tmp_path, tiny_data, still_model, tolerance)
 
 
-def test_a_run_resumes_on_more_processes_with_the_same_steps(tmp_path, tiny_data, still_model):
+def test_a_run_resumes_on_more_processes_with_the_same_steps(ranks1, ranks2, tmp_path, tiny_data, still_model):
     original = tmp_path / "one"
     # One process accumulating 2 micro-batches of 8: 16 examples per step, as 2 processes make without accumulating.
     settings = [*_still("zero3"), "train.grad_accum=2"]
-    args = tiny_args(still_model, tiny_data, original, "train.epochs=2", *settings)
-    proc = run(["launcher", "run", RECIPE, "--nproc", "1", *args], cwd=tmp_path)
+    proc = ranks1.run(RECIPE, tiny_args(still_model, tiny_data, original, "train.epochs=2", *settings), cwd=tmp_path)
     assert proc.returncode == 0, why_failed(proc)
-    _resume_and_compare(original, 2, _still("zero3"), tmp_path, tiny_data, still_model)
+    _resume_and_compare(original, ranks2, _still("zero3"), tmp_path, tiny_data, still_model)
 
 
 # ------------------------------------------------------------------ a real run's checkpoints, damaged and refused

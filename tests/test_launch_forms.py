@@ -140,11 +140,10 @@ def test_dry_run_prints_config_commands_and_deepspeed_json_and_writes_nothing(ti
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_eval_every_evaluates_during_training(tiny_model, tiny_data, tmp_path):
+def test_eval_every_evaluates_during_training(ranks1, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "run"
-    proc = run(
-        [sys.executable, RECIPE, *tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", "train.eval_every=2")],
-        cwd=tmp_path,
+    proc = ranks1.run(
+        RECIPE, tiny_args(tiny_model, tiny_data, out, "train.max_steps=3", "train.eval_every=2"), cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

@@ -61,7 +61,10 @@ def test_a_written_folder_trains_through_the_recipe(ranks1, folder, tmp_path):
         "adapter=lora",
         "train.max_steps=2",
         "train.log_every=1",
+        "train.micro_batch_size=4",  # what the assertions need: two steps of a few rows, no evaluation
         "data.max_length=256",
+        "data.max_train_rows=32",
+        "data.eval=",
         f"output_dir={out}",
     ]
     proc = ranks1.run(str(ROOT / "recipes" / "qlora_sft.py"), settings, cwd=tmp_path)

@@ -255,7 +255,7 @@ def test_bad_data_stops_before_any_worker(tmp_path, rows, expected):
     assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_chat_rows_train_and_generate(tmp_path):
+def test_chat_rows_train_and_generate(ranks1, tmp_path):
     """A chat dataset end to end in one process: trains, evaluates, writes generations."""
     convo = [
         {"role": "user", "content": "Capital of France?"},
@@ -274,7 +274,7 @@ def test_chat_rows_train_and_generate(tmp_path):
         "train.micro_batch_size=2",
         f"output_dir={out}",
     ]
-    proc = run(["python", RECIPE, *settings], cwd=tmp_path)
+    proc = ranks1.run(RECIPE, settings, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len(generations) == 2 and generations[0]["reference"] == "Paris."

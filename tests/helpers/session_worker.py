@@ -18,9 +18,12 @@ import contextlib
 import gc
 import json
 import os
+import signal
+import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -34,6 +37,8 @@ from launcher.rundir import release_claims
 from launcher.worker import dist
 from launcher.worker import main as rank_main
 from tests.helpers import imports_frozen
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def next_request(queue: str, k: int) -> dict:
@@ -101,6 +106,65 @@ def main() -> None:
             os._exit(1)
     dist.shutdown()
     os._exit(0)
+
+
+# ------------------------------------------------------------------------------------------ the tests' side
+
+
+class SessionWorker:
+    """This program on `nproc` ranks (conftest's ranks1 and ranks2), started at its first run and ended with the
+    session: short recipe runs whose tests read only what the run wrote go through it, in its process group, instead
+    of each paying a launch (the imports of every rank, the group's start: most of a tiny run's time)."""
+
+    def __init__(self, nproc: int, folder: Path):
+        self.nproc, self.folder = nproc, folder
+        self.proc: subprocess.Popen | None = None
+        self.queue, self.k, self.starts = folder, 0, 0
+
+    def run(self, recipe: str, overrides: list[str], *, cwd: Path, env: dict | None = None, timeout: int = 600):
+        """Run `recipe` with `overrides` as `launcher run RECIPE --nproc N ...` would, in `cwd` with `env` added;
+        returns a CompletedProcess: its exit code, rank 0's output and the refusal or traceback in stderr."""
+        request = {"recipe": str(recipe), "overrides": [str(o) for o in overrides], "cwd": str(cwd), "env": env or {}}
+        deadline = time.monotonic() + timeout
+        for _ in range(2):  # a worker that ended between runs (it was not given this one yet) is started again
+            if self.proc is None or self.proc.poll() is not None:
+                self._start()
+            self.k += 1
+            (self.queue / f"{self.k}.json").write_text(json.dumps(request))
+            done, started = self.queue / f"{self.k}.done.json", self.queue / f"{self.k}.started"
+            while not done.exists() and self.proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if done.exists() or started.exists() or self.proc.poll() is None:
+                break
+        if not done.exists():
+            self.close()
+            log = (self.queue / "worker.log").read_text()[-6000:]
+            raise AssertionError(f"the session worker ended or stalled on {request}:\n{log}")
+        outcome = json.loads(done.read_text())
+        out, err = (self.queue / f"{self.k}.rank0.{name}" for name in ("out", "err"))
+        argv = ["launcher", "run", recipe, "--nproc", str(self.nproc), *overrides]
+        return subprocess.CompletedProcess(argv, outcome["code"], out.read_text(), err.read_text() + outcome["error"])
+
+    def _start(self) -> None:
+        self.starts += 1
+        self.queue, self.k = self.folder / f"queue-{self.starts}", 0
+        self.queue.mkdir()
+        argv = ["torchrun", "--standalone", "--nproc_per_node", str(self.nproc)]
+        argv += [os.path.abspath(__file__), str(self.queue)]
+        env = {**os.environ, "PYTHONPATH": ROOT}
+        with (self.queue / "worker.log").open("w") as log:
+            self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def close(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.k += 1
+        (self.queue / f"{self.k}.json").write_text(json.dumps({"recipe": ""}))
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
 
 
 if __name__ == "__main__":
