@@ -35,6 +35,9 @@ if ! installed launcher deepspeed peft bitsandbytes datasets rich pytest ruff >/
   touch .venv/.launcher-installed
 fi
 # DeepSpeed's CPU ops, compiled once here rather than inside the first run (or test) that needs them.
-.venv/bin/python scripts/build_ops.py 2>/dev/null | grep -v "^DeepSpeed" \
-  || echo "setup: DeepSpeed's CPU ops were not prebuilt (they build on first use)"
+if built=$(.venv/bin/python scripts/build_ops.py 2>/dev/null); then
+  [ -z "$built" ] || grep -v "^DeepSpeed" <<<"$built" || true
+else
+  echo "setup: DeepSpeed's CPU ops were not prebuilt (they build on first use)"
+fi
 echo "setup: ready (torch $(installed torch))"
