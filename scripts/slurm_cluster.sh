@@ -18,18 +18,18 @@ fi
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
 stop() {
-  for d in slurmctld slurmd; do
+  for d in slurmctld slurmd munged; do
     if [ -f "$dir/$d.pid" ]; then kill "$(cat "$dir/$d.pid")" 2>/dev/null || true; fi
   done
   for _ in $(seq 50); do
     alive=0
-    for d in slurmctld slurmd; do
+    for d in slurmctld slurmd munged; do
       if [ -f "$dir/$d.pid" ] && kill -0 "$(cat "$dir/$d.pid")" 2>/dev/null; then alive=1; fi
     done
     [ $alive -eq 0 ] && break
     sleep 0.1
   done
-  rm -f "$dir/slurmctld.pid" "$dir/slurmd.pid"
+  rm -f "$dir/slurmctld.pid" "$dir/slurmd.pid" "$dir/munged.pid"
 }
 case "$action" in
 stop) stop; exit 0 ;;
@@ -44,13 +44,15 @@ for cmd in munged slurmctld slurmd sbatch scontrol; do
   fi
 done
 export PATH="$PATH:/usr/sbin"
-# munge authenticates Slurm's messages: one daemon for the machine, with the key the package made.
+# munge authenticates Slurm's messages: one daemon for the machine, with the key the package made. One this script
+# starts is stopped by `stop` (its pid in DIR); one that was running already is left alone.
 if ! munge -n >/dev/null 2>&1; then
   mkdir -p /run/munge /var/log/munge /var/lib/munge
   chown munge:munge /run/munge /var/log/munge /var/lib/munge
   [ -f /etc/munge/munge.key ] || { mungekey --create 2>/dev/null || create-munge-key -f; chown munge:munge /etc/munge/munge.key; }
   runuser -u munge -- munged
   for _ in $(seq 50); do munge -n >/dev/null 2>&1 && break; sleep 0.1; done
+  [ ! -f /run/munge/munged.pid ] || cp /run/munge/munged.pid "$dir/munged.pid"
 fi
 if [ -f "$dir/slurmctld.pid" ] && kill -0 "$(cat "$dir/slurmctld.pid")" 2>/dev/null; then
   echo "$dir/slurm.conf"  # already running
