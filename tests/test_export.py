@@ -7,6 +7,7 @@ and a QLoRA causal LM merged into its dequantized bf16 base (2e-2). Bad input st
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -161,7 +162,25 @@ def test_export_refuses_what_it_cannot_export_and_writes_nothing(classifier, tmp
         f.write(b"!")
     code, _, err = export(capsys, str(tampered), "--out", str(tmp_path / "b"))
     assert code == 2 and f"{tampered / 'state.pt'} does not match its checksum" in err, err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "b.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "tampered"], "nothing written, nothing left"
+
+
+def test_an_export_never_touches_a_folder_named_like_its_temporary_one(classifier, tmp_path, capsys):
+    """The user's own OUT.tmp beside --out OUT: kept as it was; the export writes under a name of its own."""
+    (tmp_path / "m.tmp").mkdir()
+    (tmp_path / "m.tmp" / "notes.txt").write_text("mine")
+    code, _, err = export(capsys, str(classifier / "checkpoints" / "step-00000006"), "--out", str(tmp_path / "m"))
+    assert code == 0, err
+    assert (tmp_path / "m.tmp" / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "m" / "adapter_model.safetensors").stat().st_size > 1000
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o777 & ~_umask(), "an ordinary folder, not a private one"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "m.tmp"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_a_merged_crf_tagger_decodes_with_the_docs_code_to_the_training_runs_predictions(ranks2, tmp_path, capsys):

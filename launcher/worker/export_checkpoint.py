@@ -10,7 +10,8 @@
   recipe's tokenizer, task and model, the adapter, the frozen base from `model=`), with the checkpoint's trained
   tensors (whole, whatever strategy wrote them), then peft's merge_and_unload.
 - an adapter run without --merge: the peft adapter, the tokenizer, labels.json and the model's config (id2label).
-The folder is written as DIR.tmp and renamed, then (models up to CHECK_LIMIT_BYTES) loaded back with
+The folder is written under a temporary name of its own beside DIR (never a name the user may have used) and
+renamed, then (models up to CHECK_LIMIT_BYTES) loaded back with
 `transformers` and its logits compared with the trained model's on a few eval examples.
 """
 
@@ -78,9 +79,7 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
             "weights: there is nothing to merge; export without --merge (the adapter loads with peft)"
         )
     tokenizer, task = _tokenizer_and_task(recipe, cfg)
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    tmp = _own_temporary_folder(out)
     model = None
     try:
         # A merge streams tensor by tensor (peak memory: a shard being written), without the trained model whole.
@@ -110,6 +109,19 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
     if why:
         notes.append(why)
     return Exported(out, kind, difference, examples, notes)
+
+
+def _own_temporary_folder(out: str) -> str:
+    """A new, empty folder beside `out` that nothing else has (mkdtemp), readable as an ordinary folder once
+    renamed (mkdtemp's own is private to its owner)."""
+    import tempfile
+
+    final = os.path.abspath(out.rstrip("/"))
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.", suffix=".tmp", dir=os.path.dirname(final))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
 
 
 def _fp32_bytes(recipe, cfg, task) -> int:
