@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shlex
 import sys
 
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
@@ -167,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge the adapter into the base weights (a quantized base is dequantized, the model written in bf16)",
     )
+    export.add_argument(
+        "--recipe",
+        default="",
+        metavar="PATH",
+        help="the recipe that rebuilds the model (default: the checkpoint's own copy of the recipe that wrote it)",
+    )
     matrix = sub.add_parser(
         "matrix",
         help="show which strategy x adapter x optimizer combinations are supported, and why not",
@@ -259,7 +266,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from launcher.worker.export_checkpoint import export
 
     print(f"launcher: exporting {args.checkpoint}{' (merged)' if args.merge else ''}", flush=True)
-    done = export(args.checkpoint, args.out, merge=args.merge)
+    done = export(args.checkpoint, args.out, merge=args.merge, recipe_path=args.recipe)
     for note in done.notes:
         print(f"note: {note}")
     what = {"adapter": "the adapter (peft)", "merged": "the merged model", "model": "the model"}[done.kind]
@@ -315,7 +322,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         path, commands = _rank_commands(plan, args.nproc)
         sections = dry_run_sections(plan.config, args.nproc, job.cuda)
-        print_dry_run(plan.to_json(), path, [render(c) for c in commands], args.nproc, sections)
+        print_dry_run(plan.to_json(), path, [render(c) for c in commands], args.nproc, sections, _deletes(plan))
         return 0
     from launcher.launch.execute import run_restarting
     from launcher.rundir import claim
@@ -335,6 +342,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs = logs_folder(os.path.abspath(plan.config.output_dir))
     # Each start gets a fresh rendezvous port: the last one's may still be held by its dead ranks' sockets.
     return run_restarting(lambda restart: _rank_commands(plan, args.nproc)[1], args.max_restarts, logs)
+
+
+def _deletes(plan) -> str:
+    """What the run would delete in its folder, said by a dry run (a folder the run would refuse is refused here,
+    exit 2, as the run would be)."""
+    from launcher.rundir import earlier_files
+
+    if not plan.output_dir_given:  # a default name: a taken one is never touched, the next free one is used
+        return ""
+    deleted = earlier_files(plan.config.output_dir, plan.config)
+    if not deleted:
+        return ""
+    return f"overwrite=true will delete the earlier run's {', '.join(deleted)} in {plan.config.output_dir}"
 
 
 def cmd_run_nodes(args: argparse.Namespace) -> int:
@@ -376,7 +396,7 @@ def cmd_run_nodes(args: argparse.Namespace) -> int:
             lines.append(f"{launch.environ['DS_ENV_FILE']} (DeepSpeed's env file, secrets masked):")
             lines += [_masked_line(line) for line in launch.env_file.splitlines()]
         sections = dry_run_sections(plan.config, cluster.world, job.cuda)
-        print_dry_run(plan.to_json(), path, lines, cluster.world, sections)
+        print_dry_run(plan.to_json(), path, lines, cluster.world, sections, _deletes(plan))
         return 0
     from launcher.rundir import claim
 
@@ -448,7 +468,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     write_atomic(path, script)
     print(f"wrote {path}")
     if not args.submit:
-        print(f"submit it with: sbatch {path}")
+        print(f"submit it with: sbatch {shlex.quote(path)}")
         return 0
     try:
         out = subprocess.run(["sbatch", "--parsable", path], capture_output=True, text=True)

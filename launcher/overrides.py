@@ -15,6 +15,7 @@ import math
 import textwrap
 import types
 import typing
+import unicodedata
 from functools import cache
 from typing import Any, Literal
 
@@ -32,10 +33,26 @@ def split_override(arg: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+CONTROL_NAMES = {"\n": "a line break", "\r": "a carriage return", "\t": "a tab", "\x1b": "an escape", "\x00": "a NUL"}
+
+
+def control_characters(text: str) -> str:
+    """Why `text` cannot go into a command line or a generated script (a line break ends a script's line, and what
+    follows it runs), or empty: every control character is refused."""
+    found = sorted({c for c in text if unicodedata.category(c) == "Cc"})
+    if not found:
+        return ""
+    names = ", ".join(CONTROL_NAMES.get(c, f"the control character {c!r}") for c in found)
+    return f"holds {names}, which no command line or batch script may carry: remove it"
+
+
 def apply_overrides(cfg: Any, args: list[str]) -> Any:
     """Return a copy of `cfg` with every `key=value` in `args` applied; all problems reported at once."""
     cfg = copy.deepcopy(cfg)
     pairs = [split_override(a) for a in args]
+    unsafe = [f"{split_override(a)[0]}={a.split('=', 1)[1]!r}: {why}" for a in args if (why := control_characters(a))]
+    if unsafe:
+        raise ConfigError(unsafe)
     given: dict[str, str] = {}
     twice = []
     for key, raw in pairs:

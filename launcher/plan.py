@@ -309,7 +309,13 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         )
     cfg, resumed = _resumed_accumulation(cfg, env, given)
     check(cfg, env)
+    from launcher.data.files import forget_reads, rows_read
+
+    forget_reads()
     recipe.check(cfg)
+    problem = batch_larger_than_data(cfg.train.micro_batch_size, env.world_size, rows_read("train"))
+    if problem:
+        raise ConfigError(problem)
     return Plan(
         recipe=recipe.path,
         name=type(cfg).recipe,
@@ -321,6 +327,21 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         notes=chosen + ignored_settings(cfg, given) + resumed + _elastic_notes(env),
         output_dir_given="output_dir" in given,
         config=cfg,
+    )
+
+
+def batch_larger_than_data(micro_batch: int, world_size: int, rows: int | None) -> str:
+    """A micro-batch larger than the train rows each process gets (None: not known before launch): every step
+    would take all of them and then some, in memory planned for the whole micro-batch; a mistake, said with the
+    largest that makes sense."""
+    if rows is None:
+        return ""
+    each = -(-rows // max(1, world_size))
+    if micro_batch <= each:
+        return ""
+    return (
+        f"train.micro_batch_size={micro_batch}: larger than the data each process gets ({rows:,} train rows over "
+        f"{world_size} process(es): {each:,} each); give train.micro_batch_size={each} or less"
     )
 
 

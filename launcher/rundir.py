@@ -2,7 +2,9 @@
 
 The claimer (the launcher, or rank 0 of a direct form) takes an exclusive lock on `output_dir/.lock` and keeps it
 until it exits, then writes the plan. A directory whose lock is held has a run in progress: refused. One that holds
-a plan from an earlier run: refused unless `overwrite=true`, which deletes that run's files first. A default run
+a plan from an earlier run: refused unless `overwrite=true`, which deletes that run's files first (and only
+those). Anything else a run would write over is refused, overwrite or not: a config.json that is not a launcher
+plan, files named like a run's outputs with no plan beside them, a symbolic link where a run writes. A default run
 directory (the user named none) is never refused: the next free name (`-2`, `-3`, ...) is taken instead, so jobs
 of a sweep started in the same second each get their own."""
 
@@ -10,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import json
 import os
+import re
 import shutil
+import sys
 import time
 from typing import IO
 
@@ -56,27 +61,85 @@ def claim(plan: Plan) -> Plan:
                     f"give another output_dir"
                 )
             continue
-        previous = os.path.join(folder, PLAN_FILE)
-        if os.path.exists(previous):
-            if not plan.output_dir_given:
-                _release(lock)
-                continue
-            if not plan.config.resume:  # a resumed run goes on in its folder: its checkpoints and metrics stay
-                if not plan.config.overwrite:
-                    _release(lock)
-                    written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(previous)))
-                    raise ConfigError(
-                        f"output_dir={base} already holds a run (its {PLAN_FILE} was written {written}): give "
-                        f"another output_dir, add resume=auto to continue it from its newest checkpoint, or add "
-                        f"overwrite=true to replace it"
-                    )
-                _clear(folder)
+        try:
+            deleted = earlier_files(folder, plan.config)
+        except ConfigError:
+            _release(lock)
+            if plan.output_dir_given:
+                raise
+            continue  # a default name already taken: the next one
+        if deleted:
+            print(f"overwrite=true: deleting the earlier run's {', '.join(deleted)} in {folder}", file=sys.stderr)
+            _clear(folder, deleted)
         if folder != base:
             plan = dataclasses.replace(plan, config=dataclasses.replace(plan.config, output_dir=folder))
         write_atomic(os.path.join(folder, PLAN_FILE), plan.to_json())
         _held.append(lock)
         return plan
     raise ConfigError(f"output_dir={base}: 999 runs with this name already; give output_dir")
+
+
+def earlier_files(folder: str, cfg) -> list[str]:
+    """What claiming `folder` for a run of `cfg` deletes (overwrite=true over an earlier launcher run: the names
+    of that run's files), or a ConfigError when the folder cannot be used as it is: an earlier run without
+    overwrite=true or resume, a config.json no launcher run wrote, files named like a run's outputs that no run
+    wrote, a symbolic link where a run writes. Reads only: `--dry-run` shows the same answer the run acts on."""
+    if not os.path.isdir(folder):
+        return []
+    links = [n for n in (LOCK, *RUN_FILES) if os.path.islink(os.path.join(folder, n))]
+    if links:
+        shown = ", ".join(f"{n} (to {os.readlink(os.path.join(folder, n))})" for n in links)
+        raise ConfigError(
+            f"output_dir={folder}: {shown} is a symbolic link where a run writes its own files (it would write "
+            f"through it): remove the link, or give another output_dir"
+        )
+    present = [n for n in RUN_FILES if os.path.lexists(os.path.join(folder, n)) and not _batch_logs_only(folder, n)]
+    previous = os.path.join(folder, PLAN_FILE)
+    if not os.path.exists(previous):
+        if present:
+            raise ConfigError(
+                f"output_dir={folder} holds {', '.join(present)}, named like a run's outputs but written by no "
+                f"launcher run (it has no plan of one): a run would replace them; move them, or give another "
+                f"output_dir"
+            )
+        return []
+    if not is_plan(previous):
+        raise ConfigError(
+            f"output_dir={folder} holds a {PLAN_FILE} that no launcher run wrote (it is not a launcher plan), so "
+            f"the folder is not a run's to replace, overwrite=true or not: give another output_dir (a new or empty "
+            f"folder)"
+        )
+    if cfg.resume:  # a resumed run goes on in its folder: its checkpoints and metrics stay
+        return []
+    if not cfg.overwrite:
+        written = time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(previous)))
+        raise ConfigError(
+            f"output_dir={folder} already holds a run (its {PLAN_FILE} was written {written}): give another "
+            f"output_dir, add resume=auto to continue it from its newest checkpoint, or add overwrite=true to "
+            f"replace it"
+        )
+    return present
+
+
+def is_plan(path: str) -> bool:
+    """Whether `path` is a plan a launcher run wrote: JSON with exactly a Plan's fields (another program's
+    config.json, a model's say, has others)."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    fields = {f.name for f in dataclasses.fields(Plan)}
+    return isinstance(data, dict) and set(data) == fields and isinstance(data.get("config"), dict)
+
+
+def _batch_logs_only(folder: str, name: str) -> bool:
+    """`logs/` holding only Slurm's output of the job `launcher sbatch` wrote (the job's first start claims the
+    folder its script already writes into)."""
+    path = os.path.join(folder, name)
+    if name != "logs" or not os.path.isdir(path):
+        return False
+    return all(re.fullmatch(r"slurm-\d+\.out", entry) for entry in os.listdir(path))
 
 
 def claim_rerun(plan: Plan) -> Plan:
@@ -111,7 +174,16 @@ def claimed_by_launcher(plan: Plan) -> bool:
 def _lock(folder: str) -> IO | None:
     """This process's exclusive lock on `folder` (made if needed), or None when another process holds it."""
     os.makedirs(folder, exist_ok=True)
-    handle = open(os.path.join(folder, LOCK), "a")
+    path = os.path.join(folder, LOCK)
+    try:  # never through a link: the lock would create or lock a file elsewhere
+        handle = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644), "a")
+    except OSError as e:
+        if not os.path.islink(path):
+            raise
+        raise ConfigError(
+            f"output_dir={folder}: {LOCK} is a symbolic link (to {os.readlink(path)}) where a run keeps its lock: "
+            f"remove the link, or give another output_dir"
+        ) from e
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -125,9 +197,9 @@ def _release(handle: IO) -> None:
     handle.close()
 
 
-def _clear(folder: str) -> None:
+def _clear(folder: str, names: list[str]) -> None:
     """Delete the files an earlier run wrote (and only those)."""
-    for name in RUN_FILES:
+    for name in names:
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 
-def print_dry_run(plan_json: str, plan_path: str, lines: list[str], nproc: int, sections: dict[str, dict]) -> None:
-    """The plan, each rank's command and whatever the strategy will be configured with (`sections`: title ->
-    JSON-ready dict, e.g. DeepSpeed's config)."""
+def print_dry_run(
+    plan_json: str, plan_path: str, lines: list[str], nproc: int, sections: dict[str, dict], deletes: str = ""
+) -> None:
+    """The plan, each rank's command, whatever the strategy will be configured with (`sections`: title ->
+    JSON-ready dict, e.g. DeepSpeed's config) and what the run would delete (`deletes`, a sentence, or empty)."""
     from rich.console import Console
     from rich.syntax import Syntax
 
@@ -20,6 +22,8 @@ def print_dry_run(plan_json: str, plan_path: str, lines: list[str], nproc: int, 
     for title, content in sections.items():
         console.print(f"[bold]{title}[/]")
         console.print(Syntax(json.dumps(content, indent=2), "json", theme="ansi_dark", background_color="default"))
+    if deletes:
+        console.print(f"[bold]{deletes}[/]", soft_wrap=True)
     console.print("[dim]dry run: nothing was started or written[/]")
 
 

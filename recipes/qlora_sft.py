@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import torch
 
 import launcher
-from launcher.config import Adapter, DataConfig, Kernels, QLora, RunConfig
+from launcher.config import VIRTUAL_TOKENS, Adapter, DataConfig, Kernels, QLora, RunConfig
 from launcher.data import note, read_split, tokenize
 from launcher.errors import ConfigError
 from launcher.task import Task
@@ -374,12 +374,14 @@ def finish(engine, task: Task, cfg: Config, ranks) -> None:
     prompts = task.info["prompts"]
     if not prompts:
         return
+    # Prefix tuning brings past keys and values of its own: generation recomputes the sequence at every token instead.
+    cache = not isinstance(cfg.adapter, VIRTUAL_TOKENS)
     engine.train(False)
+    if ranks.is_main:
+        print(f"generations: {len(prompts)} prompt(s), {cfg.data.max_new_tokens} new tokens each", flush=True)
     with torch.no_grad():
-        new = [
-            greedy(engine.forward, p["ids"], cfg.data.max_new_tokens, task.info["eos_token_id"], engine.device)
-            for p in prompts
-        ]
+        ids, eos, pad = [p["ids"] for p in prompts], task.info["eos_token_id"], task.info["pad_token_id"]
+        new = greedy(engine.forward, ids, cfg.data.max_new_tokens, eos, pad, engine.device, cache)
     engine.train(True)
     if ranks.is_main:
         decode = task.info["tokenizer"].decode

@@ -100,6 +100,8 @@ def test_random_shape_gives_the_same_initial_weights_at_1_and_2_ranks(tmp_path_f
 
 # The ~1B Llama shape (llama-3.2-1b's layers with a 1,000-token vocabulary: 0.97B parameters, 3.9 GB in fp32), each
 # case a real `launcher run` of 2 ranks: loads, trains 2 steps (the second with the optimizer's states), saves.
+GENERATES = "fsdp qlora"
+"""The case that runs the recipe's end-of-run generations (data.generations=4, 64 new tokens each)."""
 BIG_CASES = {
     "fsdp qlora": ["strategy=fsdp", "adapter=qlora", "precision=fp32"],
     "zero3 qlora": ["strategy=zero3", "adapter=qlora", "precision=fp32"],
@@ -142,8 +144,9 @@ def big_runs(big_folder, tmp_path_factory):
                 "data.max_train_rows=16",
                 "data.max_length=128",
                 "data.packing=false",
-                "data.eval=",
-                "data.generations=0",
+                # One case evaluates and generates as the recipe does by default (greedy generations under FSDP2,
+                # as many forwards as tokens); the others train and save only.
+                *(["data.max_eval_rows=8"] if case == GENERATES else ["data.eval="]),
                 "train.micro_batch_size=1",
                 "train.max_steps=2",
                 "train.log_every=1",
@@ -195,6 +198,9 @@ def test_a_1b_model_loads_into_each_rank_part_trains_and_saves(big_runs, big_fol
         return
     saved = load_file(str(r["dir"] / "adapter" / "adapter_model.safetensors"))
     assert sum(t.numel() for t in saved.values()) == s["trainable_parameters"] > 0
+    if case == GENERATES:  # the recipe's defaults: 4 prompts, their generations written after the adapter
+        lines = (r["dir"] / "generations.jsonl").read_text().splitlines()
+        assert len(lines) == 4 and all(json.loads(line)["prompt"] for line in lines)
     # What loading added on each rank (measured: peak RSS once the model is wrapped, minus RSS before it was built)
     # stays below 40% of one fp32 copy: a rank's bf16 shard is 25%, a whole bf16 copy would be 50%, a whole fp32
     # copy 100% (measured: fsdp/zero3 qlora 825, fsdp lora 1090, zero3 lora 1210 of 3730 MiB).

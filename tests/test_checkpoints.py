@@ -234,6 +234,7 @@ def test_checkpoints_are_complete_small_and_checked(finished):
     manifest = json.loads((finished / "checkpoints/step-00000012/manifest.json").read_text())
     assert manifest["step"] == 12 and manifest["epoch"] == 1 and manifest["world_size"] == 2
     assert set(manifest["files"]) == {
+        "recipe.py",
         "state.pt",
         "trained-00001-of-00001.safetensors",
         "trained.safetensors.index.json",

@@ -165,6 +165,39 @@ def test_export_refuses_what_it_cannot_export_and_writes_nothing(classifier, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "tampered"], "nothing written, nothing left"
 
 
+def test_export_rebuilds_with_the_checkpoints_own_recipe_never_a_file_its_manifest_names(classifier, tmp_path, capsys):
+    checkpoint = classifier / "checkpoints" / "step-00000006"
+    marker = tmp_path / "PWNED"
+    hostile = tmp_path / "hostile.py"
+    hostile.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    named = tmp_path / "named"
+    shutil.copytree(checkpoint, named)
+    manifest = json.loads((named / "manifest.json").read_text())
+    assert manifest["files"]["recipe.py"], "the run's recipe is copied into its checkpoint, under a checksum"
+    manifest["recipe"] = str(hostile)
+    (named / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = export(capsys, str(named), "--out", str(tmp_path / "a"))
+    assert code == 0 and f"rebuilt by the recipe {named / 'recipe.py'}" in out, err
+    assert not marker.exists() and (tmp_path / "a" / "adapter_model.safetensors").stat().st_size > 1000
+    # The copy changed: the checksum refuses it, nothing of it runs.
+    changed = tmp_path / "changed"
+    shutil.copytree(checkpoint, changed)
+    with (changed / "recipe.py").open("a") as f:
+        f.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    code, _, err = export(capsys, str(changed), "--out", str(tmp_path / "b"))
+    assert code == 2 and f"{changed / 'recipe.py'} does not match its checksum" in err and not marker.exists(), err
+    # No copy (and none in the manifest): the user names the recipe.
+    bare = tmp_path / "bare"
+    shutil.copytree(named, bare)
+    (bare / "recipe.py").unlink()
+    del manifest["files"]["recipe.py"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = export(capsys, str(bare), "--out", str(tmp_path / "c"))
+    assert code == 2 and "holds no copy of the recipe that wrote it" in err and "--recipe PATH" in err, err
+    code, out, err = export(capsys, str(bare), "--out", str(tmp_path / "c"), "--recipe", RECIPE)
+    assert code == 0 and f"rebuilt by the recipe {RECIPE}" in out and not marker.exists(), err
+
+
 def test_an_export_never_touches_a_folder_named_like_its_temporary_one(classifier, tmp_path, capsys):
     """The user's own OUT.tmp beside --out OUT: kept as it was; the export writes under a name of its own."""
     (tmp_path / "m.tmp").mkdir()

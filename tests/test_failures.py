@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from launcher.launch.oom import oom_kills
 from launcher.worker import checkpoint as checkpoint_io
 from tests.conftest import BIN, ROOT, run, tiny_args, why_failed
 
@@ -114,6 +115,8 @@ def test_a_rank_killed_mid_run_is_named_and_leaves_its_checkpoints_complete(tiny
     assert seconds < 60, seconds
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("launcher: rank 1 (pid ") and last.endswith(") was killed by SIGKILL"), proc.stderr[-3000:]
+    if oom_kills() is not None:  # the memory cgroup's count says the OOM killer was not it
+        assert "was not ended by the kernel's OOM killer (none counted): something sent it SIGKILL" in proc.stderr
     assert left_running(out) == []
     # Its checkpoints stay complete: the restart tests below resume from such a death, to the same end.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004"]
@@ -200,7 +203,7 @@ def test_a_save_killed_halfway_leaves_the_previous_checkpoint_the_one_resume_aut
     assert proc.stderr.strip().splitlines()[-1].endswith(") was killed by SIGKILL"), proc.stderr[-2000:]
     half = out / "checkpoints" / "step-00000004.tmp"
     assert sorted(p.name for p in half.iterdir()) == [
-        "state.pt", "trained-00001-of-00001.safetensors", "trained.safetensors.index.json",
+        "recipe.py", "state.pt", "trained-00001-of-00001.safetensors", "trained.safetensors.index.json",
     ]  # fmt: skip
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000002", "step-00000004.tmp"]
     again, _ = launch(
@@ -210,3 +213,51 @@ def test_a_save_killed_halfway_leaves_the_previous_checkpoint_the_one_resume_aut
     assert json.loads((out / "summary.json").read_text())["resumed_from"].endswith("step-00000002")
     assert not half.exists(), "the next complete save cleans up the half-written one"
     assert_same_end(out, whole)
+
+
+OUT_OF_MEMORY = """
+import os, sys
+from launcher.launch.commands import RankCommand
+from launcher.launch.execute import run_local
+
+open(os.path.join(sys.argv[1], "cgroup.procs"), "w").write(str(os.getpid()))  # the ranks start in it too
+hungry = "x = bytearray(1 << 30)"  # zero-filled: every page touched, over the limit
+idle = "import time; time.sleep(60)"
+sys.exit(run_local([RankCommand(0, [sys.executable, "-c", idle]), RankCommand(1, [sys.executable, "-c", hungry])]))
+"""
+
+
+def _memory_cgroup_below_ours(name: str) -> tuple[Path, str] | None:
+    """A new memory cgroup under this process's own, and the file that limits it; None where none can be made."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            folder, limit = Path("/sys/fs/cgroup") / path.lstrip("/") / name, "memory.max"
+        elif "memory" in controllers.split(","):
+            folder, limit = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / name, "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            folder.mkdir()
+            (folder / limit).write_text(str(300 * 2**20))
+        except OSError:
+            continue
+        return folder, limit
+    return None
+
+
+def test_a_rank_the_kernels_oom_killer_ends_is_said_to_have_run_out_of_memory(tmp_path):
+    """A real out-of-memory kill: the launcher and its ranks in a memory cgroup of 300 MiB, rank 1 filling 1 GiB."""
+    made = _memory_cgroup_below_ours(f"launcher-oom-{os.getpid()}")
+    if made is None:
+        pytest.skip("no memory cgroup can be made here (not root, or cgroups read-only)")
+    folder, _ = made
+    try:
+        proc = subprocess.run([sys.executable, "-c", OUT_OF_MEMORY, str(folder)], capture_output=True, text=True,
+                              timeout=120, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    finally:
+        folder.rmdir()
+    assert proc.returncode == 137, proc.stderr[-3000:]
+    assert "launcher: the kernel's OOM killer ended pid" in proc.stderr, proc.stderr[-3000:]
+    assert "it ran out of memory: lower train.micro_batch_size or data.max_length" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith("was killed by SIGKILL")

@@ -48,7 +48,9 @@ def test_a_direct_form_reads_each_split_once_for_the_plan_and_the_task(monkeypat
     recipe = _recipe("lora_cls")
     rows = tmp_path / "train.jsonl"
     rows.write_text("".join(json.dumps({"text": f"t{i}" if i % 7 else "", "label": i % 2}) + "\n" for i in range(40)))
-    plan = build_plan(recipe, [f"data.train={rows}", "data.max_train_rows=20", f"data.cache_dir={tmp_path}"], TWO)
+    settings = [f"data.train={rows}", "data.max_train_rows=20", "train.micro_batch_size=8"]
+    settings.append(f"data.cache_dir={tmp_path}")
+    plan = build_plan(recipe, settings, TWO)
     take_notes()
     task = recipe.build_task(plan.config, AutoTokenizer.from_pretrained(plan.config.model_path))
     assert loads == ["data.train", "data.eval"], loads

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ from launcher.job import LaunchEnv
 from launcher.overrides import apply_overrides
 from launcher.plan import PLAN_FILE, build_plan
 from launcher.recipe import Recipe
-from launcher.rundir import claim
+from launcher.rundir import claim, release_claims
 from tests.conftest import BIN, RECIPE, ROOT, launcher_cli, run, tiny_args
 
 ONE = LaunchEnv(now=1_700_000_000)
@@ -133,10 +134,10 @@ def test_a_named_directory_holding_a_run_is_refused_unless_overwrite(recipe, tmp
         claim(build_plan(recipe, [f"output_dir={out}"], ONE))  # the first claim's lock is still held
 
 
-def test_overwrite_replaces_only_the_earlier_runs_files(recipe, tmp_path):
+def test_overwrite_replaces_only_the_earlier_runs_files(recipe, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
-    (out / PLAN_FILE).write_text("{}")
+    claim(build_plan(recipe, [f"output_dir={out}"], ONE))
+    release_claims()  # as if that run's process had ended
     (out / "adapter").mkdir()
     (out / "adapter" / "adapter_model.safetensors").write_bytes(b"old")
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
@@ -144,9 +145,86 @@ def test_overwrite_replaces_only_the_earlier_runs_files(recipe, tmp_path):
     with pytest.raises(ConfigError, match=rf"output_dir={out} already holds a run .* add overwrite=true"):
         claim(build_plan(recipe, [f"output_dir={out}"], ONE))
     assert (out / "adapter").exists()
+    # The dry run names what the run will delete; the run deletes exactly that, and says so.
+    dry = launcher_cli(["run", RECIPE, "--dry-run", f"output_dir={out}", "overwrite=true"], cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    said = f"overwrite=true will delete the earlier run's config.json, metrics.jsonl, adapter in {out}"
+    assert said in dry.stdout and (out / "adapter").exists()
     claim(build_plan(recipe, [f"output_dir={out}", "overwrite=true"], ONE))
     assert sorted(p.name for p in out.iterdir()) == [".lock", PLAN_FILE, "notes.txt"]
     assert json.loads((out / PLAN_FILE).read_text())["config"]["overwrite"] is True
+    assert "deleting the earlier run's config.json, metrics.jsonl, adapter" in capsys.readouterr().err
+    release_claims()
+
+
+def _refused_untouched(recipe, out, settings, expected, tmp_path):
+    """`settings` into `out` are refused (in process, and as the command line's exit 2 with --dry-run and without)
+    naming `expected`, and no file under `tmp_path` changes."""
+
+    def files():
+        return {
+            str(p): (p.is_symlink(), p.read_bytes() if p.is_file() and not p.is_symlink() else None)
+            for p in sorted(tmp_path.rglob("*"))
+        }
+
+    before = files()
+    with pytest.raises(ConfigError, match=expected):
+        claim(build_plan(recipe, [f"output_dir={out}", *settings], ONE))
+    for dry in (["--dry-run"], []):
+        proc = launcher_cli(["run", RECIPE, *dry, f"output_dir={out}", *settings], cwd=tmp_path)
+        assert proc.returncode == 2 and re.search(expected, proc.stderr) and "Traceback" not in proc.stderr, proc.stderr
+    after = files()
+    if str(out / ".lock") not in before:
+        assert after.pop(str(out / ".lock")) == (False, b"")  # the refusal's own lock: empty, ours
+    assert after == before
+
+
+def test_overwrite_never_clears_a_folder_no_launcher_run_wrote(recipe, tmp_path):
+    """Another program's config.json, model/, checkpoints/ and logs/: overwrite=true refuses the folder and deletes
+    nothing (a model folder's config.json is not a plan)."""
+    out = tmp_path / "theirs"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "weights.bin").write_bytes(b"theirs")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "c.pt").write_bytes(b"theirs")
+    (out / "logs").mkdir()
+    (out / "logs" / "app.log").write_text("theirs")
+    (out / PLAN_FILE).write_text('{"model_type": "bert", "hidden_size": 8}')
+    _refused_untouched(recipe, out, ["overwrite=true"], "holds a config.json that no launcher run wrote", tmp_path)
+
+
+def test_files_named_like_a_runs_outputs_without_a_plan_are_refused(recipe, tmp_path):
+    out = tmp_path / "mine"
+    (out / "logs").mkdir(parents=True)
+    (out / "adapter").mkdir()
+    for name in ("metrics.jsonl", "summary.json", "eval_predictions.jsonl", "logs/rank0.log", "adapter/README.md"):
+        (out / name).write_text(f"my own {name}")
+    expected = "holds metrics.jsonl, summary.json, eval_predictions.jsonl, adapter, logs, named like a run's outputs"
+    _refused_untouched(recipe, out, [], expected, tmp_path)
+    # Slurm's output of the batch job that runs into this folder is the launcher's: not a reason to refuse.
+    batch = tmp_path / "batch"
+    (batch / "logs").mkdir(parents=True)
+    (batch / "logs" / "slurm-42.out").write_text("launcher sbatch: job 42 start 0")
+    claim(build_plan(recipe, [f"output_dir={batch}"], ONE))
+    assert (batch / "logs" / "slurm-42.out").read_text() == "launcher sbatch: job 42 start 0"
+    release_claims()
+
+
+@pytest.mark.parametrize("name", ["metrics.jsonl", "logs", ".lock"])
+def test_a_symbolic_link_where_a_run_writes_is_refused_and_its_target_untouched(recipe, tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    target = elsewhere / ("folder" if name == "logs" else "file")
+    if name == "logs":
+        target.mkdir()
+        (target / "rank0.log").write_text("precious")
+    else:
+        target.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / name).symlink_to(target)
+    expected = rf"{re.escape(name)} (\(to {re.escape(str(target))}\) )?is a symbolic link"
+    _refused_untouched(recipe, out, [], expected, tmp_path)
 
 
 def _launch(args, cwd, **kw):
@@ -205,3 +283,20 @@ def test_a_loss_that_turns_non_finite_stops_the_run_and_saves_nothing(tiny_model
     assert not (out / "adapter").exists() and not (out / "summary.json").exists()
     logged = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged] == list(range(1, step)), "nothing logged from the step that diverged on"
+
+
+def test_a_micro_batch_larger_than_each_processs_data_is_refused_before_launch(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    rows = len(tiny_data["train"].read_text().splitlines())
+    each = -(-rows // 2)
+    for dry in ([], ["--dry-run"]):
+        args = tiny_args(tiny_model, tiny_data, out, "train.micro_batch_size=100000")
+        proc = launcher_cli(["run", RECIPE, "--nproc", "2", *dry, *args], cwd=tmp_path)
+        said = (
+            f"train.micro_batch_size=100000: larger than the data each process gets ({rows:,} train rows over 2 "
+            f"process(es): {each:,} each); give train.micro_batch_size={each} or less"
+        )
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()
+    args = tiny_args(tiny_model, tiny_data, out, f"train.micro_batch_size={each}")
+    assert launcher_cli(["run", RECIPE, "--nproc", "2", "--dry-run", *args], cwd=tmp_path).returncode == 0

@@ -190,8 +190,36 @@ def test_greedy_runs_every_step_and_cuts_at_eos():
         logits[0, -1, 7 if len(calls) < 3 else 3] = 1.0  # 7, 7, then EOS (3)
         return Out(logits)
 
-    assert sft.greedy(forward, [1, 2], 6, eos_id=3, device=torch.device("cpu")) == [7, 7]
+    assert sft.greedy(forward, [[1, 2]], 6, eos_id=3, pad_id=0, device=torch.device("cpu"), cache=False) == [[7, 7]]
     assert calls == [2, 3, 4, 5, 6, 7], "every rank must run all max_new_tokens forwards"
+
+
+def test_greedy_batches_the_prompts_with_the_cache_and_generates_what_each_alone_does():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, use_cache=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    shapes = []
+
+    def forward(batch):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return model(**batch)
+
+    prompts = [[1, 5, 9, 4], [7, 2], [3, 3, 8, 1, 6, 2]]
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        batched = sft.greedy(forward, prompts, 12, eos_id=-1, pad_id=0, device=cpu)
+        assert shapes == [(3, 6)] + [(3, 1)] * 11, "one batch; one new position per forward after the first"
+        alone = sft.greedy(forward, prompts, 12, eos_id=-1, pad_id=0, device=cpu, cache=False)
+    assert batched == alone and all(len(set(r)) > 1 for r in batched)
+    eos = batched[1][3]
+    with torch.no_grad():
+        cut = sft.greedy(forward, prompts, 12, eos_id=eos, pad_id=0, device=cpu)
+    assert cut[1] == batched[1][: batched[1].index(eos)]
 
 
 def test_bpe_tokenizer_is_cached_and_identical(tmp_path):
@@ -281,3 +309,30 @@ def test_chat_rows_train_and_generate(ranks1, tmp_path):
     assert generations[0]["prompt"].endswith("<|assistant|>\n")
     metrics = json.loads((out / "summary.json").read_text())["metrics"]
     assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["loss"], rel=1e-6)
+
+
+SLOW_FINISH = str(ROOT / "tests" / "helpers" / "slow_finish_sft.py")
+
+
+def test_generations_longer_than_the_watchdog_finish_and_the_adapter_comes_first(ranks2, tmp_path):
+    """The end-of-run generations: under FSDP2 (sharded forwards, one batch of prompts with the cache); slowed so
+    that they take longer than the watchdog's timeout in all, every forward is progress (the run ends, exit 0); a
+    finish that fails loses nothing of the training (the adapter is saved before it)."""
+    settings = ["train.max_steps=2", "data.max_length=128", "train.micro_batch_size=2", "data.max_eval_rows=4",
+                "data.generations=2", "data.max_new_tokens=12"]  # fmt: skip
+    out = tmp_path / "fsdp"
+    proc = ranks2.run(RECIPE, [*settings, "strategy=fsdp", f"output_dir={out}"], cwd=tmp_path)
+    assert proc.returncode == 0, why_failed(proc)
+    generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(generations) == 2 and all(isinstance(g["generated"], str) for g in generations), generations
+    # 12 forwards of 1 s each against a timeout of 5 s (a DDP step here takes well under a second).
+    out = tmp_path / "slow"
+    proc = ranks2.run(SLOW_FINISH, [*settings, "watchdog.timeout=5", f"output_dir={out}"], cwd=tmp_path,
+                      env={"SLOW_FINISH_SECONDS": "1"})  # fmt: skip
+    assert proc.returncode == 0, why_failed(proc)
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 2
+    out = tmp_path / "fails"
+    proc = ranks2.run(SLOW_FINISH, [*settings, f"output_dir={out}"], cwd=tmp_path, env={"FINISH_FAILS": "1"})
+    assert proc.returncode == 1 and "the recipe's finish failed" in proc.stderr, why_failed(proc)
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
+    assert not (out / "generations.jsonl").exists()

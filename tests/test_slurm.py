@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import time
 
@@ -122,3 +123,76 @@ def test_the_batch_script_hands_every_setting_to_the_launcher_as_written(tmp_pat
     ]  # fmt: skip
     assert not marker.exists()
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0  # the whole script parses
+
+
+HOSTILE = "$(touch {marker})`touch {marker}`'single'\"double\" \\back"
+
+
+def test_the_whole_batch_script_runs_under_bash_with_hostile_values_as_written(tmp_path):
+    """Every value the script carries (the recipe's path, the run folder, the working folder, the Python, the
+    settings) holding quotes, $(...) and backticks: bash runs the script to its end, the launcher it starts gets each
+    value as one argument byte for byte, and nothing in them runs."""
+    from launcher.launch.sbatch import BatchJob, batch_script
+
+    odd = HOSTILE.format(marker="PWNED")  # run in the script's working folder: a relative name
+    folder = tmp_path / f"w {odd}"
+    folder.mkdir()
+    python = folder / "python"  # stands in for the launcher: writes the arguments it was given, one per line
+    python.write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {shlex.quote(str(tmp_path / "argv"))}\n')
+    python.chmod(0o755)
+    recipe, run_dir = str(folder / "recipe.py"), str(folder / "run")
+    job = BatchJob(recipe=recipe, name="lora_cls", run_dir=run_dir, cwd=str(folder), python=str(python),
+                   settings=[f"data.train={odd}.jsonl", f"tracking.run_name={odd}"])  # fmt: skip
+    script = tmp_path / "job.sbatch"
+    script.write_text(batch_script(job))
+    env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7", "SLURM_JOB_NODELIST": "n1"}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "launcher sbatch: job 7 start 0" in done.stdout, done.stderr
+    assert (tmp_path / "argv").read_text().splitlines() == [
+        "-m", "launcher", "run", recipe, "--runner", "slurm", "--nproc", "1", f"data.train={odd}.jsonl",
+        f"tracking.run_name={odd}", f"output_dir={run_dir}", "resume=auto",
+    ]  # fmt: skip
+    output = next(line for line in script.read_text().splitlines() if line.startswith("#SBATCH --output="))
+    assert output == '#SBATCH --output="' + run_dir.replace("\\", "\\\\").replace('"', '\\"') + '/logs/slurm-%j.out"'
+    assert not list(tmp_path.rglob("PWNED"))
+
+
+def test_a_control_character_in_any_value_of_a_script_or_command_is_refused_naming_it(tmp_path, capsys):
+    """A line break would end the script's line and run what follows: refused in every value (exit 2 on the
+    command line, before anything is written), for the batch script and for every runner's command (their dry runs
+    included)."""
+    from launcher.errors import ConfigError
+    from launcher.launch.sbatch import BatchJob, check
+
+    fields = {"recipe": "the recipe's path", "run_dir": "output_dir", "cwd": "the working folder",
+              "python": "the Python", "name": "the job's name"}  # fmt: skip
+    for field, named in fields.items():
+        values = {"recipe": "/r.py", "name": "n", "run_dir": "/runs/a", "cwd": "/w", "python": "/py"}
+        values[field] += "\ntouch PWNED #"
+        with pytest.raises(ConfigError, match=re.escape(f"{named} {values[field]!r}: holds a line break")):
+            check(BatchJob(**values))
+    with pytest.raises(ConfigError, match="a setting 'seed=1\\\\x1b\\[2J': holds an escape"):
+        check(BatchJob(recipe="/r.py", name="n", run_dir="/runs/a", cwd="/w", python="/py", settings=["seed=1\x1b[2J"]))
+    bad = "output_dir=runs/x\ntouch PWNED #"
+    out = tmp_path / "runs"
+    for argv in (
+        ["sbatch", RECIPE, "--procs-per-node", "2", bad],
+        ["run", RECIPE, "--nproc", "2", bad],
+        ["run", RECIPE, "--nproc", "2", "--dry-run", bad],
+        ["run", RECIPE, "--hostfile", str(ROOT / "hostfiles/loopback-two-nodes.txt"), "--dry-run", bad],
+        ["run", RECIPE, "--hostfile", str(ROOT / "hostfiles/loopback-two-nodes.txt"), "--runner", "deepspeed", bad],
+        ["run", RECIPE, "--nproc", "2", f"data.train={tmp_path}/a\rb.jsonl"],
+    ):
+        proc = launcher_cli(argv, cwd=tmp_path)
+        assert proc.returncode == 2 and "which no command line or batch script may carry" in proc.stderr, proc.stderr
+        assert ("output_dir='runs/x\\ntouch PWNED #'" in proc.stderr) or "data.train=" in proc.stderr
+        assert "Traceback" not in proc.stderr and not out.exists() and not (tmp_path / "PWNED").exists()
+    assert sorted(os.listdir(tmp_path)) == [], "nothing written"
+
+
+def test_the_submit_hint_is_a_shell_line(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "it's a run"
+    proc = launcher_cli(["sbatch", RECIPE, "--procs-per-node", "2", *tiny_args(tiny_model, tiny_data, out)], cwd=ROOT)
+    assert proc.returncode == 0, why_failed(proc)
+    hint = next(line for line in proc.stdout.splitlines() if line.startswith("submit it with: "))
+    assert shlex.split(hint.removeprefix("submit it with: ")) == ["sbatch", str(out / "job.sbatch")]

@@ -205,6 +205,17 @@ Fields = dict[str, tuple[str, str]] | Callable[[Any], dict[str, tuple[str, str]]
 _READ: dict[str, tuple[tuple, Any, list[str]]] = {}  # split -> (what was read, table, notes): the last read only
 
 
+def forget_reads() -> None:
+    """Forget the splits read so far (a new plan's checks read their own)."""
+    _READ.clear()
+
+
+def rows_read(split: str) -> int | None:
+    """The checked rows of `split` read since `forget_reads` (None: none was read: a recipe of its own reading)."""
+    entry = _READ.get(split)
+    return len(entry[1]) if entry is not None else None
+
+
 def read_split(data: Any, split: str, fields: Fields):
     """The checked rows of one split (`split` is "train" or "eval"): `data.train` / `data.eval` loaded, the rows'
     fields checked (`check_rows`: wrong types stop the run, empty rows are skipped and noted) up to the first

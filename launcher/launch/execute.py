@@ -138,11 +138,14 @@ def _run_once(commands: list[RankCommand], logs: str | None) -> Outcome:
     # SIGHUP inherited as ignored stays ignored: `nohup launcher run ...` outlives its terminal.
     with NotedSignals(STOP_SIGNALS, keep_ignored=(signal.SIGHUP,)) as signals:
         try:
+            from launcher.launch.oom import oom_kills
+
+            oom_before = oom_kills()  # a rank that dies by SIGKILL: was it the kernel's OOM killer?
             ranks = _spawn(commands)
             readers = [_start_reader(r, repeats) for r in ranks if r.proc.stdout is not None]
             outcome = _wait(ranks, signals)
             if outcome.code and not outcome.asked and outcome.code != REQUEUE_EXIT_CODE:
-                outcome = _failure(ranks, outcome, logs)
+                outcome = _failure(ranks, outcome, logs, oom_before)
         finally:
             _stop(ranks)
             for t in readers:
@@ -239,7 +242,7 @@ def _wait(ranks: list[Rank], signals: NotedSignals) -> Outcome:
         time.sleep(POLL_SECONDS)
 
 
-def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
+def _failure(ranks: list[Rank], first: Outcome, logs: str | None, oom_before: int | None) -> Outcome:
     """The failure to report, once the other ranks had a moment to end on their own: a rank killed by a signal
     before one that exited (its peers' collectives broke because it died), a rank the others wait for before the
     waiting ones (watchdog reports), else the first seen. The ranks still running write their stacks first."""
@@ -264,6 +267,12 @@ def _failure(ranks: list[Rank], first: Outcome, logs: str | None) -> Outcome:
         details = [*failure_summary(logs, failed.rank, failed.proc.pid), *details]
     if killed:
         r = killed[0]
+        if r.proc.returncode == -signal.SIGKILL:
+            from launcher.launch.oom import explain_sigkill, in_kernel_log, oom_kills
+
+            after = oom_kills()
+            logged = in_kernel_log(r.proc.pid) if after is None or after == oom_before else None
+            details.append(explain_sigkill(r.proc.pid, oom_before, after, logged))
         return Outcome(shell_code(r.proc.returncode), r.describe(r.proc.returncode), details=details, failed=r)
     return Outcome(first.code, first.message, details=details, failed=first.failed)
 

@@ -15,6 +15,7 @@ import shlex
 from dataclasses import dataclass, field
 
 from launcher.errors import REQUEUE_EXIT_CODE, ConfigError
+from launcher.overrides import control_characters
 
 SCRIPT_NAME = "job.sbatch"
 """The batch script's name in the run directory."""
@@ -64,10 +65,33 @@ def check(job: BatchJob) -> None:
     for flag, value in (("--partition", job.partition), ("--account", job.account)):
         if value and not SLURM_NAME.match(value):
             problems.append(f"{flag} {value!r}: letters, digits, '_', '-', '.', ',' only")
+    named = [
+        ("the recipe's path", job.recipe),
+        ("output_dir", job.run_dir),
+        ("the working folder", job.cwd),
+        ("the Python", job.python),
+        ("the job's name", job.name),
+        *(("a setting", v) for v in job.settings),
+    ]
+    for what, value in named:
+        why = control_characters(value)
+        if why:
+            problems.append(f"{what} {value!r}: {why}")
+    if "%" in job.run_dir:
+        problems.append(
+            f"output_dir={job.run_dir}: '%' starts one of Slurm's file name patterns in the #SBATCH --output line; "
+            "give an output_dir without it"
+        )
     if job.signal_seconds < 10:
         problems.append(f"--signal-seconds {job.signal_seconds}: give the ranks at least 10 s to checkpoint")
     if problems:
         raise ConfigError(problems)
+
+
+def _sbatch_quoted(value: str) -> str:
+    """A value as sbatch reads it from an #SBATCH line: in double quotes (spaces kept), a double quote or backslash
+    escaped with a backslash (the line is Slurm's to parse, never the shell's)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def batch_script(job: BatchJob) -> str:
@@ -89,7 +113,7 @@ def batch_script(job: BatchJob) -> str:
         "--requeue",
         f"--signal=B:USR1@{job.signal_seconds}",
         "--open-mode=append",
-        f"--output={job.run_dir}/logs/slurm-%j.out",
+        f"--output={_sbatch_quoted(job.run_dir + '/logs/slurm-%j.out')}",
     ]
     lines = [
         "#!/bin/bash",

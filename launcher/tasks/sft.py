@@ -199,10 +199,47 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return nll.sum(1), (target != IGNORE).sum(1)
 
 
-def greedy(forward, prompt: list[int], max_new_tokens: int, eos_id: int, device: torch.device) -> list[int]:
-    """Greedy continuation of `prompt` through `forward(batch) -> outputs` (the engine's, so it works under every
-    strategy). Always runs `max_new_tokens` forwards, even after EOS: under ZeRO-3 and FSDP every rank must join
-    every forward, so no rank may stop early. Returns the new tokens up to (not including) EOS."""
+def greedy(
+    forward,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    device: torch.device,
+    cache: bool = True,
+) -> list[list[int]]:
+    """Greedy continuations of `prompts` through `forward(batch) -> outputs` (the engine's, so it works under every
+    strategy). Always runs the same forwards whatever comes out, even after EOS: under ZeRO-3 and FSDP every rank
+    must join every forward, so no rank may stop early. With `cache`, the prompts go as one batch (padded on the
+    left, positions counted from each prompt's first token) and each forward after the first computes one new
+    position from the keys and values before it: max_new_tokens forwards in all. Without (an adapter that brings
+    past keys and values of its own, prefix tuning), each prompt's whole sequence is computed again at every token,
+    one prompt after another, as training saw it. Returns each prompt's new tokens up to (not including) EOS."""
+    if not cache:
+        return _cut([_greedy_recomputed(forward, p, max_new_tokens, device) for p in prompts], eos_id)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(1) - 1).clamp(min=0)
+    batch = {"input_ids": ids, "attention_mask": mask, "position_ids": positions, "use_cache": True}
+    new = []
+    for _ in range(max_new_tokens):
+        outputs = forward(batch)
+        tokens = outputs.logits[:, -1].argmax(-1, keepdim=True)
+        new.append(tokens)
+        mask = torch.cat([mask, torch.ones_like(tokens)], dim=1)
+        positions = positions[:, -1:] + 1
+        batch = {
+            "input_ids": tokens,
+            "attention_mask": mask,
+            "position_ids": positions,
+            "use_cache": True,
+            "past_key_values": outputs.past_key_values,
+        }
+    return _cut(torch.cat(new, dim=1).tolist(), eos_id)
+
+
+def _greedy_recomputed(forward, prompt: list[int], max_new_tokens: int, device: torch.device) -> list[int]:
     ids = torch.tensor([prompt], device=device)
     new: list[int] = []
     for _ in range(max_new_tokens):
@@ -210,4 +247,8 @@ def greedy(forward, prompt: list[int], max_new_tokens: int, eos_id: int, device:
         token = int(logits[0, -1].argmax())
         new.append(token)
         ids = torch.cat([ids, torch.tensor([[token]], device=device)], dim=1)
-    return new[: new.index(eos_id)] if eos_id in new else new
+    return new
+
+
+def _cut(rows: list[list[int]], eos_id: int) -> list[list[int]]:
+    return [r[: r.index(eos_id)] if eos_id in r else r for r in rows]

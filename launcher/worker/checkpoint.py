@@ -32,6 +32,9 @@ from launcher.worker.watchdog import beating
 
 STEM = "trained"
 STATE = "state.pt"
+RECIPE_COPY = "recipe.py"
+"""The recipe that wrote the checkpoint, copied into it (its checksum in the manifest): `launcher export` rebuilds
+the model with this copy, never with a path the manifest names."""
 SHARD_MB = 1000
 
 
@@ -90,6 +93,8 @@ def save(
         write_shards(tmp, tensors, shard_mb=SHARD_MB, stem=STEM)
         # Filled while the tensors were gathered (the optimizer's per-parameter scalars), so written after them.
         torch.save({**scalars, "rng": rng, **(extra or {})}, os.path.join(tmp, STATE))
+        if recipe:  # the recipe's own copy, under the manifest's checksum: what `launcher export` rebuilds with
+            shutil.copyfile(recipe, os.path.join(tmp, RECIPE_COPY))
         files = {name: _describe(os.path.join(tmp, name)) for name in sorted(os.listdir(tmp))}
         manifest = {
             "format": checkpoints.FORMAT,

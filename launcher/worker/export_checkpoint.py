@@ -18,7 +18,6 @@ renamed, then (models up to CHECK_LIMIT_BYTES) loaded back with
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 from typing import Any
@@ -53,8 +52,10 @@ class Exported:
     notes: list[str]
 
 
-def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
-    """Write `checkpoint` as a model folder `out` (which must not exist yet). Raises ConfigError for a bad
+def export(checkpoint: str, out: str, *, merge: bool, recipe_path: str = "") -> Exported:
+    """Write `checkpoint` as a model folder `out` (which must not exist yet), rebuilding the model with the recipe
+    the user names (`recipe_path`) or else the checkpoint's own copy of its recipe (checked against the manifest's
+    checksum with the rest of the checkpoint): never a file the manifest names. Raises ConfigError for a bad
     checkpoint, recipe or folder."""
     from launcher.recipe import Recipe
     from launcher.worker import checkpoint as checkpoints_io
@@ -66,11 +67,12 @@ def export(checkpoint: str, out: str, *, merge: bool) -> Exported:
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ConfigError(f"--out {out} already exists: give a new folder (an export never overwrites)")
     manifest = checkpoints_io.manifest_of(checkpoint)
-    recipe = Recipe.load(_recipe_path(checkpoint, manifest))
+    recipe_path = recipe_path or _recipe_copy(checkpoint, manifest)
+    recipe = Recipe.load(recipe_path)
     from launcher.overrides import from_dict
 
     cfg = from_dict(recipe.Config, manifest["config"])
-    notes: list[str] = []
+    notes: list[str] = [f"the model is rebuilt by the recipe {recipe_path}"]
     if merge and isinstance(cfg.adapter, Full):
         notes.append("adapter=full: the model is written whole; there is no adapter to merge")
     if merge and isinstance(cfg.adapter, VIRTUAL_TOKENS):
@@ -196,18 +198,16 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
     return True
 
 
-def _recipe_path(checkpoint: str, manifest: dict) -> str:
-    """The recipe that wrote the checkpoint: named in its manifest, or in the plan of its run directory."""
-    path = manifest.get("recipe") or ""
-    if not path:
-        plan = os.path.join(os.path.dirname(os.path.dirname(checkpoint)), "config.json")
-        if os.path.isfile(plan):
-            with open(plan) as f:
-                path = json.load(f).get("recipe", "")
-    if not path or not os.path.isfile(path):
+def _recipe_copy(checkpoint: str, manifest: dict) -> str:
+    """The checkpoint's own copy of the recipe that wrote it (damage() checked it against the manifest)."""
+    from launcher.worker.checkpoint import RECIPE_COPY
+
+    path = os.path.join(checkpoint, RECIPE_COPY)
+    if RECIPE_COPY not in manifest["files"] or not os.path.isfile(path):
         raise ConfigError(
-            f"CHECKPOINT {checkpoint}: the recipe that wrote it ({path or 'not recorded'}) is not there; export "
-            "needs it to rebuild the model: put the recipe back at that path"
+            f"CHECKPOINT {checkpoint} holds no copy of the recipe that wrote it ({RECIPE_COPY}), and export "
+            f"runs no file a checkpoint names: give the recipe with --recipe PATH (its run used "
+            f"{manifest.get('recipe') or 'a recipe not recorded'})"
         )
     return path
 

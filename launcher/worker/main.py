@@ -177,7 +177,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
     from launcher.worker.trackers import open_trackers
-    from launcher.worker.watchdog import Watchdog, stacks_on_sigquit
+    from launcher.worker.watchdog import Watchdog, beating_forwards, stacks_on_sigquit
     from launcher.worker.weights import has_meta, weights_for
 
     transformers.utils.logging.disable_progress_bar()
@@ -377,11 +377,13 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
                 log.event("best", selection.best_step, **metrics)
             if ranks.is_main:
                 _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
-        if recipe.finish is not None:  # e.g. generations from the trained model; on every rank (collective forwards)
-            watchdog.beat(phase="finishing (the recipe's finish)")
-            recipe.finish(engine, task, cfg, ranks)
         log.close()
+        # The trained weights first: whatever the recipe does after them (generations, say) is optional, and a
+        # failure there never loses the training.
         saved = save_model(engine, cfg, task, tokenizer, ranks)
+        if recipe.finish is not None:  # e.g. generations from the trained model; on every rank (collective forwards)
+            with beating_forwards(engine.module, "finishing (the recipe's finish)"):
+                recipe.finish(engine, task, cfg, ranks)
     elapsed = time.time() - t_start
     # Every rank's peak resident memory (ru_maxrss is KiB on Linux): the memory a run really needed per rank.
     peak = [round(kib / 1024, 1) for kib in dist.gather_objects(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)]

@@ -10,6 +10,7 @@ the check works under every launcher (`launcher run`, torchrun, DeepSpeed's runn
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -19,11 +20,15 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 from launcher.errors import HUNG_EXIT_CODE
 from launcher.files import write_atomic
 from launcher.hangs import Report, report_path, stacks_path
 from launcher.worker import ranklog
+
+if TYPE_CHECKING:
+    import torch
 
 # Python files a main thread sits in while it waits for the other ranks: a collective (torch.distributed,
 # DeepSpeed's comm and ZeRO's parameter fetches) or a backward whose gradient all-reduce waits for a peer (DDP).
@@ -147,6 +152,20 @@ def beat(step: int | None = None, phase: str | None = None) -> None:
     """Progress of this rank (a step, an eval batch, a tensor saved); nothing when no watchdog is open."""
     if _current is not None:
         _current.beat(step, phase)
+
+
+@contextlib.contextmanager
+def beating_forwards(module: torch.nn.Module, phase: str):
+    """Every forward of `module` while open is a beat, in `phase`: work made of many forwards with nothing else to
+    count (a recipe's generations) is progress as long as forwards are."""
+    before = _current.phase if _current is not None else None
+    beat(phase=phase)
+    handle = module.register_forward_pre_hook(lambda *_: beat())
+    try:
+        yield
+    finally:
+        handle.remove()
+        beat(phase=before)
 
 
 def beating(items, phase: str):
