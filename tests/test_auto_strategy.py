@@ -56,3 +56,16 @@ def test_auto_refuses_what_fits_nowhere_and_keeps_its_fixed_choice_on_cpus(tmp_p
     assert isinstance(cpu.config.strategy, Ddp) and not any("strategy=auto" in n for n in cpu.notes)
     named = plan(tmp_path, [*SFT, "adapter=lora", "strategy=zero3"])  # a named strategy is never replaced
     assert isinstance(named.config.strategy, Zero) and named.config.strategy.stage == 3 and not named.notes
+
+
+def test_auto_on_gpus_without_bf16_plans_the_precision_the_run_uses(tmp_path, monkeypatch):
+    """A V100 or T4: precision=auto is fp32 there, and strategy=auto plans fp32 (not fp16, which the run would never
+    use): the same choice and figures as precision=fp32 given."""
+    monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path))
+    v100 = dict(bf16_supported=False, gpu_memory=48 * GiB)
+    auto = plan(tmp_path, [*SFT, "adapter=lora"], **v100)
+    given = plan(tmp_path, [*SFT, "adapter=lora", "precision=fp32"], **v100)
+    assert auto.config.precision == "fp32" and auto.config.strategy == given.config.strategy
+    assert auto.notes[0] == given.notes[0] and auto.notes[0].startswith("strategy=auto: ")
+    half = plan(tmp_path, [*SFT, "adapter=lora", "precision=fp16"], **v100)
+    assert half.notes[0] != auto.notes[0], "fp16 plans other figures: the check above means something"

@@ -301,6 +301,31 @@ def test_a_damaged_checkpoint_is_refused_and_auto_falls_back_saying_so(finished,
     assert str(shard) in str(e.value) and "checksum" in str(e.value)
 
 
+def test_a_state_that_cannot_be_read_safely_is_refused_in_one_line_and_auto_falls_back(
+    ranks2, finished, tiny_model, tiny_data, tmp_path
+):
+    """state.pt replaced by a pickle naming a class (its checksum in the manifest updated, so only reading it can
+    tell): never unpickled in full; resume=PATH stops with exit 2 and one line, resume=auto takes the one before."""
+    import argparse
+    import hashlib
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    last = out / "checkpoints/step-00000012"
+    torch.save({"rng": [], "x": argparse.Namespace(a=1)}, last / "state.pt")
+    manifest = json.loads((last / "manifest.json").read_text())
+    data = (last / "state.pt").read_bytes()
+    manifest["files"]["state.pt"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (last / "manifest.json").write_text(json.dumps(manifest))
+    proc = ranks2.run(RECIPE, tiny_args(tiny_model, tiny_data, tmp_path / "new", *SETTINGS, f"resume={last}"),
+                      cwd=tmp_path)  # fmt: skip
+    said = f"{last / 'state.pt'} cannot be read safely (it names argparse.Namespace)"
+    assert proc.returncode == 2 and said in proc.stderr, why_failed(proc)
+    assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr
+    chosen = _choose(_config(tiny_model, tiny_data, out, "resume=auto"), 2)
+    assert chosen.path.endswith("step-00000009") and "cannot be read safely" in chosen.note
+
+
 def test_a_resume_with_other_settings_or_another_global_batch_is_refused(finished, tiny_model, tiny_data, tmp_path):
     ckpt = finished / "checkpoints/step-00000006"
     with pytest.raises(ConfigError) as e:

@@ -89,6 +89,31 @@ def test_wrong_types_name_the_row_and_setting(tmp_path):
     assert "row 2: data.tokens_field=tokens holds 'a b' (str), expected a list of strings" in text
 
 
+def test_one_float_among_integer_labels_is_named_at_its_own_row(tmp_path):
+    """Arrow reads the whole column as floats because of one 1.5: the error names row 11 and 1.5, not row 1."""
+    rows = [{"text": f"t{i}", "label": 1.5 if i == 10 else i % 2} for i in range(20)]
+    path = _jsonl(tmp_path / "t.jsonl", rows)
+    with pytest.raises(ConfigError) as e:
+        check_rows(
+            load_table(str(path), "data.train"), str(path), "data.train", {"data.label_field": ("label", "label")}
+        )
+    assert e.value.problems[0] == (
+        f"data.train={path} row 11: data.label_field=label holds 1.5 (float), expected an integer or a string"
+    )
+    assert len(e.value.problems) == 2 and "1 value(s) of the wrong type" in e.value.problems[1]
+
+
+def test_a_malformed_jsonl_line_is_named_by_its_number(tmp_path, capfd):
+    path = tmp_path / "t.jsonl"
+    lines = [json.dumps({"text": f"t{i}", "label": i % 2}) for i in range(12)]
+    lines[6] = '{"text": "x", "label": 1,}'
+    path.write_text("\n".join(lines[:3]) + "\n\n" + "\n".join(lines[3:]) + "\n")  # a blank line counts as a line
+    with pytest.raises(ConfigError) as e:
+        load_table(str(path), "data.train")
+    assert str(e.value).startswith(f"data.train={path}: line 8 is not valid JSON (Expecting property name"), e.value
+    assert "Failed to load JSON" not in capfd.readouterr().err, "datasets' own log line says less: not shown"
+
+
 def test_every_row_empty_is_an_error(tmp_path):
     path = _jsonl(tmp_path / "t.jsonl", [{"text": "", "label": 1}, {"text": None, "label": 0}])
     with pytest.raises(ConfigError, match="every one of its 2 rows has an empty data.text_field=text"):
@@ -362,3 +387,84 @@ def test_a_resize_keeps_the_examples_of_every_step():
         # Resumed after 5 steps: rank 0 of the 2-process job had done 5 micro-batches, the 1-process job does 10.
         assert steps(1, 2, skip=resumed_batches_done(5, 1, 2), lengths=grouping) == two[5:]
         assert steps(2, 1, skip=resumed_batches_done(10, 2, 1), lengths=grouping) == one[5:]
+
+
+def _changed_one_by_one(cfg):
+    """(setting, a copy of `cfg` with that one setting changed) for every leaf setting, and for each choice
+    (strategy, adapter, optimizer) another of its kinds."""
+    import copy
+    import dataclasses
+
+    from launcher.config import CHOICES, choice_name
+
+    def walk(obj, path):
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), ".".join([*path, f.name])
+            if f.name in CHOICES and not path:
+                other = next(n for n in CHOICES[f.name] if n != choice_name(value))
+                yield key, (lambda o, n=f.name, other=other: setattr(o, n, CHOICES[n][other]()))
+            elif dataclasses.is_dataclass(value):
+                for sub, change in walk(value, [*path, f.name]):
+                    yield sub, change
+            else:
+                new = (
+                    (not value) if isinstance(value, bool)
+                    else value + 1 if isinstance(value, int)
+                    else value * 2 + 0.5 if isinstance(value, float)
+                    else [*value, "x"] if isinstance(value, list)
+                    else f"{value}-other"
+                )  # fmt: skip
+
+                def change(o, path=(*path, f.name), new=new):
+                    for part in path[:-1]:
+                        o = getattr(o, part)
+                    setattr(o, path[-1], new)
+
+                yield key, change
+
+    for key, change in walk(cfg, []):
+        other = copy.deepcopy(cfg)
+        change(other)
+        yield key, other
+
+
+@pytest.mark.parametrize("name", ["lora_cls", "lora_ner", "qlora_sft"])
+def test_only_settings_that_shape_the_rows_change_the_tokenized_cache_key(name):
+    """Every setting changed in turn: those of how the run trains, resumes, reports or is watched keep the key (a
+    resumed run, another strategy, a watchdog or tracking change reuse the cache); the data, the model and the
+    recipe's own tokenizer settings change it."""
+    from launcher.data.tokenize import NOT_TOKENIZATION, tokenization_settings
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"))
+    cfg = recipe.Config()
+    key = tokenization_settings(cfg)
+    kept, changed = set(), set()
+    for setting, other in _changed_one_by_one(cfg):
+        (kept if tokenization_settings(other) == key else changed).add(setting)
+    data_rows = {f"data.{k}" for k in key["data"]}
+    own = {k for k in key if k not in ("model", "data")}
+    assert changed == data_rows | own | {"model"}, changed
+    assert {"resume", "overwrite", "watchdog.timeout", "compile", "host_memory", "seed", "output_dir"} <= kept
+    assert {s for s in kept if s.startswith(("checkpoint.", "tracking.", "train."))} and "strategy" in kept
+    assert {f"data.{k}" for k in NOT_TOKENIZATION} <= kept
+    assert set(type(cfg).run_only) <= {s.split(".")[0] for s in kept}
+    assert name != "qlora_sft" or {"tokenizer", "tokenizer_vocab"} <= own
+
+
+def test_a_resumed_run_with_other_reporting_reuses_the_tokenized_rows(tmp_path, tiny_data):
+    from transformers import AutoTokenizer
+
+    from launcher.overrides import apply_overrides
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / "lora_cls.py"))
+    base = [f"data.train={tiny_data['train']}", f"data.eval={tiny_data['test']}", f"data.cache_dir={tmp_path}"]
+    tokenizer = AutoTokenizer.from_pretrained(recipe.Config().model_path)
+    take_notes()
+    recipe.build_task(apply_overrides(recipe.Config(), base), tokenizer)
+    assert any("train: tokenized and cached" in n for n in take_notes())
+    again = [*base, "resume=auto", "overwrite=true", "checkpoint.every_steps=5", "tracking.report_to=tensorboard",
+             "watchdog.timeout=60", "compile=true", "strategy=zero2", f"output_dir={tmp_path / 'b'}"]  # fmt: skip
+    recipe.build_task(apply_overrides(recipe.Config(), again), tokenizer)
+    assert any("train: reused" in n for n in take_notes())

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from launcher.launch.oom import oom_kills
@@ -261,3 +262,37 @@ def test_a_rank_the_kernels_oom_killer_ends_is_said_to_have_run_out_of_memory(tm
     assert "launcher: the kernel's OOM killer ended pid" in proc.stderr, proc.stderr[-3000:]
     assert "it ran out of memory: lower train.micro_batch_size or data.max_length" in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith("was killed by SIGKILL")
+
+
+def test_a_preemption_during_the_final_evaluation_exits_75_and_resumes_to_the_saved_model(
+    ranks2, tiny_model, tiny_data, tmp_path, whole
+):
+    """SIGUSR1 to rank 0 while it evaluates after the last step (its checkpoint written): the run stops with the
+    requeue code and the hint, no model half-saved; resume=auto evaluates and saves the model of the run that never
+    stopped. Without checkpoints the run keeps its training instead: it goes on to save the model."""
+    out = tmp_path / "run"
+    fault = {"FAULT": f"stop-evaluating:0:8:{tmp_path / 'stopped'}"}
+    proc = ranks2.run(FAULTY, settings(tiny_model, tiny_data, out), cwd=tmp_path, env=fault)
+    assert proc.returncode == 75, why_failed(proc)
+    said = (
+        f"SIGUSR1 after training (step 8), before saving the model: checkpoint {out / 'checkpoints' / 'step-00000008'}"
+    )
+    assert said in proc.stderr and "rerun with resume=auto to continue (exit 75)" in proc.stderr, proc.stderr[-2000:]
+    assert not (out / "adapter").exists() and not (out / "summary.json").exists()
+    again = ranks2.run(FAULTY, settings(tiny_model, tiny_data, out, "resume=auto"), cwd=tmp_path)
+    assert again.returncode == 0, why_failed(again)
+    a = load_file(str(whole / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (
+        json.loads((out / "summary.json").read_text())["metrics"]
+        == json.loads((whole / "summary.json").read_text())["metrics"]
+    )
+    bare = tmp_path / "bare"
+    fault = {"FAULT": f"stop-evaluating:0:8:{tmp_path / 'stopped-bare'}"}
+    proc = ranks2.run(
+        FAULTY, settings(tiny_model, tiny_data, bare, "checkpoint.every_steps=0"), cwd=tmp_path, env=fault
+    )
+    assert proc.returncode == 0, why_failed(proc)
+    assert "a stop signal after training, with no checkpoint to resume from" in proc.stderr
+    assert (bare / "adapter" / "adapter_model.safetensors").stat().st_size > 1000

@@ -221,6 +221,7 @@ def test_crf_head_under_every_strategy(ranks2, tmp_path, tiny_model, strategy):
         f"strategy={strategy}",
         f"model={tiny_model}",
         "head=crf",
+        "data.max_length=128",  # the tiny model's positions
         "data.max_train_rows=96",
         "train.max_steps=6",
         "train.micro_batch_size=8",

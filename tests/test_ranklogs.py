@@ -48,3 +48,34 @@ def test_a_warning_the_ranks_repeat_is_shown_once_and_counted():
     assert shown == [True, True, False, True, False, True]  # every rank's own lines, the warning once
     assert repeats.first(1, "[2026-12-03] [WARNING] [comm.py:12] backend gloo\n")  # a different one: shown
     assert repeats.summary() == ["3 ranks printed this warning 3 times, shown once: " + warning.strip()]
+
+
+RANK_LOSING_ITS_COPIER = """
+import os, signal, sys, time
+from launcher.worker import ranklog
+
+ranklog.start(sys.argv[1], 0, 1)
+print("before", flush=True)
+os.kill(ranklog._tee.copier.pid, signal.SIGKILL)
+time.sleep(0.5)
+for i in range(3000):  # far more than a pipe holds: nobody reading would block or break the rank
+    print(f"after {i} " + "x" * 60, flush=True)
+print("done", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_rank_whose_log_copier_is_killed_goes_on_and_keeps_its_log(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "-c", RANK_LOSING_ITS_COPIER, str(tmp_path)], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout.splitlines()
+    assert out[0] == "before" and out[-1].startswith("after 2999 ") and len(out) == 3001
+    assert "log copier (pid" in proc.stderr and "was killed by signal 9" in proc.stderr and "done" in proc.stderr
+    log = (tmp_path / "rank0.log").read_text()
+    assert "before" in log and "after 2999 " in log and "done" in log and "log copier (pid" in log

@@ -107,7 +107,8 @@ def test_model_folders_without_config_weights_or_tokenizer_are_named(recipe, tin
             build_plan(recipe, [*args, f"model={folder}"], ONE)
     # A recipe that builds its model from the config and its own tokenizer needs neither weights nor tokenizer.
     ner = Recipe.load(str(ROOT / "recipes" / "lora_ner.py"))
-    plan = build_plan(ner, [f"model={no_weights}", "model_init=config", "adapter=full", "tokenizer=chars"], ONE)
+    settings = [f"model={no_weights}", "model_init=config", "adapter=full", "tokenizer=chars", "data.max_length=128"]
+    plan = build_plan(ner, settings, ONE)
     assert plan.config.model == str(no_weights)
     proc = run([sys.executable, RECIPE, *args, f"model={empty}"], cwd=tmp_path)
     assert proc.returncode == 2 and "has no config.json" in proc.stderr and "Traceback" not in proc.stderr
@@ -300,3 +301,17 @@ def test_a_micro_batch_larger_than_each_processs_data_is_refused_before_launch(t
         assert not out.exists()
     args = tiny_args(tiny_model, tiny_data, out, f"train.micro_batch_size={each}")
     assert launcher_cli(["run", RECIPE, "--nproc", "2", "--dry-run", *args], cwd=tmp_path).returncode == 0
+
+
+def test_a_max_length_beyond_the_models_positions_is_refused_before_launch(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_model, tiny_data, out, "data.max_length=100000")
+    proc = launcher_cli(["run", RECIPE, "--nproc", "2", *args], cwd=tmp_path)
+    limit = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    said = f"data.max_length=100000: {tiny_model} has {limit} positions (max_position_embeddings in its config.json)"
+    assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+    sft = Recipe.load(str(ROOT / "recipes" / "qlora_sft.py"))
+    with pytest.raises(ConfigError, match="data.max_length=4096: random:llama-tiny has 2048 positions"):
+        build_plan(sft, ["data.max_length=4096", f"output_dir={out}"], ONE)
+    build_plan(sft, ["data.max_length=2048", f"output_dir={out}"], ONE)  # the limit itself is fine

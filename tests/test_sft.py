@@ -336,3 +336,14 @@ def test_generations_longer_than_the_watchdog_finish_and_the_adapter_comes_first
     assert proc.returncode == 1 and "the recipe's finish failed" in proc.stderr, why_failed(proc)
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_size > 1000
     assert not (out / "generations.jsonl").exists()
+
+
+def test_a_max_length_that_leaves_no_response_is_refused_before_any_rank_starts(tmp_path):
+    out = tmp_path / "run"
+    for dry in (["--dry-run"], []):
+        proc = launcher_cli(
+            ["run", RECIPE, "--nproc", "2", *dry, "data.max_length=64", f"output_dir={out}"], cwd=tmp_path
+        )
+        said = "data.train=sample:sft: no row keeps a response within data.max_length=64"
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert "starting 2 process(es)" not in proc.stdout and not out.exists()

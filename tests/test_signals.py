@@ -256,3 +256,20 @@ def test_a_preempted_run_checkpoints_exits_75_and_resumes_to_the_same_end(
     a = load_file(str(uninterrupted / "adapter/adapter_model.safetensors"))
     b = load_file(str(out / "adapter/adapter_model.safetensors"))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+
+
+def test_a_usage_error_on_one_rank_stops_the_others_without_stack_dumps(tmp_path, capsys):
+    """Rank 0 refuses its settings (exit 2) while rank 1 waits for it: the job ends with exit 2 and the rank's own
+    message, the waiting rank is stopped, and no stacks are asked for or shown."""
+    from launcher.launch.commands import RankCommand
+    from launcher.launch.execute import run_local
+
+    refuse = "import sys; print('error: data.max_length=64: no row fits', file=sys.stderr); sys.exit(2)"
+    wait = "import time; time.sleep(60)"
+    started = time.monotonic()
+    code = run_local([RankCommand(0, [sys.executable, "-c", refuse]), RankCommand(1, [sys.executable, "-c", wait])],
+                     logs=str(tmp_path))  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and time.monotonic() - started < 30
+    assert "stacks" not in err and not list(tmp_path.glob("stacks-rank-*")), err
+    assert "rank 0" in err and "exited with code 2" in err, err

@@ -196,3 +196,11 @@ def test_the_submit_hint_is_a_shell_line(tiny_model, tiny_data, tmp_path):
     assert proc.returncode == 0, why_failed(proc)
     hint = next(line for line in proc.stdout.splitlines() if line.startswith("submit it with: "))
     assert shlex.split(hint.removeprefix("submit it with: ")) == ["sbatch", str(out / "job.sbatch")]
+
+
+def test_a_password_in_the_tracking_uri_is_refused_for_a_batch_script(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    uri = "tracking.mlflow_uri=https://alice:s3cret@mlflow.example/x"
+    proc = launcher_cli(["sbatch", RECIPE, *tiny_args(tiny_model, tiny_data, out, uri)], cwd=ROOT)
+    assert proc.returncode == 2 and "export MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD" in proc.stderr
+    assert "s3cret" not in proc.stdout + proc.stderr and not out.exists()

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import RECIPE, launcher_cli, run, tiny_args, why_failed
+from tests.conftest import RECIPE, ROOT, launcher_cli, run, tiny_args, why_failed
+
+TOKEN_RECIPE = str(ROOT / "tests" / "helpers" / "token_cls.py")
 
 pytest.importorskip("wandb", reason="the tracking extra (pip install 'launcher[tracking]') is not installed")
 pytest.importorskip("mlflow", reason="the tracking extra (pip install 'launcher[tracking]') is not installed")
@@ -119,3 +121,29 @@ def test_bad_tracker_settings_are_usage_errors_naming_the_setting(tmp_path):
     assert problems("wandb,mlflow", environ={**home, "WANDB_MODE": "offline"}) == []
     proc = launcher_cli(["run", RECIPE, "tracking.report_to=wandb,comet", "--dry-run"], cwd=tmp_path)
     assert proc.returncode == 2 and "tracking.report_to=wandb,comet: no tracker named comet" in proc.stderr, proc.stderr
+
+
+def test_a_password_in_the_mlflow_uri_reaches_the_ranks_and_is_written_nowhere(tiny_model, tiny_data, tmp_path):
+    """`launcher run` with tracking.mlflow_uri=https://alice:PASSWORD@host: the dry run and every file of the run
+    (plan, checkpoint manifest, logs, metrics) show it masked; each rank has it in MLflow's own variable."""
+    import hashlib
+
+    secret = "s3cret-Pa55"
+    uri = f"https://alice:{secret}@mlflow.example:5000/track"
+    out = tmp_path / "run"
+    args = tiny_args(
+        tiny_model, tiny_data, out, "train.max_steps=2", "checkpoint.every_steps=2", f"tracking.mlflow_uri={uri}"
+    )
+    dry = launcher_cli(["run", TOKEN_RECIPE, "--nproc", "2", "--dry-run", *args], cwd=tmp_path)
+    assert dry.returncode == 0 and secret not in dry.stdout + dry.stderr, dry.stderr
+    assert '"mlflow_uri": "https://alice:***@mlflow.example:5000/track"' in dry.stdout
+    proc = run(["launcher", "run", TOKEN_RECIPE, "--nproc", "2", *args], cwd=tmp_path)
+    assert proc.returncode == 0, why_failed(proc)
+    assert secret not in proc.stdout + proc.stderr
+    written = [p for p in out.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert written == [], written
+    want = hashlib.sha256(secret.encode()).hexdigest()
+    assert [(out / f"mlflow_tracking_password-rank{r}.sha256").read_text() for r in (0, 1)] == [want, want]
+    assert json.loads((out / "config.json").read_text())["config"]["tracking"]["mlflow_uri"] == (
+        "https://alice:***@mlflow.example:5000/track"
+    )

@@ -54,6 +54,11 @@ def scratch_cache():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def scratch_active() -> bool:
+    """Whether a dry run's scratch cache is open (nothing of this process's reading is to be kept)."""
+    return bool(_SCRATCH)
+
+
 def load_table(path: str, setting: str):
     """Load a local file, a folder written by `datasets.save_to_disk` or a packaged `sample:NAME`, as a
     `datasets.Dataset`; every failure names `setting`, the path and the fix."""
@@ -78,12 +83,63 @@ def load_table(path: str, setting: str):
     builder, options = FORMATS[ext]
     try:
         cache = {"cache_dir": _SCRATCH[-1]} if _SCRATCH else {}
-        table = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **options, **cache)
+        with _quiet("datasets"):  # its own log line of a bad file says less than the error below
+            table = datasets.load_dataset(builder, data_files=os.path.abspath(path), split="train", **options, **cache)
     except Exception as e:  # datasets raises many types for malformed files
+        bad = _bad_json_line(path) if ext == ".jsonl" else None
+        if bad:
+            raise ConfigError(f"{setting}={path}: {bad}; fix or remove that line") from None
         raise ConfigError(f"{setting}={path}: could not be read as {ext} ({type(e).__name__}: {e})") from None
     if len(table) == 0:
         raise ConfigError(f"{setting}={path}: the file has no rows; give a file with at least one row")
     return table
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    import logging
+
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _bad_json_line(path: str) -> str:
+    """The first line of a JSONL file that is not a JSON object, said with its number (counted from 1)."""
+    import json
+
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                return f"line {number} is not valid JSON ({getattr(e, 'msg', e)} at column {getattr(e, 'colno', '?')})"
+            if not isinstance(row, dict):
+                return f"line {number} holds {_show(row)}, not a JSON object of fields"
+    return ""
+
+
+def _raw_values(path: str, column: str, rows: int) -> list[Any] | None:
+    """The first `rows` values of `column` as a JSONL file holds them, before Arrow gives the column one type (an
+    integer column with one 1.5 in it is read as floats throughout); None for other files."""
+    import json
+
+    if os.path.splitext(path)[1].lower() != ".jsonl":
+        return None
+    values = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                values.append(json.loads(line).get(column))
+                if len(values) == rows:
+                    break
+    return values
 
 
 def _load_saved(path: str, setting: str):
@@ -168,6 +224,8 @@ def check_rows(
                     wrong.append(f"row {i + 1}: {name}={column} holds {_show(value)}, expected {want}")
         read = end
     if wrong:
+        wrong = _as_written(table, path, setting, fields, read) or wrong
+    if wrong:
         more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
         raise ConfigError(
             [f"{setting}={path} {w}" for w in wrong[:5]]
@@ -186,6 +244,27 @@ def check_rows(
     if len(keep) < len(table):
         table = table.select(keep)
     return table, notes
+
+
+def _as_written(table, path: str, setting: str, fields: dict[str, tuple[str, str]], read: int) -> list[str]:
+    """The wrong values again, from the file as written where Arrow changed a column's type (a file's integers
+    read as floats because one value is): the row at fault, not the first rows of the column."""
+    source = source_path(path, setting)
+    out = []
+    for name, (column, kind) in fields.items():
+        dtype = getattr(table.features.get(column), "dtype", "")
+        if kind != "label" or not str(dtype).startswith("float"):
+            continue
+        values = _raw_values(source, column, read)
+        if values is None:
+            return []
+        test, want = KINDS[kind]
+        out += [
+            f"row {i}: {name}={column} holds {_show(v)}, expected {want}"
+            for i, v in enumerate(values, start=1)
+            if not is_empty(v) and not test(v)
+        ]
+    return out
 
 
 def _show(value: Any) -> str:

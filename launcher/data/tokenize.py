@@ -1,8 +1,9 @@
 """Tokenization through the on-disk cache: `table.map(encode)` plus a length column, done once per node.
 
 The cache key is built here from the whole configuration, so a recipe cannot forget a setting that shapes its
-tokenized rows: every data file the run names (content), the tokenizer (state), every setting except those that
-only decide how the run trains (RUN_ONLY) or how batches are drawn (NOT_TOKENIZATION), and the recipe file."""
+tokenized rows: every data file the run names (content), the tokenizer (state), the settings that may shape the
+rows (SHAPE_ROWS, the recipe's own but its `run_only`; not those of the data section that decide how batches are
+drawn, NOT_TOKENIZATION), and the recipe file."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 
 from launcher.config import DataConfig
 
-# Settings that decide how a run trains, not what its tokenized rows hold.
-RUN_ONLY = ("strategy", "adapter", "optimizer", "precision", "activation_checkpointing", "train", "seed", "output_dir")
+SHAPE_ROWS = ("model", "data")
+"""Of the settings every run has (RunConfig's), those that may shape tokenized rows; the rest decide how the run
+trains, resumes, reports or is watched. A recipe's own settings shape them unless its Config names them in
+`run_only` (qlora_sft: its kernels and attention)."""
 # Data settings that change how batches are drawn or where the cache lives, not what tokenization produces.
 NOT_TOKENIZATION = ("group_by_length", "cache", "cache_dir")
 
@@ -28,10 +31,16 @@ def data_settings(data: DataConfig) -> dict[str, Any]:
 
 
 def tokenization_settings(cfg: Any) -> dict[str, Any]:
-    """Every setting of a run that may shape its tokenized rows (the recipe's own ones included)."""
+    """Every setting of a run that may shape its tokenized rows: SHAPE_ROWS, and the recipe's own settings but
+    those it names in `run_only`."""
+    import dataclasses
+
+    from launcher.config import RunConfig
     from launcher.overrides import to_dict
 
-    out = {k: v for k, v in to_dict(cfg).items() if k not in RUN_ONLY}
+    common = {f.name for f in dataclasses.fields(RunConfig)}
+    run_only = set(type(cfg).run_only)
+    out = {k: v for k, v in to_dict(cfg).items() if (k in SHAPE_ROWS or k not in common) and k not in run_only}
     out["data"] = data_settings(cfg.data)
     return out
 

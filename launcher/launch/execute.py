@@ -252,7 +252,8 @@ def _failure(ranks: list[Rank], first: Outcome, logs: str | None, oom_before: in
     hung = any(r.proc.returncode == HUNG_EXIT_CODE for r in ranks)
     details = []
     alive = [r for r in ranks if r.proc.poll() is None]
-    if logs is not None and alive:
+    # A usage error is the user's to fix, said by the rank that found it: the others' stacks would only bury it.
+    if logs is not None and alive and first.code != USAGE_EXIT_CODE:
         for r in alive:
             r.proc.send_signal(signal.SIGQUIT)
         time.sleep(STACKS_SECONDS)

@@ -102,9 +102,10 @@ def learnt_tokenizer(cfg, build: Callable[[], object]):
     from transformers import AutoTokenizer
 
     from launcher.data import cache as datacache
+    from launcher.data.files import scratch_active
     from launcher.data.tokenize import cache_key
 
-    if not cfg.data.cache:
+    if not cfg.data.cache or scratch_active():  # a dry run keeps nothing
         return build()
     key = {"learnt_tokenizer": cache_key(cfg, split="train", rows=None, tokenizer=None)}
     entry = datacache.cached(

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from launcher import checkpoints
 from launcher.errors import ConfigError
 from launcher.overrides import to_dict
 from launcher.shards import write_shards
+from launcher.tracking import masked_settings
 from launcher.worker import dist
 from launcher.worker.strategies.base import Engine
 from launcher.worker.watchdog import beating
@@ -104,7 +106,7 @@ def save(
             "world_size": ranks.world_size,
             "recipe": recipe,
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "config": to_dict(cfg),
+            "config": masked_settings(to_dict(cfg)),
             "files": files,
             **({"selection": selection} if selection else {}),
         }
@@ -194,7 +196,29 @@ def damage(path: str) -> list[str]:
             problems.append(f"damaged: {file} is missing")
         elif _describe(file) != want:
             problems.append(f"damaged: {file} does not match its checksum in {checkpoints.MANIFEST}")
+    if not problems:
+        problems += _unsafe_state(os.path.join(path, STATE))
     return problems
+
+
+def _unsafe_state(path: str) -> list[str]:
+    """`state.pt` read as `load` reads it (tensors and plain values only): a file holding anything else is not one
+    the launcher wrote, and is never unpickled in full (that runs whatever code it names)."""
+    import pickle
+
+    if not os.path.isfile(path):
+        return []
+    try:
+        torch.load(path, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        # torch's message advises weights_only=False, the unsafe way: only what it found is said.
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it names {found.group(1)}" if found else "it holds more than tensors and plain values"
+        return [
+            f"damaged: {path} cannot be read safely ({what}); the launcher never writes such a file: resume from "
+            "another checkpoint"
+        ]
+    return []
 
 
 def _choose(cfg, world_size: int) -> Resume | None:

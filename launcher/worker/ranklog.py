@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import atexit
 import os
+import selectors
 import socket
 import subprocess
 import sys
+import threading
 import time
 import traceback
 
@@ -54,9 +56,12 @@ while sel.get_map():
 
 class _Tee:
     """fds 1 and 2 of this process become pipes into the copier, which writes each to where it went before (stdout
-    stays stdout, stderr stderr) and both to the log."""
+    stays stdout, stderr stderr) and both to the log. The rank keeps a read end of each pipe: should the copier end
+    (killed by someone), the rank's writes never break (a pipe with no reader would fail them), and a thread of the
+    rank's own copies from there on, saying so once."""
 
     def __init__(self, path: str):
+        self.path = path
         pipes = {fd: os.pipe() for fd in (1, 2)}
         self.copier = subprocess.Popen(
             [sys.executable, "-S", "-c", COPIER, str(pipes[1][0]), str(pipes[2][0]), path],
@@ -64,12 +69,41 @@ class _Tee:
             pass_fds=(pipes[1][0], pipes[2][0]),
         )
         self.saved = {fd: os.dup(fd) for fd in (1, 2)}
+        self.reads = {fd: read for fd, (read, _) in pipes.items()}  # kept (not inherited by the rank's children)
+        self.closing = threading.Event()
         sys.stdout.flush()
         sys.stderr.flush()
-        for fd, (read, write) in pipes.items():
-            os.close(read)
+        for fd, (_, write) in pipes.items():
             os.dup2(write, fd)
             os.close(write)
+        self.watcher = threading.Thread(target=self._take_over, name="launcher-log-copier", daemon=True)
+        self.watcher.start()
+
+    def _take_over(self) -> None:
+        """Wait for the copier; if it ends before the rank, copy in its place (the COPIER loop, in this thread)."""
+        code = self.copier.wait()
+        if self.closing.is_set():
+            return
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        note = (
+            f"launcher: this rank's log copier (pid {self.copier.pid}) {how}; the rank copies its own output to "
+            f"{self.path} from here (a crash of the rank may now lose its last lines)\n"
+        ).encode()
+        log = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        for fd in (self.saved[2], log):
+            _write_all(fd, note)
+        sel = selectors.DefaultSelector()
+        for fd, read in self.reads.items():
+            sel.register(read, selectors.EVENT_READ, self.saved[fd])
+        while sel.get_map():
+            for key, _ in sel.select():
+                chunk = os.read(key.fd, 65536)
+                if not chunk:
+                    sel.unregister(key.fd)
+                    continue
+                for fd in (key.data, log):
+                    _write_all(fd, chunk)
+        os.close(log)
 
     def close(self) -> None:
         """Put the original descriptors back; the pipes then end and the copier writes what is left and exits."""
@@ -78,13 +112,28 @@ class _Tee:
             sys.stderr.flush()
         except (OSError, ValueError):
             pass
+        self.closing.set()
         for fd, saved in self.saved.items():
             os.dup2(saved, fd)
-            os.close(saved)
         try:
             self.copier.wait(timeout=2.0)  # a child of the rank still holding a pipe must not hold the exit up
         except subprocess.TimeoutExpired:
             pass
+        self.watcher.join(timeout=2.0)  # the thread that took over drains to the pipes' end
+        for fd in (*self.saved.values(), *self.reads.values()):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except OSError:  # the screen went away: the log still gets it
+            return
 
 
 def start(logs: str, rank: int, world_size: int) -> str:

@@ -11,7 +11,7 @@ import os
 import time
 
 from launcher.launch.commands import mask
-from launcher.tracking import chosen, flat
+from launcher.tracking import chosen, flat, masked_settings, plain_uri
 
 
 class Wandb:
@@ -57,6 +57,7 @@ class Mlflow:
 def open_trackers(tracking, recipe: str, out_dir: str, config: dict) -> list:
     """The trackers `tracking` (a TrackingConfig) names, started with `config` (to_dict of the run's) as
     parameters."""
+    config = masked_settings(config)
     params = {k: mask(k.rsplit(".", 1)[-1], v) if isinstance(v, str) else v for k, v in flat(config).items()}
     project = tracking.project or recipe
     name = tracking.run_name or os.path.basename(os.path.normpath(out_dir))
@@ -65,6 +66,6 @@ def open_trackers(tracking, recipe: str, out_dir: str, config: dict) -> list:
         if which == "wandb":
             out.append(Wandb(project, name, out_dir, params))
         elif which == "mlflow":
-            uri = tracking.mlflow_uri or "file:" + os.path.join(os.path.abspath(out_dir), "mlruns")
+            uri = plain_uri(tracking.mlflow_uri) or "file:" + os.path.join(os.path.abspath(out_dir), "mlruns")
             out.append(Mlflow(uri, project, name, params))
     return out

@@ -7,6 +7,8 @@ restart tests; STEP is the training step (1 is the first):
 - die-saving:RANK:STEP:FILE the same, halfway through writing the checkpoint of step STEP: its tensors and state
                            written, not its manifest
 - raise:RANK:STEP          rank RANK raises RuntimeError("injected fault in step STEP") in that all-reduce
+- stop-evaluating:RANK:STEP:FILE rank RANK sends itself SIGUSR1 (a preemption) in the evaluation after step STEP,
+                           unless FILE exists (it creates FILE first)
 """
 
 from __future__ import annotations
@@ -27,8 +29,18 @@ _base = load_recipe(str(Path(__file__).resolve().parents[2] / "recipes" / "lora_
 Config = _base.Config
 check = _base.check
 build_task = _base.build_task
-eval_outputs = _base.eval_outputs
 compute_metrics = _base.compute_metrics
+_stop_evaluating: list[tuple[int, str]] = []  # (step, marker) of a stop-evaluating fault of this rank
+
+
+def eval_outputs(outputs, batch):
+    from launcher.worker import watchdog
+
+    for step, marker in _stop_evaluating:
+        if watchdog._current is not None and watchdog._current.step == step and not os.path.exists(marker):
+            Path(marker).write_text("preempted while evaluating")
+            os.kill(os.getpid(), signal.SIGUSR1)
+    return _base.eval_outputs(outputs, batch)
 
 
 def build_model(cfg, task):
@@ -39,6 +51,9 @@ def build_model(cfg, task):
 
 def _inject(kind: str, rank: str, step: str, marker: str = "") -> None:
     if int(os.environ.get("RANK", "0")) != int(rank):
+        return
+    if kind == "stop-evaluating":
+        _stop_evaluating.append((int(step), marker))
         return
     if kind == "die-saving":
         from launcher import checkpoints

@@ -1,6 +1,6 @@
-"""recipes/lora_cls.py that writes, as each rank ends, the SHA-256 of the HF_TOKEN it was given to
-OUTPUT_DIR/hf_token-rankR.sha256 ("unset" where it has none): a secret's arrival on every node shown without writing
-the secret anywhere."""
+"""recipes/lora_cls.py that writes, as each rank ends, the SHA-256 of the HF_TOKEN and MLFLOW_TRACKING_PASSWORD it was
+given to OUTPUT_DIR/hf_token-rankR.sha256 and mlflow_tracking_password-rankR.sha256 ("unset" where it has none): a
+secret's arrival on every node shown without writing the secret anywhere."""
 
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ compute_metrics = _base.compute_metrics
 
 
 def finish(engine, task, cfg, ranks) -> None:
-    token = os.environ.get("HF_TOKEN")
-    digest = hashlib.sha256(token.encode()).hexdigest() if token is not None else "unset"
-    Path(cfg.output_dir, f"hf_token-rank{ranks.rank}.sha256").write_text(digest)
+    for variable in ("HF_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+        secret = os.environ.get(variable)
+        digest = hashlib.sha256(secret.encode()).hexdigest() if secret is not None else "unset"
+        Path(cfg.output_dir, f"{variable.lower()}-rank{ranks.rank}.sha256").write_text(digest)
 
 
 def main() -> None:
