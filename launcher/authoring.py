@@ -4,6 +4,7 @@ the description is the first line of each module's docstring, read with `ast`.""
 from __future__ import annotations
 
 import ast
+import keyword
 import os
 import re
 
@@ -30,21 +31,42 @@ def describe_recipes(folder: str) -> list[tuple[str, str]]:
     return out
 
 
-def new_recipe(name: str, source_name: str, folder: str) -> str:
-    """Copy `folder/source_name.py` to `folder/name.py` with its `recipe` name changed; returns the new path."""
-    if not name.isidentifier():
-        raise ConfigError(f"NAME {name!r}: a recipe name must be a Python identifier, e.g. my_cls")
-    src = os.path.join(folder, f"{source_name}.py")
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes")
+"""The launcher's own recipes (the project's recipes/ folder)."""
+
+
+def source_recipe(source: str, folders: list[str]) -> str:
+    """The file `--from SOURCE` names: a recipe's name, looked up in `folders` in order, or the path of a .py
+    file. Anything else (a path without .py, `..` tricks on a name) is refused: a name never leaves its folder."""
+    if source.endswith(".py"):
+        if not os.path.isfile(source):
+            raise ConfigError(f"--from {source}: no such file; give a recipe's name or the path of a recipe file")
+        return source
+    if not source.isidentifier():
+        raise ConfigError(f"--from {source!r}: give a recipe's name (e.g. lora_cls) or the path of a .py recipe file")
+    for folder in folders:
+        path = os.path.join(folder, f"{source}.py")
+        if os.path.isfile(path):
+            return path
+    known = sorted({n for folder in folders if os.path.isdir(folder) for n, _ in describe_recipes(folder)})
+    raise ConfigError(
+        f"--from {source}: no recipe of that name in {' or '.join(folders)}; recipes: {', '.join(known) or 'none'}"
+    )
+
+
+def new_recipe(name: str, source: str, folder: str) -> str:
+    """Copy the recipe `source` (a name, found in `folder` or among the launcher's own recipes, or a .py path) to
+    `folder/name.py` with its `recipe` name changed; returns the new path."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise ConfigError(f"NAME {name!r}: a recipe name must be a Python identifier and not a keyword, e.g. my_cls")
+    src = source_recipe(source, list(dict.fromkeys([folder, SHIPPED])))
     dst = os.path.join(folder, f"{name}.py")
-    if not os.path.isfile(src):
-        known = ", ".join(n for n, _ in describe_recipes(folder)) if os.path.isdir(folder) else "none"
-        raise ConfigError(f"--from {source_name}: no recipe {src}; recipes here: {known}")
     if os.path.exists(dst):
         raise ConfigError(f"{dst} already exists: pick another NAME or delete the file")
     with open(src) as f:
-        source = f.read()
-    if not _RECIPE_NAME.search(source):
-        raise ConfigError(f"--from {source_name}: {src} has no `recipe: ClassVar[str] = ...` line to rename")
-    text = _RECIPE_NAME.sub(lambda m: f'{m.group(1)}"{name}"', source, count=1)
-    write_atomic(dst, text)
+        text = f.read()
+    if not _RECIPE_NAME.search(text):
+        raise ConfigError(f"--from {source}: {src} has no `recipe: ClassVar[str] = ...` line to rename")
+    os.makedirs(folder, exist_ok=True)
+    write_atomic(dst, _RECIPE_NAME.sub(lambda m: f'{m.group(1)}"{name}"', text, count=1))
     return dst

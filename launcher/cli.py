@@ -196,6 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `launcher matrix | head`: the reader has what it wanted; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's own flush goes nowhere
+        return 0
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -245,17 +253,17 @@ def cmd_matrix(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     from launcher.authoring import describe_recipes
+    from launcher.console import make_console
 
     table = Table(title=f"recipes in {args.dir}", title_justify="left")
     table.add_column("recipe", style="bold cyan", no_wrap=True)
     table.add_column("description")
     for name, description in describe_recipes(args.dir):
         table.add_row(name, description)
-    Console().print(table)
+    make_console().print(table)
     return 0
 
 
@@ -315,6 +323,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     # A dry run reads and checks the data but keeps nothing of it (datasets' cache goes to a folder it deletes).
     with scratch_cache() if args.dry_run else contextlib.nullcontext():
         plan = build_plan(recipe, args.overrides, launch_env(job))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if not job.cuda and args.nproc > cores:
+        print(
+            f"note: --nproc {args.nproc} on {cores} CPU core(s): the processes share the cores, so each step takes "
+            "longer than with fewer processes (fine for trying a multi-process setup)",
+            file=sys.stderr,
+        )
     if args.dry_run:
         from launcher.launch.commands import render
         from launcher.views import print_dry_run

@@ -28,8 +28,9 @@ def grid() -> dict[str, dict[str, list[str]]]:
 
 def print_matrix() -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
+
+    from launcher.console import make_console
 
     table = Table(
         title="strategy x adapter x optimizer: ✓ supported, N refused by rule N",
@@ -46,7 +47,7 @@ def print_matrix() -> None:
         table.add_column(adapter, justify="center", no_wrap=True, min_width=len(OPTIMIZERS))
     for row, by_adapter in grid().items():
         table.add_row(row, *["".join(_style(m) for m in marks) for marks in by_adapter.values()])
-    console = Console()
+    console = make_console()
     console.print(table)
     console.print("[bold]rules[/]")
     for i, rule in enumerate(RULES, 1):

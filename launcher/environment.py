@@ -20,6 +20,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # transformers' "Loading weights" bar and the hub's: the launcher says its phases itself, and off a terminal a
+    # bar is a line of carriage returns.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if _has_nvidia() else "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", extension_build_dir(sys.prefix))
     _own_ninja_first()
@@ -32,6 +35,8 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("default", category=MovedWarning)  # an old import path: the user must hear of it
     # bitsandbytes' CPU backend probes for an optional hub kernel package on import and warns when absent.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # Hugging Face's `kernels` says on every load, offline, that it skips a publisher check nobody asked for.
+    logging.getLogger("kernels").setLevel(logging.ERROR)
     # ... and its 8-bit matmul logs the same cast warning on every call: show each such message once.
     once = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, OncePerMessage) for f in once.filters):

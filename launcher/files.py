@@ -39,3 +39,17 @@ def write_atomic(path: str, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def ordinary_modes(folder: str) -> None:
+    """Give every file under `folder` the mode the user's umask gives a new file (and folders theirs): safetensors
+    writes its files 0600, which a teammate sharing the run folder could not read, unlike every other file of it."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, dirs, names in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)

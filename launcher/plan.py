@@ -412,11 +412,18 @@ def restarted(plan: Plan, restart: int) -> Plan:
 def _resumed_accumulation(cfg: RunConfig, env: LaunchEnv, given: set[str]) -> tuple[RunConfig, list[str]]:
     """A job resumed on another number of processes keeps its checkpoint's global batch: it accumulates more
     micro-batches per step (2 processes -> 1: twice as many), or fewer. Refused, with the arithmetic, when no
-    accumulation makes the batch; a train.grad_accum the user gave is kept (and checked by the resuming ranks)."""
+    accumulation makes the batch. A train.grad_accum the user gave is kept (and checked by the resuming ranks),
+    unless it is the checkpoint's own (the original command repeated): that one follows the new size too."""
     from launcher import checkpoints
 
     manifest = checkpoints.resume_manifest(cfg.resume, cfg.output_dir)
-    if manifest is None or manifest.get("world_size") == env.world_size or "train.grad_accum" in given:
+    if manifest is None or manifest.get("world_size") == env.world_size:
+        return cfg, []
+    try:
+        repeated = cfg.train.grad_accum == manifest["config"]["train"]["grad_accum"]
+    except (KeyError, TypeError):
+        repeated = False
+    if "train.grad_accum" in given and not repeated:
         return cfg, []
     try:
         accum = checkpoints.accumulation_for(

@@ -129,13 +129,13 @@ def run_plan_command(args: argparse.Namespace) -> int:
 
 
 def print_plan(plan) -> None:
-    from rich.console import Console
     from rich.table import Table
 
+    from launcher.console import make_console
     from launcher.planner import SAFETY, fits
 
     m = plan.machine
-    console = Console(width=None if Console().is_terminal else 130)  # a pipe or a log gets the whole table
+    console = make_console()
     console.print(
         f"[bold]{plan.model}[/]: {plan.parameters / 1e9:.2f}B parameters, {plan.trainable / 1e6:.1f}M trained "
         f"(adapter={plan.adapter}, optimizer={plan.optimizer}, precision={plan.precision}); micro-batch "

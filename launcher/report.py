@@ -116,8 +116,12 @@ def _short(value: object, width: int = 28) -> str:
 
 def write_report(paths: list[str], out_dir: str) -> tuple[str, str]:
     """Write report.png and report.html for these runs into out_dir; returns their paths."""
-    from launcher.files import write_atomic
+    from launcher.errors import ConfigError
+    from launcher.files import output_dir_problems, write_atomic
 
+    problems = [p.replace("output_dir=", "--out ", 1) for p in output_dir_problems(out_dir)]
+    if problems:
+        raise ConfigError([p.replace("for the run, e.g. output_dir=runs/x", "for the report") for p in problems])
     runs = _named([read_run(p) for p in paths])
     os.makedirs(out_dir, exist_ok=True)
     buffer = io.BytesIO()

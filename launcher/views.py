@@ -10,10 +10,11 @@ def print_dry_run(
 ) -> None:
     """The plan, each rank's command, whatever the strategy will be configured with (`sections`: title ->
     JSON-ready dict, e.g. DeepSpeed's config) and what the run would delete (`deletes`, a sentence, or empty)."""
-    from rich.console import Console
     from rich.syntax import Syntax
 
-    console = Console(highlight=False)
+    from launcher.console import make_console
+
+    console = make_console()
     console.print("[bold]resolved plan[/]")
     console.print(Syntax(plan_json, "json", theme="ansi_dark", background_color="default"))
     console.print(f"[bold]commands[/] ({nproc} process(es); each reads the plan written to {plan_path})")
@@ -29,25 +30,33 @@ def print_dry_run(
 
 def print_settings(cfg) -> None:
     """Every setting of a recipe's config with its default and docstring (a recipe's --help)."""
-    from rich.console import Console
+    from rich import box
     from rich.table import Table
 
+    from launcher.console import make_console
     from launcher.overrides import describe
 
-    table = Table(title=f"settings of {type(cfg).recipe} (override as key=value)", title_justify="left")
+    # No frame: off a terminal each setting is one line that ends with its meaning (a frame would pad it out).
+    table = Table(
+        title=f"settings of {type(cfg).recipe} (override as key=value)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+    )
     table.add_column("setting", style="bold cyan", no_wrap=True)
     table.add_column("default")
     table.add_column("meaning")
     for path, value, doc in describe(cfg):
         table.add_row(path, value, doc)
-    Console().print(table)
+    make_console().print(table)
 
 
 def print_check(rows, allreduce, hosts_first: str) -> None:
     """`launcher check`: a line per host (versions, GPUs, free space, write access, what is wrong), then the
     all-reduce across the hosts."""
-    from rich.console import Console
     from rich.table import Table
+
+    from launcher.console import make_console
 
     first = next((r.report for r in rows if r.report is not None), {"versions": {"python": ""}})
     packages = [name for name in first["versions"] if name != "python"]  # the probe's, in its order
@@ -65,9 +74,7 @@ def print_check(rows, allreduce, hosts_first: str) -> None:
         table.add_row(
             row.host, str(row.slots), *versions, str(r["gpus"]), free, "yes" if r["writable"] else "no", status
         )
-    console = Console(highlight=False)
-    if not console.is_terminal:  # a log: whole lines rather than 80 columns of ellipses
-        console = Console(highlight=False, width=200)
+    console = make_console()
     console.print(table)
     if isinstance(allreduce, dict):
         right = "" if allreduce["right"] else " [red]but the sum was wrong[/]"

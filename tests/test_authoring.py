@@ -57,6 +57,36 @@ def test_new_copies_a_recipe_under_a_new_name_that_runs(tmp_path):
     assert bad.returncode == 2 and "identifier" in bad.stderr
 
 
+def test_new_reads_its_source_from_the_shipped_recipes_or_a_named_file_and_writes_only_into_dir(tmp_path):
+    """--dir is where the copy goes: --from NAME finds the launcher's own recipe; a .py path is read as given (no
+    second .py); a name never walks out of its folder; a Python keyword is no name."""
+    elsewhere = tmp_path / "elsewhere"
+    proc = launcher_cli(["new", "mine", "--from", "lora_cls", "--dir", str(elsewhere)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert 'recipe: ClassVar[str] = "mine"' in (elsewhere / "mine.py").read_text()
+    proc = launcher_cli(["new", "again", "--from", str(elsewhere / "mine.py"), "--dir", str(elsewhere)], cwd=tmp_path)
+    assert proc.returncode == 0 and 'ClassVar[str] = "again"' in (elsewhere / "again.py").read_text(), proc.stderr
+    for source, said in [
+        ("../../etc/passwd", "give a recipe's name (e.g. lora_cls) or the path of a .py recipe file"),
+        (str(tmp_path / "none.py"), "no such file"),
+        ("nope", "no recipe of that name"),
+    ]:
+        proc = launcher_cli(["new", "x", "--from", source, "--dir", str(elsewhere)], cwd=tmp_path)
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "lora_cls" in proc.stderr, "the refusal lists the recipes there are"
+    keyword = launcher_cli(["new", "class", "--dir", str(elsewhere)], cwd=tmp_path)
+    assert keyword.returncode == 2 and "not a keyword" in keyword.stderr
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["again.py", "mine.py"]
+
+
+def test_report_into_a_file_is_refused_with_exit_2(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    proc = launcher_cli(["report", str(tmp_path), "--out", str(afile)], cwd=tmp_path)
+    assert proc.returncode == 2 and f"--out {afile}: this is a file, not a folder" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and afile.read_text() == "mine"
+
+
 def test_the_docs_complete_example_runs(tmp_path, tiny_model):
     """The example in docs/recipes.md, copied as a user would, trains 2 steps and evaluates."""
     text = (ROOT / "docs" / "recipes.md").read_text().split("## A complete small example", 1)[1]

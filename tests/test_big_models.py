@@ -157,7 +157,8 @@ def big_runs(big_folder, tmp_path_factory):
         )
         assert proc.returncode == 0, case + "\n" + why_failed(proc)
         summary = json.loads((run_dir / "summary.json").read_text())
-        losses = [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if r["split"] == "train"]
         out[case] = {"summary": summary, "losses": losses, "dir": run_dir}
     return out
 

@@ -150,7 +150,14 @@ def test_a_merged_qlora_export_is_a_bf16_model_with_the_trained_logits(sft, tmp_
 def test_export_refuses_what_it_cannot_export_and_writes_nothing(classifier, tmp_path, capsys):
     checkpoint = classifier / "checkpoints" / "step-00000006"
     code, _, err = export(capsys, str(classifier), "--out", str(tmp_path / "a"))
+    newest = classifier / "checkpoints" / "step-00000006"
+    assert code == 2 and f"is a run's folder: give one of its checkpoints; its newest: {newest}" in err, err
+    code, _, err = export(capsys, str(tmp_path / "nowhere"), "--out", str(tmp_path / "a"))
+    assert code == 2 and "nowhere: no such folder; give a checkpoint folder" in err, err
+    (tmp_path / "half").mkdir()
+    code, _, err = export(capsys, str(tmp_path / "half"), "--out", str(tmp_path / "a"))
     assert code == 2 and "is not a complete checkpoint (no manifest.json)" in err, err
+    (tmp_path / "half").rmdir()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("mine")
     code, _, err = export(capsys, str(checkpoint), "--out", str(tmp_path / "full"))

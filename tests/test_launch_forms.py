@@ -180,6 +180,16 @@ def test_matrix_cells_through_launcher_run(cell, tiny_model, tiny_data, tmp_path
     plan = json.loads((out / "config.json").read_text())["config"]
     settings = dict(o.split("=", 1) for o in MATRIX_CELLS[cell])
     assert plan["adapter"]["name"] == settings["adapter"] and plan["optimizer"]["name"] == settings["optimizer"]
+    assert_quiet(proc.stdout + proc.stderr)
+
+
+NOISE = ("Skipping publisher trust check", "built successfully", "Loading weights", "\r")
+"""What libraries print on every run and a person need not read: the kernels hub's offline note, DeepSpeed's op
+builds, transformers' loading bar (its carriage returns off a terminal)."""
+
+
+def assert_quiet(output: str) -> None:
+    assert [n for n in NOISE if n in output] == [], output[-3000:]
 
 
 def test_target_modules_the_model_lacks_stop_with_the_available_names(tiny_model, tiny_data, tmp_path):

@@ -206,3 +206,21 @@ def test_restart_variables_are_read_in_the_job_and_a_torchrun_sharing_its_store_
     plan = build_plan(recipes["lora_cls"], [], LaunchEnv(world_size=2, local_world_size=2, elastic_shared_store=True))
     assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in n for n in plan.notes)
     assert not any("TORCH_DISABLE" in n for n in build_plan(recipes["lora_cls"], [], TWO).notes)
+
+
+def test_a_resume_at_another_size_repeating_the_checkpoints_grad_accum_follows_the_new_size(recipes, tmp_path):
+    """The original command repeated (train.grad_accum=4 given again) on 1 process instead of 2: the accumulation
+    follows (8), as when it is not given; another value the user gives is kept (and checked by the ranks)."""
+    out = tmp_path / "run"
+    step = out / "checkpoints" / "step-00000004"
+    step.mkdir(parents=True)
+    config = {"train": {"micro_batch_size": 8, "grad_accum": 4}}
+    (step / "manifest.json").write_text(json.dumps({"step": 4, "world_size": 2, "config": config}))
+    one = LaunchEnv(world_size=1, local_world_size=1)
+    settings = [f"output_dir={out}", "resume=auto", "train.micro_batch_size=8"]
+    for given in ([], ["train.grad_accum=4"]):
+        plan = build_plan(recipes["lora_cls"], [*settings, *given], one)
+        assert plan.config.train.grad_accum == 8, given
+        assert any(n.startswith("train.grad_accum=8: the checkpoint was written by 2 processes") for n in plan.notes)
+    other = build_plan(recipes["lora_cls"], [*settings, "train.grad_accum=2"], one)
+    assert other.config.train.grad_accum == 2

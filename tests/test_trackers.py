@@ -86,6 +86,13 @@ def test_wandb_offline_and_mlflow_get_the_series_of_metrics_jsonl_and_the_config
                          "tracking.report_to=wandb,mlflow", "tracking.project=trackers-test")  # fmt: skip
     proc = run(["python", RECIPE, *settings], cwd=tmp_path, env={"WANDB_MODE": "offline"})
     assert proc.returncode == 0, why_failed(proc)
+    said = {
+        line.split()[0]: line.split()[1]
+        for line in proc.stdout.splitlines()
+        if line.startswith(("  wandb", "  mlflow"))
+    }
+    assert said == {"wandb": str(out / "wandb"), "mlflow": str(out / "mlruns")}, proc.stdout[-2000:]
+    assert (out / "wandb").is_dir() and (out / "mlruns").is_dir()
     expected = jsonl_series(out)
     assert {"train/loss", "train/lr", "train/samples_per_s", "eval/accuracy"} <= set(expected)
     assert [s for s, _ in expected["train/loss"]] == [1, 2, 3, 4] and len(expected["eval/accuracy"]) == 2

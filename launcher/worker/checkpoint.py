@@ -25,6 +25,7 @@ import torch
 
 from launcher import checkpoints
 from launcher.errors import ConfigError
+from launcher.files import ordinary_modes
 from launcher.overrides import to_dict
 from launcher.shards import write_shards
 from launcher.tracking import masked_settings
@@ -114,6 +115,7 @@ def save(
             json.dump(manifest, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
+        ordinary_modes(tmp)
         shutil.rmtree(final, ignore_errors=True)  # a checkpoint of this very step (a resumed run saves it again)
         os.replace(tmp, final)
         _fsync_dir(os.path.dirname(final))

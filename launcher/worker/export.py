@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from launcher.config import Full, RunConfig
+from launcher.files import ordinary_modes
 from launcher.shards import write_shards
 from launcher.task import Task
 from launcher.worker import dist
@@ -123,6 +124,7 @@ def publish(tmp: str, final: str, tokenizer, task: Task) -> None:
     for name, content in task.files.items():
         with open(os.path.join(tmp, name), "w") as f:
             json.dump(content, f, indent=2)
+    ordinary_modes(tmp)
     os.replace(tmp, final)
 
 

@@ -61,6 +61,7 @@ def export(checkpoint: str, out: str, *, merge: bool, recipe_path: str = "") -> 
     from launcher.worker import checkpoint as checkpoints_io
 
     checkpoint = os.path.abspath(checkpoint)
+    _not_a_checkpoint(checkpoint)
     problems = checkpoints_io.damage(checkpoint)
     if problems:
         raise ConfigError([f"CHECKPOINT {checkpoint}: {p}" for p in problems])
@@ -196,6 +197,20 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
 
     write_model(beating(tensors(), "merging"), base, folder, dtype=dtype)
     return True
+
+
+def _not_a_checkpoint(path: str) -> None:
+    """A missing path, or a run's folder given for one of its checkpoints, said as such (not as damage)."""
+    from launcher import checkpoints
+
+    if not os.path.exists(path):
+        raise ConfigError(f"CHECKPOINT {path}: no such folder; give a checkpoint folder, OUTPUT_DIR/checkpoints/step-N")
+    if os.path.isfile(os.path.join(path, checkpoints.MANIFEST)):
+        return
+    found = checkpoints.complete(path)
+    if found or os.path.isdir(checkpoints.root(path)):
+        newest = f"; its newest: {found[-1][1]}" if found else " (it has no complete one)"
+        raise ConfigError(f"CHECKPOINT {path} is a run's folder: give one of its checkpoints{newest}")
 
 
 def _recipe_copy(checkpoint: str, manifest: dict) -> str:

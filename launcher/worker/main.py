@@ -206,7 +206,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.worker.preempt import stop_requests
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
-    from launcher.worker.trackers import open_trackers
+    from launcher.worker.trackers import open_trackers, tracker_places
     from launcher.worker.watchdog import Watchdog, beating_forwards, stacks_on_sigquit
     from launcher.worker.weights import has_meta, weights_for
 
@@ -460,6 +460,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
                 ("model" if isinstance(cfg.adapter, Full) else "adapter", saved),
                 ("metrics", os.path.join(cfg.output_dir, "metrics.jsonl")),
                 ("tensorboard", os.path.join(cfg.output_dir, "tensorboard")),
+                *tracker_places(cfg.tracking, cfg.output_dir),
             ],
         )
     return summary

@@ -11,10 +11,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from launcher.console import make_console
 from launcher.files import write_atomic
 from launcher.worker import live
 from launcher.worker.memory import rss_mib
@@ -66,7 +66,7 @@ class RunLog:
         self.peak_tflops = peak_tflops
         self.world_size = world_size
         self.trackers = list(trackers or [])
-        self.console = Console(stderr=False, highlight=False)
+        self.console = make_console()
         self._progress: _LiveProgress | None = None
         self._jsonl = None
         self._tb = None
@@ -154,7 +154,7 @@ class RunLog:
         record = {
             "step": step,
             "split": "train",
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as the console says it
             "loss": loss,
             "lr": lr,
             "samples_per_s": samples_per_s,

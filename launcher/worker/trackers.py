@@ -11,7 +11,7 @@ import os
 import time
 
 from launcher.launch.commands import mask
-from launcher.tracking import chosen, flat, masked_settings, plain_uri
+from launcher.tracking import chosen, flat, masked_settings, plain_uri, split_password
 
 
 class Wandb:
@@ -52,6 +52,18 @@ class Mlflow:
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)
+
+
+def tracker_places(tracking, out_dir: str) -> list[tuple[str, str]]:
+    """(tracker, where its records went) for the trackers `tracking` names, as the run's last table says them."""
+    out = []
+    for which in chosen(tracking.report_to):
+        if which == "wandb":
+            out.append(("wandb", os.path.join(out_dir, "wandb")))
+        elif which == "mlflow":
+            uri = split_password(tracking.mlflow_uri)[0] if tracking.mlflow_uri else ""
+            out.append(("mlflow", uri or os.path.join(os.path.abspath(out_dir), "mlruns")))
+    return out
 
 
 def open_trackers(tracking, recipe: str, out_dir: str, config: dict) -> list:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import sys
 
 import deepspeed
 import torch
@@ -36,17 +38,19 @@ class ZeroEngine(Engine):
             materialize(inputs.model, inputs.weights, self.device, lambda _: dtype)
             self.module = inputs.model.to(self.device)
         else:
-            self.module = _load_partitioned(move_real(inputs.model, self.device), inputs, config)
+            with _without_build_lines():
+                self.module = _load_partitioned(move_real(inputs.model, self.device), inputs, config)
         if self.stage == 3:
             _release_4bit_weights_after_use(self.module)
         optimizer, scheduler = inputs.make_optimizer(self.module)
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.module,
-            optimizer=optimizer,
-            lr_scheduler=scheduler,
-            config=config,
-            dist_init_required=False,
-        )
+        with _without_build_lines():
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.module,
+                optimizer=optimizer,
+                lr_scheduler=scheduler,
+                config=config,
+                dist_init_required=False,
+            )
         self._lr_source = optimizer
 
     def forward(self, batch):
@@ -422,3 +426,16 @@ def wrap(inputs: EngineInputs) -> Engine:
 
 def _no_sync(sync: bool) -> None:
     """DeepSpeed decides when gradients are reduced (at its accumulation boundary): nothing to set."""
+
+
+@contextlib.contextmanager
+def _without_build_lines():
+    """DeepSpeed prints "DeepSpeed <op> built successfully" on every rank as its communication backend loads an op
+    (the shared-memory collectives): noise on every run. What else it prints meanwhile is passed on."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().splitlines(keepends=True) if "built successfully" not in line]
+        sys.stdout.write("".join(kept))
