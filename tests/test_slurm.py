@@ -175,6 +175,12 @@ def test_a_control_character_in_any_value_of_a_script_or_command_is_refused_nami
         check(BatchJob(recipe="/r.py", name="n", run_dir="/runs/a", cwd="/w", python="/py", settings=["seed=1\x1b[2J"]))
     bad = "output_dir=runs/x\ntouch PWNED #"
     out = tmp_path / "runs"
+    # Inside an allocation (srun's command): Slurm's node list, expanded by a stand-in for its scontrol.
+    fake = tmp_path.parent / f"{tmp_path.name}-bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\necho n1\necho n2\n")
+    (fake / "scontrol").chmod(0o755)
+    slurm = {"SLURM_JOB_NODELIST": "n[1-2]", "PATH": f"{fake}:{os.environ['PATH']}"}
     for argv in (
         ["sbatch", RECIPE, "--procs-per-node", "2", bad],
         ["run", RECIPE, "--nproc", "2", bad],
@@ -182,8 +188,9 @@ def test_a_control_character_in_any_value_of_a_script_or_command_is_refused_nami
         ["run", RECIPE, "--hostfile", str(ROOT / "hostfiles/loopback-two-nodes.txt"), "--dry-run", bad],
         ["run", RECIPE, "--hostfile", str(ROOT / "hostfiles/loopback-two-nodes.txt"), "--runner", "deepspeed", bad],
         ["run", RECIPE, "--nproc", "2", f"data.train={tmp_path}/a\rb.jsonl"],
+        ["run", RECIPE, "--runner", "slurm", "--dry-run", bad],
     ):
-        proc = launcher_cli(argv, cwd=tmp_path)
+        proc = launcher_cli(argv, cwd=tmp_path, env=slurm if "slurm" in argv else None)
         assert proc.returncode == 2 and "which no command line or batch script may carry" in proc.stderr, proc.stderr
         assert ("output_dir='runs/x\\ntouch PWNED #'" in proc.stderr) or "data.train=" in proc.stderr
         assert "Traceback" not in proc.stderr and not out.exists() and not (tmp_path / "PWNED").exists()
