@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import selectors
 import socket
 import subprocess
 import sys
@@ -56,54 +55,48 @@ while sel.get_map():
 
 class _Tee:
     """fds 1 and 2 of this process become pipes into the copier, which writes each to where it went before (stdout
-    stays stdout, stderr stderr) and both to the log. The rank keeps a read end of each pipe: should the copier end
-    (killed by someone), the rank's writes never break (a pipe with no reader would fail them), and a thread of the
-    rank's own copies from there on, saying so once."""
+    stays stdout, stderr stderr) and both to the log. The rank keeps the pipes' read ends: should the copier end
+    (killed by someone), the rank's writes never break (a pipe with no reader would fail them), and a new copier
+    takes over from the same pipes, said once per copier lost."""
 
     def __init__(self, path: str):
         self.path = path
         pipes = {fd: os.pipe() for fd in (1, 2)}
-        self.copier = subprocess.Popen(
-            [sys.executable, "-S", "-c", COPIER, str(pipes[1][0]), str(pipes[2][0]), path],
-            stdin=subprocess.DEVNULL,
-            pass_fds=(pipes[1][0], pipes[2][0]),
-        )
-        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
         self.reads = {fd: read for fd, (read, _) in pipes.items()}  # kept (not inherited by the rank's children)
+        self.saved = {fd: os.dup(fd) for fd in (1, 2)}
+        self.copier = self._start_copier()
         self.closing = threading.Event()
         sys.stdout.flush()
         sys.stderr.flush()
         for fd, (_, write) in pipes.items():
             os.dup2(write, fd)
             os.close(write)
-        self.watcher = threading.Thread(target=self._take_over, name="launcher-log-copier", daemon=True)
+        self.watcher = threading.Thread(target=self._replace_lost_copiers, name="launcher-log-copier", daemon=True)
         self.watcher.start()
 
-    def _take_over(self) -> None:
-        """Wait for the copier; if it ends before the rank, copy in its place (the COPIER loop, in this thread)."""
-        code = self.copier.wait()
-        if self.closing.is_set():
-            return
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        note = (
-            f"launcher: this rank's log copier (pid {self.copier.pid}) {how}; the rank copies its own output to "
-            f"{self.path} from here (a crash of the rank may now lose its last lines)\n"
-        ).encode()
-        log = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        for fd in (self.saved[2], log):
-            _write_all(fd, note)
-        sel = selectors.DefaultSelector()
-        for fd, read in self.reads.items():
-            sel.register(read, selectors.EVENT_READ, self.saved[fd])
-        while sel.get_map():
-            for key, _ in sel.select():
-                chunk = os.read(key.fd, 65536)
-                if not chunk:
-                    sel.unregister(key.fd)
-                    continue
-                for fd in (key.data, log):
-                    _write_all(fd, chunk)
-        os.close(log)
+    def _start_copier(self) -> subprocess.Popen:
+        # Its stdout and stderr are where the rank's went before: never the pipes it reads (it would hold their
+        # write ends, and never see them end).
+        return subprocess.Popen(
+            [sys.executable, "-S", "-c", COPIER, str(self.reads[1]), str(self.reads[2]), self.path],
+            stdin=subprocess.DEVNULL,
+            stdout=self.saved[1],
+            stderr=self.saved[2],
+            pass_fds=tuple(self.reads.values()),
+        )
+
+    def _replace_lost_copiers(self) -> None:
+        while True:
+            code = self.copier.wait()
+            if self.closing.is_set():
+                return
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+            note = f"launcher: this rank's log copier (pid {self.copier.pid}) {how}; a new one copies from here\n"
+            log = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            for fd in (self.saved[2], log):
+                _write_all(fd, note.encode())
+            os.close(log)
+            self.copier = self._start_copier()
 
     def close(self) -> None:
         """Put the original descriptors back; the pipes then end and the copier writes what is left and exits."""
@@ -119,12 +112,8 @@ class _Tee:
             self.copier.wait(timeout=2.0)  # a child of the rank still holding a pipe must not hold the exit up
         except subprocess.TimeoutExpired:
             pass
-        self.watcher.join(timeout=2.0)  # the thread that took over drains to the pipes' end
         for fd in (*self.saved.values(), *self.reads.values()):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:
