@@ -1,4 +1,4 @@
-"""`launcher export --merge` of a QLoRA run on a model folder: peak memory of the streamed merge (issue 11, item 4).
+"""`launcher export --merge` of a QLoRA run on a model folder: peak memory of the streamed merge.
 
 Writes (once) a random-weight bf16 safetensors folder of a shipped shape (scripts/write_random_model.py), trains
 QLoRA on it for one step with a checkpoint (`launcher run recipes/qlora_sft.py`, 1 process), then merges that

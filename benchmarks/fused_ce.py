@@ -4,7 +4,7 @@ process: peak memory of the loss step (forward and backward) and its time, on th
     python benchmarks/fused_ce.py                        # 8,192 tokens x 128,256 vocabulary, hidden 1,024
     python benchmarks/fused_ce.py --tokens 2048 --vocab 32000 --hidden 512
 
-Targets (issue 15): peak memory of the loss step at most 1/8 of eager's, time at most 1.2x, loss and gradients equal
+Targets: peak memory of the loss step at most 1/8 of eager's, time at most 1.2x, loss and gradients equal
 (here within 1e-4 relative at this size; tests/test_kernels.py checks 1e-5 on small ones).
 """
 

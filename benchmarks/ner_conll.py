@@ -4,7 +4,7 @@
     python benchmarks/ner_conll.py --epochs 1 --rows 4000 --heads softmax
 
 Prints test entity F1 (CoNLL exact-span scoring), precision, recall, per-type F1, training samples/s and wall
-time of each head. Target (issue 4): F1 >= 0.85 for the better head. MiniLM's vocabulary is uncased, which
+time of each head. Target: F1 >= 0.85 for the better head. MiniLM's vocabulary is uncased, which
 costs a few points against cased encoders.
 """
 

@@ -7,7 +7,7 @@ Three runs of the same recipe, same model, adapter, micro-batch size and max len
   packed              examples packed into rows of max_length tokens (position ids restart per example)
   padded              one example per row, random batches padded to their longest (the HF Trainer default)
   padded+grouped      one example per row, batches of similar length (our default without packing)
-Target (issue 4): packing raises real tokens/s by at least 1.5x over `padded`.
+Target: packing raises real tokens/s by at least 1.5x over `padded`.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
     python benchmarks/sst2_zero2.py                       # full epoch (60,614 rows): ~30 min on 2 CPU cores
     python benchmarks/sst2_zero2.py --rows 8000           # a shorter run
 
-Prints test accuracy / macro-F1 and training samples/s of both, and their ratio. Targets (issue 2):
+Prints test accuracy / macro-F1 and training samples/s of both, and their ratio. Targets:
 accuracy >= 0.87 after one full epoch. The peer is a hand-written loop (HF model + peft, no launcher)
 with the same model, LoRA settings, batch size, max length and learning-rate schedule.
 """

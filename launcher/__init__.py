@@ -17,12 +17,3 @@ def empty_weights():
     from launcher.worker.weights import empty_weights as _empty
 
     return _empty()
-
-
-def _install_moved_paths() -> None:
-    from launcher._moved import install
-
-    install()
-
-
-_install_moved_paths()

@@ -1,4 +1,4 @@
-"""A model's parameters counted without its weights (issue 14's planner starts here): the model is built on the meta
+"""A model's parameters counted without its weights (where the planner starts): the model is built on the meta
 device from its config.json alone (a shipped shape, `launcher/shapes/NAME.json`, or any local model folder), so a
 70B shape costs no memory and answers in seconds. What each term costs in bytes is arithmetic on these counts:
 the adapter's trainable parameters and a 4-bit base's storage (bitsandbytes' own layout) are computed here."""

@@ -30,9 +30,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("once", category=UserWarning)
-    from launcher._moved import MovedWarning
-
-    warnings.filterwarnings("default", category=MovedWarning)  # an old import path: the user must hear of it
     # bitsandbytes' CPU backend probes for an optional hub kernel package on import and warns when absent.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     # Hugging Face's `kernels` says on every load, offline, that it skips a publisher check nobody asked for.

@@ -495,13 +495,3 @@ def read_plan(path: str, recipe: Recipe) -> Plan:
             f"run {plan.recipe} --plan {path}"
         )
     return plan
-
-
-def __getattr__(name: str):
-    if name == "write_atomic":  # moved in 0.2; recipes users copied import it from here
-        from launcher._moved import warn_moved
-        from launcher.files import write_atomic
-
-        warn_moved("launcher.plan.write_atomic", "launcher.files.write_atomic")
-        return write_atomic
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Models built on the meta device and loaded by their strategy, each rank only the part it keeps (issue 11).
+"""Models built on the meta device and loaded by their strategy, each rank only the part it keeps.
 
 One torchrun of 2 gloo ranks loads a random-weight Llama folder (written by scripts/write_random_model.py) under
 each strategy and adapter (tests/helpers/load_worker.py); one more at 1 rank and 2 ranks builds random:llama-tiny,

@@ -1,4 +1,4 @@
-"""Checkpoints and exact resume (issue 12): a resumed run is the same run.
+"""Checkpoints and exact resume: a resumed run is the same run.
 
 One torchrun of 2 gloo ranks runs lora_cls under each strategy with checkpoints, then resumes from some of them
 into fresh folders (tests/helpers/resume_worker.py): the remaining steps' losses and the final weights must equal

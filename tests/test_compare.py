@@ -1,4 +1,4 @@
-"""benchmarks/compare.py in its smoke form (issue 15): ours and the peer (Trainer + peft under DeepSpeed's runner)
+"""benchmarks/compare.py in its smoke form: ours and the peer (Trainer + peft under DeepSpeed's runner)
 each train a few steps of the same workload, and every figure of both is read from what they wrote."""
 
 from __future__ import annotations

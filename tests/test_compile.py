@@ -1,4 +1,4 @@
-"""compile=true: each transformer block compiled in place by torch.compile, the same values as eager (issue 15)."""
+"""compile=true: each transformer block compiled in place by torch.compile, the same values as eager."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hostfiles and --include/--exclude filters (issue 13): table-driven, checked against DeepSpeed's own runner where
+"""Hostfiles and --include/--exclude filters: table-driven, checked against DeepSpeed's own runner where
 both accept the input, and refused with the line, its number and the fix where DeepSpeed warns or goes on."""
 
 from __future__ import annotations

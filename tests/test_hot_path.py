@@ -1,4 +1,4 @@
-"""The training step never waits for the device: its figures are read once per logged interval (issue 15)."""
+"""The training step never waits for the device: its figures are read once per logged interval."""
 
 from __future__ import annotations
 

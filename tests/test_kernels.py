@@ -1,4 +1,4 @@
-"""launcher.kernels against their pure-PyTorch references, on the CPU (issue 15)."""
+"""launcher.kernels against their pure-PyTorch references, on the CPU."""
 
 from __future__ import annotations
 

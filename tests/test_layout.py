@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import ast
-import subprocess
-import sys
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import ROOT
 
@@ -74,56 +70,6 @@ def test_deciders_and_the_data_layer_never_import_the_worker_or_the_spawner():
         assert not bad, f"{module} imports {bad}"
 
 
-MOVED = [
-    ("launcher.tagger", "launcher.tasks.tagging", "TokenTagger"),
-    ("launcher.crf", "launcher.tasks.crf", "CRF"),
-    ("launcher.spans", "launcher.tasks.spans", "span_scores"),
-    ("launcher.sft", "launcher.tasks.sft", "pack"),
-    ("launcher.vocab", "launcher.tasks.vocab", "char_tokenizer"),
-    ("launcher.datacache", "launcher.data.cache", "cached"),
-    ("launcher.sampling", "launcher.data.sampling", "DistributedBatchSampler"),
-    ("launcher.worker.metrics", "launcher.tasks.metrics", "accuracy"),
-]
-
-
-@pytest.mark.parametrize("old,new,name", MOVED)
-def test_old_import_paths_still_work_and_say_where_the_module_went(old, new, name):
-    code = (
-        "import warnings, importlib\n"
-        "warnings.simplefilter('always')\n"
-        "with warnings.catch_warnings(record=True) as seen:\n"
-        f"    from {old} import {name} as a\n"
-        f"from {new} import {name} as b\n"
-        f"assert a is b and importlib.import_module({old!r}) is importlib.import_module({new!r})\n"
-        f"assert importlib.import_module({new!r}).__spec__.name == {new!r}\n"
-        "print([str(w.message) for w in seen])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert f"{old} moved to {new}; import it from there" in proc.stdout
-
-
-def test_write_atomic_at_its_old_path_warns_and_works(tmp_path):
-    code = (
-        "import warnings\nwarnings.simplefilter('always')\n"
-        "with warnings.catch_warnings(record=True) as seen:\n"
-        "    from launcher.plan import write_atomic\n"
-        f"write_atomic({str(tmp_path / 'x.txt')!r}, 'hi')\n"
-        "print([str(w.message) for w in seen])\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "launcher.plan.write_atomic moved to launcher.files.write_atomic" in proc.stdout
-    assert (tmp_path / "x.txt").read_text() == "hi"
-
-
-def test_a_recipe_on_an_old_path_shows_the_warning_in_a_run(tmp_path):
-    """quiet_libraries hides FutureWarnings from libraries, but not ours about a moved path."""
-    code = "from launcher.environment import quiet_libraries\nquiet_libraries()\nimport launcher.spans\n"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0 and "launcher.spans moved to launcher.tasks.spans" in proc.stderr, proc.stderr
-
-
 # Identifiers that belong to one strategy: its module alone may use them (names in code, not words in comments).
 QUIRKS = {
     "launcher/worker/strategies/fsdp.py": {"DTensor", "_local_tensor", "full_tensor", "fully_shard"},
@@ -157,3 +103,21 @@ def test_each_strategys_quirks_stay_inside_its_module():
         others = rel.endswith(("worker/optim.py", "launcher/environment.py")) or rel.startswith("launcher/launch/")
         leaked -= {"deepspeed"} if others else set()
         assert not leaked, f"{rel} uses {sorted(leaked)}, which belong to {sorted({owners[n] for n in leaked})}"
+
+
+def test_no_history_in_the_code_no_issue_numbers_in_names_or_text():
+    """A name says what a thing is: no module or benchmark named after an issue, no "issue N" in code or docs (the
+    issue tracker holds the history), and no shim for an old import path (nothing has been released)."""
+    import re
+
+    numbered = re.compile("issue" + r"s?[ _-]?\d+", re.IGNORECASE)
+    found = []
+    for folder in ("launcher", "benchmarks", "scripts", "recipes", "tests", "docs"):
+        for path in (ROOT / folder).rglob("*"):
+            if path.suffix not in (".py", ".md", ".sh") or "__pycache__" in path.parts:
+                continue
+            if numbered.search(path.name):
+                found.append(str(path.relative_to(ROOT)))
+            found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in numbered.finditer(path.read_text())]
+    assert found == [], found
+    assert not (ROOT / "launcher" / "_moved.py").exists()

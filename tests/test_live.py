@@ -1,4 +1,4 @@
-"""Rank 0's live view (issue 16): plain lines where the output is not a terminal, a panel under the bar where it is."""
+"""Rank 0's live view: plain lines where the output is not a terminal, a panel under the bar where it is."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A rank's host memory in training (issue 11): ZeRO-3's 4-bit layers let go of their gathered weights after use,
+"""A rank's host memory in training: ZeRO-3's 4-bit layers let go of their gathered weights after use,
 ZeRO-3 keeps about one block gathered, and a CPU rank gives freed heap back between the parts of each block."""
 
 from __future__ import annotations

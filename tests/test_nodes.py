@@ -1,4 +1,4 @@
-"""What each multi-node runner runs (issue 13), built by pure functions: the exact argv, the environment sent, the
+"""What each multi-node runner runs, built by pure functions: the exact argv, the environment sent, the
 quoting of hostile values (run through a real shell, as ssh's remote side and DeepSpeed's pdsh line are), and
 secrets masked in what is shown."""
 

@@ -1,4 +1,4 @@
-"""Random-weight model folders written to disk tensor by tensor (issue 11, item 5: big shapes for loading tests)."""
+"""Random-weight model folders written to disk tensor by tensor (big shapes for loading tests)."""
 
 from __future__ import annotations
 

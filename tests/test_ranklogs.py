@@ -1,4 +1,4 @@
-"""Reading a rank's own log for the launcher's failure summary (issue 16, item 2)."""
+"""Reading a rank's own log for the launcher's failure summary."""
 
 from __future__ import annotations
 

@@ -4,14 +4,13 @@ the tokenization cache key built from the whole configuration, notes collected b
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 
 import pytest
 
 from launcher.data import cache as datacache
 from launcher.data import files, read_split, source_path, take_notes
-from launcher.data.tokenize import cache_key, tokenize
+from launcher.data.tokenize import cache_key
 from launcher.errors import ConfigError
 from launcher.job import LaunchEnv
 from launcher.overrides import apply_overrides
@@ -92,32 +91,6 @@ def test_the_cache_key_covers_every_setting_that_can_shape_the_rows_and_no_other
     assert key("tokenizer=/a/tokenizer") != same, "a recipe-level setting is in the key without the recipe naming it"
     assert key("model_init=config", "head=crf") == same, "the recipe's run_only settings are not"
     assert key(f"data.eval={ROOT / 'launcher' / 'samples' / 'ner' / 'train.jsonl'}") != same, "every data file counts"
-
-
-def test_the_01_tokenize_form_still_works_with_a_warning(tmp_path):
-    import datasets
-    from transformers import AutoTokenizer
-
-    cfg = _recipe("lora_cls").Config()
-    tok = AutoTokenizer.from_pretrained(cfg.model_path)
-    table = datasets.Dataset.from_dict({"text": ["a b", "c"]})
-    cfg.data.cache_dir = str(tmp_path)
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        out, notes = tokenize(
-            table,
-            lambda rows: tok(rows["text"]),
-            data=cfg.data,
-            source=source_path(cfg.data.train, "data.train"),
-            split="train",
-            tokenizer=tok,
-            settings={},
-            code=__file__,
-        )
-    assert any("is the 0.1 form" in str(w.message) for w in seen)
-    assert out["length"][:] == [4, 3] and "train: tokenized and cached 2 rows" in notes[0]
-    new = tokenize(table, lambda rows: tok(rows["text"]), cfg, split="train", tokenizer=tok)
-    assert new["input_ids"][:] == out["input_ids"][:]
 
 
 def test_recipes_read_top_to_bottom_without_infrastructure():

@@ -1,4 +1,4 @@
-"""`launcher report` (issue 16, item 4): a PNG of the runs' curves, overlaid, and a self-contained HTML page that a
+"""`launcher report`: a PNG of the runs' curves, overlaid, and a self-contained HTML page that a
 headless browser loads without console errors."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A run's directory and numbers: one run per directory, no silent overwrite, finite settings and losses, clear
-refusals of bad paths and model folders (issue 10's defects, each reproduced by a test here)."""
+refusals of bad paths and model folders (each defect found reproduced by a test here)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Experiment trackers beside TensorBoard (issue 16, item 3): W&B offline and an MLflow file store get the series
+"""Experiment trackers beside TensorBoard: W&B offline and an MLflow file store get the series
 metrics.jsonl has, and the resolved configuration as parameters, with secrets masked."""
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -67,29 +66,12 @@ def cache_key(cfg: Any, split: str, rows: int | None, tokenizer: Any) -> dict[st
     }
 
 
-def tokenize(
-    table,
-    encode: Callable[[dict[str, list]], dict[str, list]],
-    cfg: Any = None,
-    *,
-    split: str,
-    tokenizer: Any,
-    data: DataConfig | None = None,
-    source: str | None = None,
-    settings: dict[str, Any] | None = None,
-    code: str | None = None,
-    notes: list[str] | None = None,
-):
+def tokenize(table, encode: Callable[[dict[str, list]], dict[str, list]], cfg: Any, *, split: str, tokenizer: Any):
     """`table.map(encode, batched=True)` plus a `length` column, done once and cached (see launcher.data.cache):
     `tokenize(table, encode, cfg, split="train", tokenizer=tokenizer)` returns the tokenized table and notes
-    whether it was reused for the run log.
-
-    The 0.1 form (`data=, source=, settings=, code=`, returning (table, notes)) works for one more release."""
+    whether it was reused for the run log."""
     from launcher.data import cache as datacache
     from launcher.data.notes import note
-
-    if cfg is None:
-        return _tokenize_01(table, encode, data, source, split, tokenizer, settings, code, notes)
 
     def build():
         return _map(table, encode), []
@@ -110,32 +92,3 @@ def _map(table, encode):
         return out
 
     return table.map(with_length, batched=True, remove_columns=table.column_names)
-
-
-def _tokenize_01(table, encode, data, source, split, tokenizer, settings, code, notes):
-    from launcher._moved import MovedWarning
-    from launcher.data import cache as datacache
-
-    warnings.warn(
-        "tokenize(table, encode, data=, source=, settings=, code=) is the 0.1 form; call "
-        "tokenize(table, encode, cfg, split=..., tokenizer=...) (the cache key is built from cfg)",
-        MovedWarning,
-        stacklevel=3,
-    )
-
-    def build():
-        return _map(table, encode), list(notes or [])
-
-    if not data.cache:
-        return build()
-    key = {
-        "split": split,
-        "data": datacache.file_digest(source),
-        "rows": len(table),
-        "tokenizer": datacache.tokenizer_digest(tokenizer),
-        "settings": settings,
-        "code": datacache.file_digest(code),
-    }
-    entry = datacache.cached(key, build, data.cache_dir or datacache.default_dir(), wait_message=f"tokenizing {split}")
-    how = "reused" if entry.reused else "tokenized and cached"
-    return entry.table, [*entry.notes, f"{split}: {how} {len(entry.table):,} rows ({entry.path})"]

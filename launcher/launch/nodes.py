@@ -1,4 +1,4 @@
-"""Pure builders of a multi-node launch (issue 13): the environment sent to the other nodes, and what each runner
+"""Pure builders of a multi-node launch: the environment sent to the other nodes, and what each runner
 runs. Nothing here spawns anything. Every value in a generated command is quoted for the shell that reads it, and
 each command comes with a rendering for logs and dry runs in which secrets are masked.
 

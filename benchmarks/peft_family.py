@@ -1,8 +1,8 @@
-"""Real-data figures of the PEFT family and the classic tricks (issue 17), each a real `launcher run`:
+"""Real-data figures of the PEFT family and the classic tricks, each a real `launcher run`:
 
-    python benchmarks/issue17.py chnsenticorp          # Chinese sentiment from scratch: chars + config + full, 2 ranks
-    python benchmarks/issue17.py fgm                   # lora_cls on 2,000 SST-2 rows with and without FGM, equal steps
-    python benchmarks/issue17.py adapters              # each peft adapter against LoRA: SST-2 and CoNLL-2003
+    python benchmarks/peft_family.py chnsenticorp       # Chinese sentiment from scratch: chars + config + full, 2 ranks
+    python benchmarks/peft_family.py fgm                # lora_cls on 2,000 SST-2 rows with and without FGM, equal steps
+    python benchmarks/peft_family.py adapters           # each peft adapter against LoRA: SST-2 and CoNLL-2003
 
 chnsenticorp trains lora_cls with tokenizer=chars model_init=config adapter=full (no pretrained Chinese model: the
 packaged MiniLM's shape with random weights and a character vocabulary learnt from the training file) on
@@ -188,7 +188,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=4, help="chnsenticorp: BERT layers (0: MiniLM's 6 x 384 shape)")
     ap.add_argument("--hidden", type=int, default=256, help="chnsenticorp: BERT width")
     ap.add_argument("--epsilon", type=float, default=1.0, help="fgm's train.adv_epsilon")
-    ap.add_argument("--out", default="runs/bench-issue17")
+    ap.add_argument("--out", default="runs/bench-peft-family")
     ap.add_argument("--reuse", action="store_true", help="adapters: keep runs finished in --out")
     ap.add_argument("--only", nargs="*", default=[], help="adapters: these adapters (and lora, the reference) only")
     ap.add_argument("--tasks", nargs="*", default=[], help="adapters: sst2 and/or conll (default both)")
