@@ -82,17 +82,29 @@ class Plan:
 
 
 def resolve(cfg: RunConfig, env: LaunchEnv) -> RunConfig:
-    """Replace every `auto` and empty default with a concrete choice for this environment."""
+    """Replace every `auto` and empty default with a concrete choice for this environment (resolve_noted, without
+    what the choice of strategy says)."""
+    return resolve_noted(cfg, env)[0]
+
+
+def resolve_noted(cfg: RunConfig, env: LaunchEnv) -> tuple[RunConfig, list[str]]:
+    """Every `auto` and empty default replaced, once and in one order: the precision (strategy=auto's memory plan
+    depends on it), the run directory, the metric followed, then the strategy: on GPUs of known memory the memory
+    plan's choice, said in a note (auto_strategy); else the fixed one, ZeRO-2 under DeepSpeed's runner, DDP
+    elsewhere."""
+    from launcher.auto_strategy import choose_strategy
+
     cfg = dataclasses.replace(cfg)
-    if isinstance(cfg.strategy, Auto):
-        cfg.strategy = Zero(stage=2) if env.deepspeed_runner else Ddp()
     if cfg.precision == "auto":
         cfg.precision = env.auto_precision
     if not cfg.output_dir:
         cfg.output_dir = default_output_dir(type(cfg).recipe, env.now)
     if not cfg.train.metric_for_best and type(cfg).main_metric:
         cfg.train = dataclasses.replace(cfg.train, metric_for_best=type(cfg).main_metric)
-    return cfg
+    cfg, notes = choose_strategy(cfg, env)
+    if isinstance(cfg.strategy, Auto):
+        cfg = dataclasses.replace(cfg, strategy=Zero(stage=2) if env.deepspeed_runner else Ddp())
+    return cfg, notes
 
 
 def validate(cfg: RunConfig) -> list[str]:
@@ -323,15 +335,10 @@ def _value(cfg: Any, key: str) -> Any:
 def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
     """The one way to make a Plan: overrides -> resolve -> validate (settings, compatibility, this machine, the
     model) -> the recipe's data checks. Raises ConfigError with every problem found."""
-    from launcher.auto_strategy import choose_strategy
     from launcher.overrides import apply_overrides, split_override
 
     given = {split_override(o)[0] for o in overrides}
-    cfg = apply_overrides(recipe.Config(), overrides)
-    # Every `auto` once, in one order: the precision first (the strategy's memory plan depends on it).
-    cfg = dataclasses.replace(cfg, precision=env.auto_precision if cfg.precision == "auto" else cfg.precision)
-    cfg, chosen = choose_strategy(cfg, env)
-    cfg = resolve(cfg, env)
+    cfg, chosen = resolve_noted(apply_overrides(recipe.Config(), overrides), env)
     if cfg.resume == "auto" and "output_dir" not in given:
         raise ConfigError(
             "resume=auto continues the run in its output_dir, and none was given (a default folder is new each "

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import Ddp, Fsdp, Zero
+from launcher.config import Auto, Ddp, Fsdp, Zero
 from launcher.errors import ConfigError
 from launcher.job import LaunchEnv
 from launcher.plan import build_plan
@@ -69,3 +69,20 @@ def test_auto_on_gpus_without_bf16_plans_the_precision_the_run_uses(tmp_path, mo
     assert auto.notes[0] == given.notes[0] and auto.notes[0].startswith("strategy=auto: ")
     half = plan(tmp_path, [*SFT, "adapter=lora", "precision=fp16"], **v100)
     assert half.notes[0] != auto.notes[0], "fp16 plans other figures: the check above means something"
+
+
+def test_resolve_decides_every_auto_once_in_one_order_as_build_plan_does(tmp_path, monkeypatch):
+    """resolve_noted: precision, run directory and metric first, then the strategy from the memory plan of that
+    precision: the same configuration and note build_plan ends with."""
+    from launcher.overrides import apply_overrides
+    from launcher.plan import resolve_noted
+
+    monkeypatch.setenv("LAUNCHER_CACHE", str(tmp_path))
+    recipe = Recipe.load(str(ROOT / "recipes/qlora_sft.py"))
+    settings = [*SFT, "adapter=lora", f"output_dir={tmp_path / 'run'}"]
+    env = LaunchEnv(world_size=8, local_world_size=8, cuda=True, gpus=8, bf16_supported=False,
+                    gpu_memory=48 * GiB, host_memory=1024 * GiB)  # fmt: skip
+    cfg, notes = resolve_noted(apply_overrides(recipe.Config(), settings), env)
+    assert cfg.precision == "fp32" and cfg.train.metric_for_best == "loss" and not isinstance(cfg.strategy, Auto)
+    built = build_plan(recipe, settings, env)
+    assert built.config.strategy == cfg.strategy and built.notes[0] == notes[0]
