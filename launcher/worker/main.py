@@ -106,35 +106,6 @@ def run_recipe(module: ModuleType, argv: list[str] | None = None) -> None:
     _exit(code, ranks.world_size)
 
 
-def _stop_if_asked(requests, steps: int, cfg, ranks, coming: str, last: bool = False) -> None:
-    """Stop (Preempted, exit 75) when any rank was asked to since training ended and a complete checkpoint holds
-    the trained state; `coming` is what a resumed run does again. Collective: every rank calls it at the same
-    point. Without a checkpoint the run goes on (said at the `last` check): what is ahead is the only way to keep
-    the training."""
-    from launcher.checkpoints import complete
-    from launcher.signals import signal_name
-    from launcher.worker import dist
-
-    if not dist.any_rank(requests.received):
-        return
-    found = complete(cfg.output_dir)
-    if not found:
-        if ranks.is_main and last:
-            print(
-                "launcher: a stop signal after training, with no checkpoint to resume from "
-                "(checkpoint.every_steps=0): saving the model first",
-                file=sys.stderr,
-                flush=True,
-            )
-        return
-    what = signal_name(requests.received) if requests.received else "a stop signal to another rank"
-    step, path = found[-1]
-    raise Preempted(
-        f"{what} after training (step {steps}), before {coming}: checkpoint {path} (step {step}) holds the trained "
-        f"state; rerun with resume=auto to continue (exit {REQUEUE_EXIT_CODE})"
-    )
-
-
 def _settle(plan: Plan, source: str | None, recipe: Recipe, job: Job, ranks) -> Plan:
     """The plan every rank runs, its run directory claimed once (launcher.rundir). Ranks of `launcher run` find
     it claimed by their launcher. Under the direct forms (python, torchrun, deepspeed) every rank built a plan:
@@ -203,7 +174,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
     from launcher.worker.compiled import compile_blocks
     from launcher.worker.export import save_model
     from launcher.worker.optim import build_optimizer, build_scheduler
-    from launcher.worker.preempt import stop_requests
+    from launcher.worker.preempt import stop_after_training, stop_requests
     from launcher.worker.runlog import RunLog
     from launcher.worker.strategies import EngineInputs, build_engine
     from launcher.worker.trackers import open_trackers, tracker_places
@@ -395,7 +366,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
         # of the trained state exists (without one, the save ahead is the only copy of the training: it goes on).
         with stop_requests() as after:
             try:
-                _stop_if_asked(after, progress["steps"], cfg, ranks, "the final evaluation")
+                stop_after_training(after, progress["steps"], cfg, ranks, "the final evaluation")
                 metrics: dict[str, float] = {}
                 if task.eval is not None:
                     final = progress["steps"]
@@ -414,7 +385,7 @@ def run(recipe: Recipe, plan: Plan, ranks, job: Job | None = None) -> dict:
                         log.event("best", selection.best_step, **metrics)
                     if ranks.is_main:
                         _write_predictions(os.path.join(cfg.output_dir, "eval_predictions.jsonl"), outputs)
-                _stop_if_asked(after, progress["steps"], cfg, ranks, "saving the model", last=True)
+                stop_after_training(after, progress["steps"], cfg, ranks, "saving the model", last=True)
             except Preempted:
                 log.close()
                 raise
