@@ -91,7 +91,7 @@ def test_the_update_equals_the_textbook_one_also_under_accumulation(kind):
         scheduler=scheduler,
         params=list(ours.parameters()),
         max_grad_norm=0,
-        micro_loss=adversary.loss,
+        micro_loss=adversary.micro_loss,
     )
     for got, want in zip(ours.parameters(), expected):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
@@ -112,7 +112,7 @@ def test_the_perturbation_norm_direction_and_the_untouched_embedding(kind):
     batch = _batches()[0]
     before = model.emb.weight.detach().clone()
     adversary = Adversary(model.emb, kind, EPS, alpha=ALPHA, steps=1 if kind == "pgd" else 3)
-    loss, clean = adversary.loss(lambda b: model(**b), batch, lambda _: None, True)
+    loss, clean = adversary.micro_loss(lambda b: model(**b), batch, lambda _: None, True)
     # The perturbation, as a matrix over the vocabulary: the rows of the batch's tokens only.
     ids = batch["input_ids"].unique()
     r = torch.zeros(V, H)
@@ -137,5 +137,5 @@ def test_pgd_stays_within_epsilon():
     torch.manual_seed(2)
     model = Tiny()
     adversary = Adversary(model.emb, "pgd", 0.3, alpha=0.25, steps=4)  # 4 x 0.25 would leave the 0.3 ball
-    adversary.loss(lambda b: model(**b), _batches()[1], lambda _: None, True)
+    adversary.micro_loss(lambda b: model(**b), _batches()[1], lambda _: None, True)
     assert adversary.last_rows.norm().item() == pytest.approx(0.3, rel=1e-5)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import torch
 
+from launcher.worker.hooks import StepHook
 from launcher.worker.strategies.base import Engine
 
 
-class RankBudget:
-    """Runs one model's AdaLoRA schedule: `keep_gradients` after the last backward, `after_step` after each step."""
+class RankBudget(StepHook):
+    """Runs one model's AdaLoRA schedule: the gradients kept after the last backward, pruning after each step; a
+    checkpoint keeps its scores."""
+
+    key = "adalora"
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -23,7 +27,7 @@ class RankBudget:
         self.params = [(n, p) for n, p in engine.module.named_parameters() if "lora_" in n and p.requires_grad]
         self.grads: dict[str, torch.Tensor | None] = {}
 
-    def keep_gradients(self) -> None:
+    def before_step(self) -> None:
         """Between the last backward and the optimizer step (collective under ZeRO: every rank, the same order)."""
         self.grads = {n: self.engine.trained_grad(p) for n, p in self.params}
 
@@ -85,12 +89,13 @@ class RankBudget:
         """summary.json's word: the ranks kept, against the budget and the start."""
         config = self.tuner.peft_config[self.name]
         ranks = self.ranks()
-        return {
+        kept = {
             "total_rank": sum(ranks.values()),
             "budget": config.target_r * len(ranks),
             "initial": config.init_r * len(ranks),
             "ranks": ranks,
         }
+        return {"adalora": kept}
 
 
 def attach(engine: Engine) -> RankBudget | None:

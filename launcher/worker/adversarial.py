@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from launcher.worker.hooks import StepHook
+
 Forward = Callable[[dict[str, torch.Tensor]], Any]
 
 
@@ -36,8 +38,8 @@ def project(r: torch.Tensor, epsilon: float) -> torch.Tensor:
     return r * torch.clamp(epsilon / torch.clamp(norm, min=1e-12), max=1.0)
 
 
-class Adversary:
-    """Hooks the word embeddings of a model; `loss` is a micro-batch's clean + adversarial loss."""
+class Adversary(StepHook):
+    """Hooks the word embeddings of a model; its `micro_loss` is a micro-batch's clean + adversarial loss."""
 
     def __init__(self, embedding: torch.nn.Module, kind: str, epsilon: float, alpha: float = 0.3, steps: int = 1):
         assert kind in ("fgm", "pgd"), kind
@@ -75,7 +77,7 @@ class Adversary:
         (g,) = torch.autograd.grad(loss, self.added, retain_graph=retain)
         return self._row_grad(g)
 
-    def loss(
+    def micro_loss(
         self,
         forward: Forward,
         batch: dict[str, torch.Tensor],

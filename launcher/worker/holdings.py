@@ -5,7 +5,7 @@ Each strategy names its tensors (`Engine.held_tensors`); this module only counts
 the first term that reaches it, in the order of TERMS: a ZeRO-1 parameter is a view into its flat buffer (the buffer
 is counted once, padding included), and DeepSpeed steps an fp32 run's ZeRO-3 partitions in place, so its "master
 weights" are the parameters' own storage and add nothing. Read between the last backward of a step and its optimizer
-step (`Engine.between_backward_and_step`): the gradients are reduced and held, and from the second step on the
+step (a step hook's `before_step`: worker.hooks): the gradients are reduced and held, and from the second step on the
 optimizer states exist, the most a rank's model state holds outside the step's own temporaries.
 """
 
@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from launcher.sizing import TERMS, StateBytes
+from launcher.worker.hooks import StepHook
 
 
 def measure(sources: dict[str, Iterable[torch.Tensor]]) -> StateBytes:
@@ -74,9 +75,9 @@ def optimizer_states(optimizer: torch.optim.Optimizer) -> Iterator[torch.Tensor]
                 yield v
 
 
-class Recorder:
-    """Measures a rank's holdings each time it is called, keeping the largest (set as an Engine's
-    `between_backward_and_step`)."""
+class Recorder(StepHook):
+    """Measures a rank's holdings between the last backward and the step, keeping the largest; summary.json says it
+    for every rank (`model_state_bytes_per_rank`)."""
 
     def __init__(self, sources, steps: int | None = None):
         self.sources = sources
@@ -86,10 +87,16 @@ class Recorder:
         self.calls = 0
         self.largest: StateBytes | None = None
 
-    def __call__(self, *_):
+    def before_step(self) -> None:
         if self.steps is not None and self.calls >= self.steps:
             return
         self.calls += 1
         held = measure(self.sources())
         if self.largest is None or held.total() > self.largest.total():
             self.largest = held
+
+    def summary(self) -> dict:
+        """Every rank's largest holdings, by term and place (collective: every rank calls it)."""
+        from launcher.worker import dist
+
+        return {"model_state_bytes_per_rank": dist.gather_objects(self.largest.bytes if self.largest else None)}

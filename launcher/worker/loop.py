@@ -114,14 +114,14 @@ def train(
     start: Position | None = None,
     save: Callable[[Position], str] | None = None,
     evals: Evaluations | None = None,
-    after_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Train to the plan's last step, from `start` (a resumed checkpoint's position) or from the beginning;
     `save(position)` writes a checkpoint every checkpoint.every_steps steps and after the last. A stop signal to
     any rank (worker.preempt) ends training after the step under way on every rank, with a checkpoint of it:
     errors.Preempted. The step's figures are read once per logged interval (worker.figures), not once a step.
     `evals` follows the evaluations every train.eval_every steps: the best one (a checkpoint of it for
-    checkpoint.keep_best) and early stopping. `after_step(step)` follows each optimizer step (AdaLoRA's budget)."""
+    checkpoint.keep_best) and early stopping. The engine's step hooks hear of each optimizer step (AdaLoRA's budget
+    prunes there)."""
     total = total_steps(loader, cfg)
     evals = evals or Evaluations()
     step, epoch = 0, 0
@@ -146,8 +146,7 @@ def train(
                 samples = sum(fresh for _, fresh, _ in micro)  # repeats completing the last batch are counted once
                 tokens = sum(real for _, _, real in micro)
                 result = engine.train_step([to_device(b, engine.device) for b, _, _ in micro])
-                if after_step is not None:
-                    after_step(step + 1)
+                engine.hooks.after_step(step + 1)
                 # Whether any rank was asked to stop: every rank then stops after this same step (a host reduction).
                 asked = dist.any_rank(requests.received) > 0
                 step += 1

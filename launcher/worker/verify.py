@@ -5,7 +5,7 @@ usage: torchrun --nproc_per_node N -m launcher.worker.verify SPEC.json OUT.json
 SPEC (written by launcher.verify): {"config": the model's config.json, "run": the cell's RunConfig (to_dict),
 "micro_batch": B, "seq_len": S, "steps": K}. The model is built on the meta device and each rank loads its own part
 with seeded random values (the large-model path of a run: launcher.worker.weights), the adapter and the strategy are
-the run's own (apply_adapter, build_engine), and each step trains on one micro-batch of random tokens of the full
+the run's own (worker.assembly), and each step trains on one micro-batch of random tokens of the full
 length. Rank 0 writes what the ranks held of their model state, the most of it any rank held
 (worker.holdings, between the last backward and the optimizer step), and their peak resident memory while training
 above the baseline each had before building anything.
@@ -34,11 +34,9 @@ def probe(spec: dict, ranks) -> dict:
     from launcher.config import RunConfig
     from launcher.counting import model_class
     from launcher.overrides import from_dict
-    from launcher.worker import dist, holdings, memory
-    from launcher.worker.adapters import apply_adapter
-    from launcher.worker.optim import build_optimizer, build_scheduler
-    from launcher.worker.strategies import EngineInputs, build_engine
-    from launcher.worker.weights import Weights, empty_weights, has_meta
+    from launcher.worker import dist, memory
+    from launcher.worker.assembly import adapt, wrap
+    from launcher.worker.weights import Weights, empty_weights
 
     cfg = from_dict(RunConfig, spec["run"])
     gc.collect()
@@ -50,34 +48,17 @@ def probe(spec: dict, ranks) -> dict:
     with empty_weights():
         base = auto.from_config(hf_config)
     weights = Weights(None, seed=cfg.seed, std=float(getattr(hf_config, "initializer_range", 0.02) or 0.02))
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in names})
-    model = apply_adapter(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device, weights=weights)
-
-    def make_optimizer(module, plain_groups=None):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
-        return opt, build_scheduler(opt, cfg.train, 100)
-
-    engine = build_engine(
-        EngineInputs(
-            model=model,
-            cfg=cfg,
-            device=ranks.device,
-            make_optimizer=make_optimizer,
-            block_types=blocks,
-            local_world_size=ranks.world_size,
-            weights=weights if has_meta(model) else None,
-        )
-    )
-    if ranks.device.type == "cpu":
-        memory.trim_between_blocks(engine.module, blocks)
+    # As a large model's rank: the heap limited (main) and trimmed between blocks on a CPU. The run's length is not
+    # known here: AdaLoRA gets its shortest schedule, the learning rate one of 100 steps.
+    adapted = adapt(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device, weights=weights, lean=True)
+    built = wrap(adapted, cfg, device=ranks.device, total_steps=100, local_world_size=ranks.world_size)
+    engine = built.engine
     load_seconds = time.time() - t0
     _, load_peak = memory.rss_mib()
     gc.collect()
     memory.release_freed_memory()
     _reset_peak()  # training's peak, not loading's (a whole 4-bit layer is quantized on load, then freed)
-    recorder = holdings.Recorder(engine.held_tensors)
-    engine.between_backward_and_step = recorder
+    recorder = built.held
     g = torch.Generator().manual_seed(1000 + ranks.rank)
     vocab = int(hf_config.vocab_size)
     ids = torch.randint(0, vocab, (spec["micro_batch"], spec["seq_len"]), generator=g).to(ranks.device)
@@ -110,7 +91,7 @@ def main() -> None:
 
     spec_path, out_path = sys.argv[1:3]
     quiet_libraries()
-    memory.limit_heap_retention()  # as a rank of a run does (worker/main.py)
+    memory.limit_heap_retention()  # as a lean rank of a run does (worker.assembly)
     ranks = dist.init()
     # Imported before the baseline: a library's import is not the cell's memory (ZeRO's module brings DeepSpeed).
     import bitsandbytes  # noqa: F401

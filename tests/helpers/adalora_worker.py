@@ -10,10 +10,10 @@ import sys
 import torch
 
 from launcher.environment import quiet_libraries
-from launcher.worker import adalora, dist
-from launcher.worker.adapters import apply_adapter
+from launcher.worker import dist
+from launcher.worker.assembly import wrap
 from tests.helpers import imports_frozen
-from tests.helpers.matrix_worker import HEADS, TASK_TYPE, batch_for, block_types, build_model, cell_config, engine_for
+from tests.helpers.matrix_worker import adapted, batch_for, cell_config
 
 STEPS = 5
 
@@ -28,21 +28,16 @@ def global_batch(ranks: dist.Ranks) -> dict[str, torch.Tensor]:
 
 def run(strategy: str, folder: str, ranks: dist.Ranks) -> dict:
     cfg = cell_config([f"strategy={strategy}", "adapter=adalora", "optimizer=adamw"], folder, "fp32")
-    base = build_model("bert")
-    model = apply_adapter(
-        base, cfg, task_type=TASK_TYPE["bert"], heads=HEADS["bert"], device=ranks.device, total_steps=STEPS
-    )
-    model.eval()
-    engine = engine_for(model, cfg, block_types(base), ranks)
+    model = adapted("bert", cfg, ranks, total_steps=STEPS)
+    model.model.eval()
+    engine = wrap(model, cfg, device=ranks.device, total_steps=100).engine
     engine.train(False)
-    budget = adalora.attach(engine)
-    engine.between_backward_and_step = budget.keep_gradients
     batch = {k: v.to(ranks.device) for k, v in global_batch(ranks).items()}
     losses = []
     for step in range(1, STEPS + 1):
         losses.append(dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
-        budget.after_step(step)
-    result = {"strategy": strategy, "losses": losses, **budget.summary()}
+        engine.hooks.after_step(step)  # the budget prunes
+    result = {"strategy": strategy, "losses": losses, **engine.hooks.summary()["adalora"]}
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:
         destroy()

@@ -22,11 +22,9 @@ from launcher.job import job_from_environ
 from launcher.overrides import apply_overrides
 from launcher.recipe import load_recipe
 from launcher.worker import dist
-from launcher.worker.adapters import apply_adapter
+from launcher.worker.assembly import build_trainable
 from launcher.worker.memory import limit_heap_retention
-from launcher.worker.optim import build_optimizer, build_scheduler
-from launcher.worker.strategies import EngineInputs, build_engine
-from launcher.worker.weights import Folder, has_meta, source_name, weights_for
+from launcher.worker.weights import Folder, has_meta, source_name
 from tests.helpers import imports_frozen
 
 
@@ -55,25 +53,10 @@ def batch_of(task) -> dict:
 def engine_for(recipe, cfg, task, ranks):
     base = recipe.build_model(cfg, task)
     assert has_meta(base), "the recipe's model was not built on the meta device"
-    weights = weights_for(base, cfg.model_path, seed=cfg.seed)
-    blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
-    model = apply_adapter(
-        base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device, weights=weights
+    built = build_trainable(
+        base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device, total_steps=100
     )
-
-    def make_optimizer(module, plain_groups=None):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
-        return opt, build_scheduler(opt, cfg.train, 100)
-
-    inputs = EngineInputs(
-        model=model,
-        cfg=cfg,
-        device=ranks.device,
-        make_optimizer=make_optimizer,
-        block_types=blocks,
-        weights=weights if has_meta(model) else None,
-    )
-    return build_engine(inputs)
+    return built.engine
 
 
 def plain_loss(recipe, cfg, task, batch, *, quantized: bool) -> float:

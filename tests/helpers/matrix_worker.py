@@ -23,11 +23,9 @@ from launcher.config import Lora, RunConfig
 from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.task import Task
-from launcher.worker import adalora, dist, holdings
-from launcher.worker.adapters import apply_adapter
+from launcher.worker import dist
+from launcher.worker.assembly import Adapted, adapt, wrap
 from launcher.worker.export import save_model
-from launcher.worker.optim import build_optimizer, build_scheduler
-from launcher.worker.strategies import EngineInputs, build_engine
 from tests.helpers import imports_frozen
 
 HEADS = {"llama": [], "bert": ["classifier"]}
@@ -134,47 +132,27 @@ def same_bits(before: torch.Tensor, after: torch.Tensor) -> bool:
     return before.shape == after.shape and torch.equal(before.view(torch.uint8), after.view(torch.uint8))
 
 
-def block_types(model: torch.nn.Module) -> tuple[type, ...]:
-    return tuple({type(m) for m in model.modules() if type(m).__name__ in model._no_split_modules})
-
-
-def engine_for(model: torch.nn.Module, cfg: RunConfig, blocks: tuple[type, ...], ranks: dist.Ranks):
-    """The cell's engine over `model` (its adapter applied), with the run's optimizer and a 100-step schedule."""
-
-    def make_optimizer(module, plain_groups=None):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
-        return opt, build_scheduler(opt, cfg.train, 100)
-
-    return build_engine(
-        EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
-    )
+def adapted(kind: str, cfg: RunConfig, ranks: dist.Ranks, **kwargs) -> Adapted:
+    """The tiny model of `kind` with the cell's adapter (the product's assembly, as a run builds it)."""
+    return adapt(build_model(kind), cfg, task_type=TASK_TYPE[kind], heads=HEADS[kind], device=ranks.device, **kwargs)
 
 
 def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: dist.Ranks) -> dict:
     cfg = cell_config(overrides, out, precision)
-    base = build_model(kind)
-    blocks = block_types(base)
-    model = apply_adapter(
-        base, cfg, task_type=TASK_TYPE[kind], heads=HEADS[kind], device=ranks.device, total_steps=STEPS
-    )
+    adapted_model = adapted(kind, cfg, ranks, total_steps=STEPS)
+    model = adapted_model.model
     model.eval()  # no dropout: the repeated batch gives comparable losses
     before = {n: t.detach().to("cpu", copy=True) for n, t in model.state_dict().items()}
     trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
 
-    engine = engine_for(model, cfg, blocks, ranks)
+    built = wrap(adapted_model, cfg, device=ranks.device, total_steps=100)
+    engine = built.engine
     engine.train(False)
-    # What the rank holds of its model state, at its largest: the planner's figures are checked against it.
-    recorder = holdings.Recorder(engine.held_tensors)
-    engine.between_backward_and_step = recorder
-    budget = adalora.attach(engine)  # AdaLoRA prunes as a run does: after each step
-    if budget is not None:
-        engine.between_backward_and_step = lambda: (recorder(), budget.keep_gradients())
     batch = {k: v.to(ranks.device) for k, v in batch_for(kind, ranks.rank).items()}
     losses = []
     for step in range(1, STEPS + 1):
         losses.append(dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
-        if budget is not None:
-            budget.after_step(step)
+        engine.hooks.after_step(step)  # AdaLoRA prunes as a run does: after each step
     with torch.no_grad():
         logits = engine.forward(batch).logits.float().cpu()
     after = engine.gathered_state_dict(trainable_only=False)
@@ -190,13 +168,14 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
         "four_bit": four_bit_layers(engine.module),
         "logits": logits.tolist(),
         "saved": os.path.abspath(saved),
-        "held": recorder.largest.bytes if recorder.largest else None,
-        "adalora": budget.summary() if budget is not None else None,
+        # What the rank held of its model state, at its largest: the planner's figures are checked against it.
+        "held": built.held.largest.bytes if built.held.largest else None,
+        "adalora": engine.hooks.summary().get("adalora"),
     }
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:
         destroy()
-    del engine, model, base
+    del engine, model, built, adapted_model
     gc.collect()
     return result
 

@@ -1,4 +1,4 @@
-"""Run by torchrun: for each case, a whole run (worker.main.run: data, model, engine, loop, checkpoints, save)
+"""Run by torchrun: for each case, a whole run (worker.lifecycle.run: data, model, engine, loop, checkpoints, save)
 of lora_cls writing checkpoints, then the same run resumed from some of them into fresh folders.
 
 usage: torchrun --nproc_per_node 2 resume_worker.py OUT.json ROOT MODEL TRAIN EVAL CASES.json
@@ -22,7 +22,7 @@ from launcher.job import job_from_environ, launch_env
 from launcher.plan import build_plan
 from launcher.recipe import Recipe
 from launcher.worker import dist
-from launcher.worker.main import run
+from launcher.worker.lifecycle import run
 from tests.helpers import imports_frozen
 
 RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "lora_cls.py")

@@ -17,10 +17,10 @@ import traceback
 import torch
 
 from launcher.environment import quiet_libraries
-from launcher.worker import dist, holdings, memory
-from launcher.worker.adapters import apply_adapter
+from launcher.worker import dist, memory
+from launcher.worker.assembly import build_trainable
 from tests.helpers import imports_frozen
-from tests.helpers.matrix_worker import block_types, cell_config, engine_for
+from tests.helpers.matrix_worker import cell_config
 
 SHAPE = {
     "model_type": "llama",
@@ -58,17 +58,15 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
     idle, _ = memory.rss_mib()
     torch.manual_seed(0)
     base = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in SHAPE.items() if k != "model_type"}))
-    blocks = block_types(base)
-    model = apply_adapter(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device)
-    engine = engine_for(model, cfg, blocks, ranks)
-    memory.trim_between_blocks(engine.module, blocks)  # as a CPU rank does (worker/main.py)
+    # Trimmed between blocks as a lean CPU rank is (the heap limited in main).
+    built = build_trainable(base, cfg, task_type="CAUSAL_LM", heads=[], device=ranks.device, total_steps=100, lean=True)
+    engine = built.engine
     # The peak of training, not of building: this whole model partitioned after it was built is a test's shortcut
     # (a large model is built on meta and loaded in parts, each rank keeping its own: tests/test_big_models.py).
     gc.collect()
     memory.release_freed_memory()
     reset_peak()
-    recorder = holdings.Recorder(engine.held_tensors)
-    engine.between_backward_and_step = recorder
+    recorder = built.held
     g = torch.Generator().manual_seed(ranks.rank)
     ids = torch.randint(0, SHAPE["vocab_size"], (case["micro_batch"], case["seq"]), generator=g)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
@@ -79,7 +77,7 @@ def run_case(case: dict, ranks: dist.Ranks) -> dict:
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)
     if destroy is not None:
         destroy()
-    del engine, model, base, recorder
+    del engine, built, base, recorder
     gc.collect()
     peaks = dist.gather_objects(peak - idle)  # every rank's, rank 0 reports them
     return {**case, "peak_above_idle_mib": peaks, "idle_mib": idle, "held": held}
@@ -89,7 +87,7 @@ def main() -> None:
     out, cases_path = sys.argv[1:3]
     quiet_libraries()
     imports_frozen()
-    memory.limit_heap_retention()  # as a rank does (worker/main.py)
+    memory.limit_heap_retention()  # as a lean rank does (worker.assembly)
     ranks = dist.init()
     import bitsandbytes  # noqa: F401  (imported before any baseline: a library's import is not the cell's memory)
     import deepspeed  # noqa: F401

@@ -1,6 +1,6 @@
 """Run by torchrun once per test session: recipe runs handed to it one after another, each in this one process group
 (the imports and the group's start paid once, not per run), each as a direct launch runs it: the plan built from the
-recipe and its settings, the run directory claimed by rank 0 (worker.main's own path), then worker.main.run.
+recipe and its settings, the run directory claimed by rank 0 (worker.main's own path), then worker.lifecycle.run.
 
 usage: torchrun --nproc_per_node N session_worker.py QUEUE
 A run is QUEUE/K.json {"recipe": PATH, "overrides": [...], "cwd": DIR, "env": {NAME: VALUE}}, K = 1, 2, ...; every
@@ -34,7 +34,7 @@ from launcher.job import job_from_environ, launch_env
 from launcher.plan import build_plan
 from launcher.recipe import Recipe
 from launcher.rundir import release_claims
-from launcher.worker import dist
+from launcher.worker import dist, lifecycle
 from launcher.worker import main as rank_main
 from tests.helpers import imports_frozen
 
@@ -70,7 +70,7 @@ def run_one(request: dict, job, ranks) -> tuple[int, str, bool]:
         recipe = Recipe.load(request["recipe"])
         plan = build_plan(recipe, request["overrides"], launch_env(job))
         plan = rank_main._settle(plan, None, recipe, job, ranks)
-        rank_main.run(recipe, plan, ranks, job)
+        lifecycle.run(recipe, plan, ranks, job)
         return 0, "", True
     except ConfigError as e:  # found on every rank alike, as in a launch
         return USAGE_EXIT_CODE, e.render(), True

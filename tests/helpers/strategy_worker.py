@@ -16,9 +16,8 @@ from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.recipe import load_recipe
 from launcher.worker import adversarial, dist
-from launcher.worker.adapters import apply_adapter
+from launcher.worker.assembly import adapt, wrap
 from launcher.worker.optim import build_optimizer, build_scheduler
-from launcher.worker.strategies import EngineInputs, build_engine
 from launcher.worker.weights import load_whole
 from tests.helpers import imports_frozen
 
@@ -65,8 +64,8 @@ def one(
     torch.manual_seed(cfg.seed)
     # Built on meta; this test compares whole weights before and after, so they are loaded whole here.
     base = load_whole(recipe.build_model(cfg, task), cfg.model_path, seed=cfg.seed)
-    blocks = tuple({type(m) for m in base.modules() if type(m).__name__ in base._no_split_modules})
-    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
+    adapted = adapt(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=ranks.device)
+    model = adapted.model
     for m in model.modules():  # no dropout: the fixed batch gives a deterministic loss, in train mode
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -78,17 +77,7 @@ def one(
     next(first_block.children()).register_forward_hook(lambda *_: calls.append(1))
     before = {n: t.clone() for n, t in model.state_dict().items()}
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-
-    def make_optimizer(module, plain_groups=None):
-        opt = build_optimizer(module, cfg.train, cfg.optimizer, plain_groups)
-        return opt, build_scheduler(opt, cfg.train, 100)
-
-    engine = build_engine(
-        EngineInputs(model=model, cfg=cfg, device=ranks.device, make_optimizer=make_optimizer, block_types=blocks)
-    )
-    adversary = adversarial.attach(engine.module, cfg.train)
-    if adversary is not None:
-        engine.micro_loss = adversary.loss
+    engine = wrap(adapted, cfg, device=ranks.device, total_steps=100).engine  # the adversarial loss attached
     engine.train(True)  # checkpointing only recomputes in train mode
     scaler = getattr(engine, "scaler", None)
     # With a loss scaler: the scale before the first step and after each step, and whether each step updated
@@ -134,7 +123,7 @@ def alone(recipe, model_dir: str, train: str, extra: tuple) -> list[float]:
     micro = [task.collate([task.train[i] for i in range(r * 8, r * 8 + 8)]) for r in range(2)]
     torch.manual_seed(cfg.seed)
     base = load_whole(recipe.build_model(cfg, task), cfg.model_path, seed=cfg.seed)
-    model = apply_adapter(base, cfg, task_type=task.peft_task_type, heads=task.heads)
+    model = adapt(base, cfg, task_type=task.peft_task_type, heads=task.heads, device=torch.device("cpu")).model
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
@@ -152,7 +141,7 @@ def alone(recipe, model_dir: str, train: str, extra: tuple) -> list[float]:
             scheduler=scheduler,
             params=params,
             max_grad_norm=cfg.train.max_grad_norm,
-            micro_loss=adversary.loss,
+            micro_loss=adversary.micro_loss,
         )
         losses.append(float(result.loss))
     return losses

@@ -13,25 +13,13 @@ import torch
 from launcher.checkpoints import unmatched_parameters
 from launcher.config import RunConfig
 from launcher.worker import eight_bit, holdings
+from launcher.worker.hooks import Hooks, MicroLoss, StepHook, plain_loss
 from launcher.worker.weights import Weights
 
 # Builds (optimizer, scheduler) for the parameters of the module the strategy hands it (sharded or not). A strategy
 # whose parameters are not plain tensors passes a second argument that turns param groups into plain ones for the
 # optimizers whose kernels need them (optim.PlainGroups).
 OptimizerFactory = Callable[..., tuple[torch.optim.Optimizer, Any]]
-
-# A micro-batch's loss: (forward, batch, set_sync, sync, probe=None) -> (the loss to backpropagate, the loss to
-# report). It sets the strategy's gradient sync (set_sync) to `sync` before the forward whose backward reduces
-# gradients; `probe` is a forward whose loss may also be differentiated alone (torch.autograd.grad), where the
-# strategy's own forward cannot be (DeepSpeed's engine treats any backward through its outputs as the step's).
-MicroLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-
-
-def plain_loss(forward, batch, set_sync, sync: bool, probe=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's own loss of the micro-batch (worker.adversarial's Adversary.loss adds a perturbed one)."""
-    set_sync(sync)
-    loss = forward(batch).loss
-    return loss, loss
 
 
 @dataclass
@@ -76,11 +64,20 @@ class Engine(ABC):
     device: torch.device
     module: torch.nn.Module
     """The unwrapped model (adapter applied) whose parameter names the saved files use."""
-    between_backward_and_step: Callable[[], None] | None = None
-    """Called in each train_step after the last backward, before the optimizer step: the gradients are reduced and
-    still held, the optimizer states exist from the second step on (holdings.Recorder measures there)."""
-    micro_loss: MicroLoss = staticmethod(plain_loss)
-    """How train_step gets a micro-batch's loss from its forward (train.adversarial replaces it)."""
+
+    @property
+    def hooks(self) -> Hooks:
+        """The step hooks attached (worker.hooks): train_step gets each micro-batch's loss from them and calls their
+        `before_step` after the last backward, before the optimizer step."""
+        if "_hooks" not in vars(self):
+            self._hooks = Hooks()
+        return self._hooks
+
+    def attach(self, *hooks: StepHook | None) -> None:
+        """Make `hooks` take part in every step from now on, in this order (a None is skipped)."""
+        for hook in hooks:
+            if hook is not None:
+                self.hooks.add(hook)
 
     @abstractmethod
     def forward(self, batch: dict[str, torch.Tensor]) -> Any:

@@ -60,8 +60,8 @@ class DdpEngine(Engine):
             params=self.params,
             max_grad_norm=self.max_grad_norm,
             scaler=self.scaler,
-            before_step=self.between_backward_and_step,
-            micro_loss=self.micro_loss,
+            before_step=self.hooks.before_step,
+            micro_loss=self.hooks.micro_loss,
         )
 
     def _set_sync(self, sync: bool) -> None:

@@ -96,8 +96,8 @@ class FsdpEngine(Engine):
             max_grad_norm=self.max_grad_norm,
             scaler=self.scaler,
             clip=clip_sharded_norm,
-            before_step=self.between_backward_and_step,
-            micro_loss=self.micro_loss,
+            before_step=self.hooks.before_step,
+            micro_loss=self.hooks.micro_loss,
         )
 
     def train(self, mode=True):

@@ -60,12 +60,12 @@ class ZeroEngine(Engine):
         lr = current_lr(self._lr_source)
         total = None
         for i, batch in enumerate(micro_batches):
-            loss, shown = self.micro_loss(
+            loss, shown = self.hooks.micro_loss(
                 lambda b: self.ds(**b), batch, _no_sync, True, probe=lambda b: self.module(**b)
             )
             self.ds.backward(loss)  # DeepSpeed divides by gradient_accumulation_steps itself
-            if i == len(micro_batches) - 1 and self.between_backward_and_step is not None:
-                self.between_backward_and_step()
+            if i == len(micro_batches) - 1:
+                self.hooks.before_step()
             self.ds.step()  # a no-op until the accumulation boundary
             total = shown.detach() if total is None else total + shown.detach()
         norm = self.ds.get_global_grad_norm()  # a tensor on the device, or a float DeepSpeed already read
