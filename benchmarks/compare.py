@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3, help="rounds, each side once a round (at least 3)")
     ap.add_argument("--rows", type=int, default=0, help="training rows (0: the workload's)")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--shape", default="llama-tiny", help="qlora_sft: the random Llama shape (launcher.models.SHAPES)")
+    ap.add_argument("--shape", default="llama-tiny", help="qlora_sft: the random Llama shape (launcher/shapes)")
     ap.add_argument("--smoke", action="store_true", help="a few steps each, one round: both sides run and parse")
     ap.add_argument("--out", default="runs/compare", help="a folder for the runs and compare.json")
     args = ap.parse_args(argv)

@@ -8,45 +8,24 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from launcher.errors import ConfigError
+from launcher.models import is_causal, load_shape, shipped_shapes
 
-SHAPES_DIR = os.path.join(os.path.dirname(__file__), "shapes")
 QUANT_BLOCK = 64
 """bitsandbytes' 4-bit block: one absmax per 64 weights."""
 NESTED_BLOCK = 256
 """Double quantization: the absmaxes quantized to 8 bits in blocks of 256, one fp32 scale each."""
 
 
-def shipped_shapes() -> list[str]:
-    return sorted(f[: -len(".json")] for f in os.listdir(SHAPES_DIR) if f.endswith(".json"))
-
-
-def load_shape(model: str) -> dict:
-    """The config.json of a shipped shape (by name) or of a local model folder."""
-    path = os.path.join(model, "config.json") if os.path.isdir(model) else os.path.join(SHAPES_DIR, f"{model}.json")
-    if not os.path.isfile(path):
-        raise ConfigError(
-            f"model={model}: neither a model folder with a config.json nor a shipped shape; shapes: "
-            + ", ".join(shipped_shapes())
-        )
-    with open(path) as f:
-        return json.load(f)
-
-
 def planning_config(model: str) -> dict:
     """The config.json a `model=` value stands for, with no weights read: a shipped shape, `random:SHAPE` (its
     real model's vocabulary), or the folder of a local or packaged model."""
-    from launcher.models import RANDOM, SHAPES, VOCABS, is_random, resolve_model
+    from launcher.models import RANDOM, is_random, resolve_model
 
     if is_random(model):
-        name = model[len(RANDOM) :]
-        if name not in SHAPES:
-            resolve_model(model)  # its error names the known shapes
-        shape = dict(SHAPES[name])
-        arch = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[shape["model_type"]]
-        return {"architectures": [arch], "vocab_size": VOCABS.get(name, 32000), **shape}
+        return load_shape(resolve_model(model)[len(RANDOM) :])  # resolve_model's error names the known shapes
     if model in shipped_shapes() or os.path.isdir(model):
         return load_shape(model)
     return load_shape(resolve_model(model))
@@ -122,15 +101,21 @@ class Counts:
 
         return [(lin, matches(lin.name, ff)) for lin in self.linears if matches(lin.name, targets)]
 
-    def lora_parameters(self, r: int, target_modules: list[str], dora: bool = False) -> int:
-        """LoRA's trainable parameters: A (r x in) and B (out x r) per target, and DoRA's magnitude (out)."""
-        return sum(
-            r * (t.in_features + t.out_features) + (t.out_features if dora else 0) for t in self.targets(target_modules)
-        )
+    def lora_parameters(
+        self, r: int, target_modules: list[str], dora: bool = False, where: Callable[[str], object] = bool
+    ) -> int:
+        """LoRA's trainable parameters (`lora_tensors` of every target whose name `where` accepts)."""
+        targets = [t for t in self.targets(target_modules) if where(t.name)]
+        return sum(math.prod(shape) for t in targets for shape in lora_tensors(t, r, dora).values())
 
 
-def is_causal(config: dict) -> bool:
-    return any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
+def lora_tensors(target: Linear, r: int, dora: bool = False) -> dict[str, tuple[int, ...]]:
+    """peft's trained tensors on one LoRA target, by name under it: A (r x in), B (out x r), and DoRA's magnitude
+    (out). The one statement of LoRA's size: the planner's memory and FLOPs and the tests against peft use it."""
+    shapes = {"lora_A.weight": (r, target.in_features), "lora_B.weight": (target.out_features, r)}
+    if dora:
+        shapes["lora_magnitude_vector"] = (target.out_features,)
+    return shapes
 
 
 def model_class(config: dict):

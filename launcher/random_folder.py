@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable
 
 from launcher.errors import ConfigError
-from launcher.models import RANDOM, SHAPES, VOCABS, random_config
+from launcher.models import RANDOM, load_shape, random_config, random_shapes
 
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -53,15 +53,15 @@ def write_random_folder(
     from launcher.shards import write_shards
 
     name = shape[len(RANDOM) :] if shape.startswith(RANDOM) else shape
-    if name not in SHAPES:
-        raise ConfigError(f"shape {shape}: unknown; shapes: {', '.join(SHAPES)}")
+    if name not in random_shapes():
+        raise ConfigError(f"shape {shape}: unknown; shapes: {', '.join(random_shapes())}")
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     if os.path.exists(folder):
         raise ConfigError(f"{folder} already exists: give a new folder")
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
     tokenizer = tokenizer or _tokenizer()
-    vocab = vocab_size or VOCABS.get(name) or len(tokenizer)
+    vocab = vocab_size or load_shape(name)["vocab_size"]
     config = random_config(
         RANDOM + name,
         vocab_size=max(vocab, len(tokenizer)),
@@ -72,7 +72,9 @@ def write_random_folder(
     config.dtype = torch_dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    # Each tensor once, as save_pretrained writes them: a tied output embedding is the input embedding's.
+    saved = set(model.state_dict())
+    shapes = {n: tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()] if n in saved}
     config.architectures = [type(model).__name__]  # as a real checkpoint's config.json says (launcher plan reads it)
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -42,7 +42,7 @@ from launcher.config import (
     RunConfig,
     Zero,
 )
-from launcher.counting import Counts, four_bit_constants
+from launcher.counting import Counts, four_bit_constants, lora_tensors
 
 TERMS = ("params", "master", "grads", "optimizer")
 """params: the module's parameters and buffers as a rank stores them (a shard, a 4-bit packing with its quantization
@@ -143,10 +143,8 @@ def _adapter_tensors(counts: Counts, adapter) -> list[Tensor]:
             Tensor("prompt_encoder.transform.2.bias", (kv,), "trained"),
         ]
     for lin in counts.targets(adapter.target_modules):
-        out.append(Tensor(f"{lin.name}.lora_A.weight", (adapter.r, lin.in_features), "trained"))
-        out.append(Tensor(f"{lin.name}.lora_B.weight", (lin.out_features, adapter.r), "trained"))
-        if isinstance(adapter, Dora):
-            out.append(Tensor(f"{lin.name}.lora_magnitude_vector", (lin.out_features,), "trained"))
+        for name, shape in lora_tensors(lin, adapter.r, dora=isinstance(adapter, Dora)).items():
+            out.append(Tensor(f"{lin.name}.{name}", shape, "trained"))
         if isinstance(adapter, AdaLora):  # the singular values, and the rank the update is divided by
             out.append(Tensor(f"{lin.name}.lora_E", (adapter.r, 1), "trained"))
             out.append(Tensor(f"{lin.name}.ranknum", (1,), "frozen"))

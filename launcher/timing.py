@@ -81,9 +81,8 @@ def flops_per_token(
     # IA3's rescaling is elementwise: left out. Prompt tuning's virtual tokens are positions the model computes too,
     # and prefix tuning's lengthen attention: both counted per real token below.
     lora = isinstance(adapter, Lora)
-    targets: list[Linear] = counts.targets(adapter.target_modules) if lora else []
-    r = adapter.r if lora else 0
-    adapter_params = sum(r * (t.in_features + t.out_features) for t in targets)
+    # LoRA's A and B multiply (DoRA's magnitude only scales).
+    adapter_params = counts.lora_parameters(adapter.r, adapter.target_modules) if lora else 0
     if isinstance(adapter, Full):
         matmul = 6 * n
     else:
@@ -99,7 +98,9 @@ def flops_per_token(
     recompute = 0
     if cfg.activation_checkpointing:
         in_blocks = _matmul([lin for lin in counts.linears if BLOCK.search(lin.name)])
-        adapters_in_blocks = sum(r * (t.in_features + t.out_features) for t in targets if BLOCK.search(t.name))
+        adapters_in_blocks = (
+            counts.lora_parameters(adapter.r, adapter.target_modules, where=BLOCK.search) if lora else 0
+        )
         recompute = 2 * (in_blocks + adapters_in_blocks) + 4 * layers * width * seq_len
     return {
         "model": matmul + attention,

@@ -13,13 +13,13 @@ import sys
 import time
 
 from launcher.errors import USAGE_EXIT_CODE, ConfigError
-from launcher.models import SHAPES
+from launcher.models import random_shapes
 from launcher.random_folder import DTYPES, write_random_folder
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("shape", help=f"one of {', '.join(SHAPES)}")
+    parser.add_argument("shape", help=f"one of {', '.join(random_shapes())}")
     parser.add_argument("folder", help="the folder to create (must not exist)")
     parser.add_argument("--dtype", default="bf16", choices=DTYPES)
     parser.add_argument("--seed", type=int, default=0)

@@ -38,7 +38,7 @@ def folder(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("models") / "llama-tiny"
     # fp32 on disk, so a load in fp32 is exact; small shards, so a model spans several files.
-    write_random_folder("llama-tiny", str(path), dtype="fp32", seed=3, shard_mb=2)
+    write_random_folder("llama-tiny", str(path), dtype="fp32", seed=3, shard_mb=2, vocab_size=1000)
     return path
 
 

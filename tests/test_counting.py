@@ -1,6 +1,6 @@
 """Parameters counted on the meta device from a config.json alone (launcher/counting.py): the shipped shapes give
 their published parameter counts exactly, a 70B shape in seconds with no weight allocated; LoRA's and DoRA's
-trainable counts are peft's own on a real model; a 4-bit weight's bytes are bitsandbytes' own."""
+trainable counts (the formula the planner uses, counting.lora_tensors) are peft's own on a real model; a 4-bit weight's bytes are bitsandbytes' own."""
 
 from __future__ import annotations
 
@@ -22,10 +22,35 @@ PUBLISHED = {
 }
 
 
+OURS = {"llama-tiny", "qwen2-tiny"}
+"""Shipped shapes of no published model: the tiny ones tests and demos train."""
+
+
 def test_every_shipped_shape_has_its_published_count():
-    assert sorted(PUBLISHED) == shipped_shapes()
+    assert sorted(set(PUBLISHED) | OURS) == shipped_shapes()
     for name, total in PUBLISHED.items():
         assert count(load_shape(name)).total == total, name
+
+
+@pytest.mark.parametrize("name", shipped_shapes())
+def test_every_shipped_shape_builds_to_the_planners_count(name):
+    """The model a run builds (random:NAME for a causal shape, the encoder otherwise), on the meta device, holds the
+    parameters the planner counts for that model= value: one registry, one count."""
+    from launcher.counting import model_class, planning_config
+    from launcher.models import is_causal, random_config
+
+    shape = load_shape(name)
+    if is_causal(shape):
+        model = f"random:{name}"
+        config = random_config(model, vocab_size=shape["vocab_size"], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        auto = model_class(shape)[0]
+    else:
+        model = name
+        auto, config = model_class(shape)
+    with torch.device("meta"):
+        built = auto.from_config(config)
+    assert sum(p.numel() for p in built.parameters()) == count(planning_config(model)).total
+    assert built.config.tie_word_embeddings == shape.get("tie_word_embeddings", built.config.tie_word_embeddings)
 
 
 def test_a_70b_shape_is_counted_in_seconds_without_any_weight(monkeypatch):

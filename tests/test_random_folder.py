@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.errors import ConfigError
-from launcher.models import SHAPES
+from launcher.models import random_shapes
 from launcher.random_folder import tensor_values, write_random_folder
 from tests.conftest import ROOT
 
@@ -20,7 +20,7 @@ from tests.conftest import ROOT
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("random") / "llama-tiny"
-    write_random_folder("llama-tiny", str(out), dtype="bf16", seed=7, shard_mb=2)
+    write_random_folder("llama-tiny", str(out), dtype="bf16", seed=7, shard_mb=2, vocab_size=1000)
     return out
 
 
@@ -77,7 +77,7 @@ def test_a_written_folder_trains_through_the_recipe(ranks1, folder, tmp_path):
 
 
 def test_big_shapes_are_shipped_and_bad_requests_refused(tmp_path):
-    assert {"llama-3.2-1b", "llama-3-8b", "qwen2.5-7b"} <= set(SHAPES)
+    assert {"llama-3.2-1b", "llama-3-8b", "qwen2.5-7b"} <= set(random_shapes())
     with pytest.raises(ConfigError, match="shape random:nope: unknown"):
         write_random_folder("random:nope", str(tmp_path / "x"))
     (tmp_path / "taken").mkdir()

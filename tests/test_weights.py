@@ -14,7 +14,7 @@ from launcher.worker.weights import Folder, Weights, empty_weights, materialize,
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("w") / "tiny"
-    write_random_folder("llama-tiny", str(path), dtype="bf16", seed=5, shard_mb=1)
+    write_random_folder("llama-tiny", str(path), dtype="bf16", seed=5, shard_mb=1, vocab_size=1000)
     return path
 
 
