@@ -105,11 +105,11 @@ def run_one(folder: Path, strategy: str, steps: int, precision: str, out: Path) 
 def planned_and_held(folder: Path, out: Path, summary: dict) -> dict:
     """The model state `launcher plan` gives this run (its own resolved config, 2 CPU ranks, 128 tokens) beside what
     each rank held (summary.json's model_state_bytes_per_rank), per term."""
-    from launcher.counting import cached_count, planning_config
     from launcher.plan import read_plan
-    from launcher.planner import Machine, plan_row
+    from launcher.planning.counting import cached_count, planning_config
+    from launcher.planning.rows import Machine, plan_row
+    from launcher.planning.sizing import TERMS
     from launcher.recipe import Recipe
-    from launcher.sizing import TERMS
 
     cfg = read_plan(str(out / "config.json"), Recipe.load(str(ROOT / "recipes/qlora_sft.py"))).config
     config = planning_config(str(folder))

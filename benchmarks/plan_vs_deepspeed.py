@@ -1,7 +1,7 @@
 """The planner's model-state bytes beside DeepSpeed's own estimators, and a CPU measurement that says which is right.
 
 1. Full fine-tuning of the Llama-3-8B shape (bf16) on one node of 8 GPUs under ZeRO-2 and ZeRO-3, with and without
-   optimizer offload: launcher.sizing's bytes per GPU and per node beside
+   optimizer offload: launcher.planning.sizing's bytes per GPU and per node beside
    `estimate_zero2_model_states_mem_needs` / `estimate_zero3_model_states_mem_needs` (additional_buffer_factor=1).
 2. The same cells measured: the tiny Llama of tests/helpers/matrix_worker.py trained in bf16 by 2 gloo ranks; what
    rank 0 holds between backward and the optimizer step (holdings, each storage once) per term, beside the planner
@@ -53,7 +53,7 @@ def deepspeed_estimate(name: str, params: int, largest: int, gpus: int) -> tuple
 def planned(name: str, counts, world: int, precision: str = "bf16"):
     from launcher.config import RunConfig
     from launcher.overrides import apply_overrides
-    from launcher.sizing import model_state
+    from launcher.planning.sizing import model_state
 
     return model_state(counts, apply_overrides(RunConfig(model="x"), [f"precision={precision}", *CELLS[name]]), world)
 
@@ -75,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--no-measure", action="store_true", help="only the 8B table (no CPU run)")
     args = parser.parse_args()
-    from launcher.counting import count, load_shape
+    from launcher.planning.counting import count, load_shape
     from tests.helpers.matrix_worker import LLAMA_SHAPE
 
     GiB = 2**30

@@ -288,7 +288,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from launcher.planner_view import run_plan_command
+    from launcher.planning.view import run_plan_command
 
     return run_plan_command(args)
 

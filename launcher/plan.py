@@ -92,7 +92,7 @@ def resolve_noted(cfg: RunConfig, env: LaunchEnv) -> tuple[RunConfig, list[str]]
     depends on it), the run directory, the metric followed, then the strategy: on GPUs of known memory the memory
     plan's choice, said in a note (auto_strategy); else the fixed one, ZeRO-2 under DeepSpeed's runner, DDP
     elsewhere."""
-    from launcher.auto_strategy import choose_strategy
+    from launcher.planning.auto_choice import choose_strategy
 
     cfg = dataclasses.replace(cfg)
     if cfg.precision == "auto":
@@ -269,7 +269,7 @@ def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
 def _length_problems(cfg: RunConfig) -> list[str]:
     """A data.max_length (the recipes' name for tokens per example) beyond the positions the model has: its
     position embeddings (or rotary cache) end there, and a longer example fails inside the model after launch."""
-    from launcher.counting import planning_config
+    from launcher.planning.counting import planning_config
 
     length = getattr(cfg.data, "max_length", None)
     if not isinstance(length, int) or isinstance(length, bool):

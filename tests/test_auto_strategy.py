@@ -1,4 +1,4 @@
-"""strategy=auto from the memory plan (launcher/auto_strategy.py), through build_plan with a launch environment
+"""strategy=auto from the memory plan (launcher/planning/auto_choice.py), through build_plan with a launch environment
 passed in: GPUs of a given memory, DeepSpeed's runner or not (no GPU needed)."""
 
 from __future__ import annotations

@@ -239,11 +239,11 @@ def test_a_1b_run_holds_the_model_state_the_plan_says(big_runs, big_folder, case
     """What each rank held of its model state (summary.json, measured on its step) against `launcher plan`'s figure
     for the same run (its own resolved config, the folder's config.json, 2 CPU ranks): each term within 2%, the
     optimizer's states (made by the first step) measured on the second."""
-    from launcher.counting import cached_count, planning_config
     from launcher.plan import read_plan
-    from launcher.planner import Machine, plan_row
+    from launcher.planning.counting import cached_count, planning_config
+    from launcher.planning.rows import Machine, plan_row
+    from launcher.planning.sizing import TERMS
     from launcher.recipe import Recipe
-    from launcher.sizing import TERMS
 
     run_dir = _big_run(big_runs, case)["dir"]
     cfg = read_plan(str(run_dir / "config.json"), Recipe.load(str(ROOT / "recipes/qlora_sft.py"))).config

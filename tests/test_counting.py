@@ -1,6 +1,7 @@
-"""Parameters counted on the meta device from a config.json alone (launcher/counting.py): the shipped shapes give
-their published parameter counts exactly, a 70B shape in seconds with no weight allocated; LoRA's and DoRA's
-trainable counts (the formula the planner uses, counting.lora_tensors) are peft's own on a real model; a 4-bit weight's bytes are bitsandbytes' own."""
+"""Parameters counted on the meta device from a config.json alone (launcher/planning/counting.py): the shipped
+shapes give their published parameter counts exactly and build to the planner's count, a 70B shape in seconds with no
+weight allocated; LoRA's and DoRA's trainable counts (counting.lora_tensors, the formula the planner uses) are peft's
+own on a real model; a 4-bit weight's bytes are bitsandbytes' own."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 import pytest
 import torch
 
-from launcher.counting import count, four_bit_bytes, load_shape, shipped_shapes
+from launcher.planning.counting import count, four_bit_bytes, load_shape, shipped_shapes
 
 # Published parameter counts (the models' cards / safetensors metadata).
 PUBLISHED = {
@@ -36,8 +37,8 @@ def test_every_shipped_shape_has_its_published_count():
 def test_every_shipped_shape_builds_to_the_planners_count(name):
     """The model a run builds (random:NAME for a causal shape, the encoder otherwise), on the meta device, holds the
     parameters the planner counts for that model= value: one registry, one count."""
-    from launcher.counting import model_class, planning_config
     from launcher.models import is_causal, random_config
+    from launcher.planning.counting import model_class, planning_config
 
     shape = load_shape(name)
     if is_causal(shape):

@@ -144,10 +144,10 @@ def test_cell_trains_and_saves_what_reloads(matrix, kind, cell):
 
 @pytest.mark.parametrize("cell", CELL_PARAMS)
 def test_planned_model_state_is_what_a_rank_holds(matrix, cell):
-    """The planner's bytes per term (launcher.sizing, from the config.json alone) against what rank 0 of the
+    """The planner's bytes per term (launcher.planning.sizing, from the config.json alone) against what rank 0 of the
     2-rank run held between backward and its optimizer step (holdings: each storage once): within 2%."""
-    from launcher.counting import count
-    from launcher.sizing import TERMS, model_state
+    from launcher.planning.counting import count
+    from launcher.planning.sizing import TERMS, model_state
     from tests.helpers.matrix_worker import LLAMA_SHAPE
 
     r = matrix[_key("llama", cell.overrides)]

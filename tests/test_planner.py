@@ -12,11 +12,11 @@ import time
 import pytest
 
 from launcher.config import RunConfig
-from launcher.counting import count, load_shape
 from launcher.overrides import apply_overrides
-from launcher.planner import Machine, make_plan, plan_row
-from launcher.planner_view import parse_size
-from launcher.sizing import model_state
+from launcher.planning.counting import count, load_shape
+from launcher.planning.rows import Machine, make_plan, plan_row
+from launcher.planning.sizing import model_state
+from launcher.planning.view import parse_size
 from tests.conftest import ROOT, launcher_cli, run, run_helper, why_failed
 
 ROW_KEYS = {
@@ -204,7 +204,7 @@ def test_peak_rss_above_an_idle_rank_is_the_planned_total_within_20_percent(tmp_
 
 
 def test_each_row_has_its_time_per_epoch_from_the_tokens_the_flops_and_its_utilisation(tmp_path):
-    from launcher.timing import UTILISATION
+    from launcher.planning.timing import UTILISATION
 
     def plan(*flags: str) -> dict:
         argv = ["plan", "recipes/qlora_sft.py", "model=llama-3-8b", "adapter=lora", "--json", *flags]

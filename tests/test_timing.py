@@ -1,4 +1,4 @@
-"""Time per epoch before launch (launcher/timing.py): FLOPs per token from the counted shapes, checked against hand
+"""Time per epoch before launch (planning/timing.py): FLOPs per token from the counted shapes, checked against hand
 arithmetic; the training split's tokens from a real run's tokenized cache and from a sample of the raw file; the
 epoch's seconds from both and a stated utilisation."""
 
@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from launcher.config import RunConfig
-from launcher.counting import cached_count, planning_config
 from launcher.data.tokens import dataset_tokens
 from launcher.overrides import apply_overrides
-from launcher.planner import CANDIDATES
-from launcher.timing import (
+from launcher.planning.counting import cached_count, planning_config
+from launcher.planning.rows import CANDIDATES
+from launcher.planning.timing import (
     PEAK_TFLOPS,
     QUANTIZED_FACTOR,
     UTILISATION,

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from launcher import verify as probe
 from launcher.config import RunConfig
-from launcher.counting import planning_config
 from launcher.overrides import apply_overrides
+from launcher.planning import probe
+from launcher.planning.counting import planning_config
 from tests.conftest import ROOT, launcher_cli, run, why_failed
 
 GiB = 2**30

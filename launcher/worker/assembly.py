@@ -1,6 +1,6 @@
 """The one way a trainable engine is built: the model with its adapter (`adapt`), then wrapped by its strategy with
 its optimizer and schedule, and given the step hooks its settings ask for (`wrap`). A rank of a run
-(worker/lifecycle), the planner's probe (worker/verify), the test workers and the benchmarks all build through here;
+(worker/lifecycle), the planner's probe (worker/probe), the test workers and the benchmarks all build through here;
 `build_trainable` is both in one call, for a caller with nothing to do between them.
 """
 

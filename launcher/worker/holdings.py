@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from launcher.sizing import TERMS, StateBytes
+from launcher.planning.sizing import TERMS, StateBytes
 from launcher.worker.hooks import StepHook
 
 

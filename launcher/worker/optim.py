@@ -53,7 +53,7 @@ def build_optimizer(
 
         return DeepSpeedCPUAdam(groups, lr=train.lr, betas=BETAS, eps=EPS, adamw_mode=True)
     # The fused kernel exists for CUDA tensors only. On CPU torch steps one tensor at a time (its default there):
-    # foreach would make every tensor's temporaries at once (launcher/planner.py: step_bytes).
+    # foreach would make every tensor's temporaries at once (launcher/planning/rows.py: step_bytes).
     fused = all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=train.lr, betas=BETAS, eps=EPS, fused=fused or None)
 

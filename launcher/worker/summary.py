@@ -77,11 +77,11 @@ def selection_summary(selection, evals, keep_best: bool) -> dict:
 
 def gpu_view(cfg: RunConfig, task, ranks) -> dict:
     """What the live view shows on a GPU rank besides the CPU's figures: allocated and reserved memory, and MFU
-    from the planner's model FLOPs per token (launcher.timing, at data.max_length) and the GPU's peak."""
+    from the planner's model FLOPs per token (launcher.planning.timing, at data.max_length) and the GPU's peak."""
     import torch
 
-    from launcher.counting import cached_count, planning_config
-    from launcher.timing import flops_per_token
+    from launcher.planning.counting import cached_count, planning_config
+    from launcher.planning.timing import flops_per_token
     from launcher.worker.live import peak_tflops
 
     device = ranks.device

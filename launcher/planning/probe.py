@@ -1,6 +1,6 @@
 """`launcher plan --verify`: a short real run of one row's cell beside what the plan says it holds.
 
-The probe runs on this machine's CPU as 2 gloo processes (launcher.worker.verify), in fp32 (CPUs emulate bf16), for
+The probe runs on this machine's CPU as 2 gloo processes (launcher.worker.probe), in fp32 (CPUs emulate bf16), for
 the given model when its plan fits here and it is small enough to train two steps in about a minute, else for a
 scaled-down model of the same family (fewer layers, then hidden size, heads, MLP and vocabulary divided alike, the
 head size kept). The plan is computed again for exactly what the probe runs (its model, 2 processes, fp32, its
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
-from launcher.sizing import TERMS
+from launcher.planning.sizing import TERMS
 
 WORLD = 2
 """gloo processes the probe runs."""
@@ -79,9 +79,9 @@ def available_memory() -> int:
 def setup(config: dict, row_cfg: RunConfig, seq_len: int, memory: int, count=None) -> Setup:
     """The probe for one row: the real model if its CPU plan fits within MEMORY_SHARE of `memory` and it has at most
     MAX_PARAMETERS, else the first scaled-down model (2 layers, widths divided by 1, 2, 4, ...) that does. `count`
-    counts a config (launcher.counting.cached_count)."""
-    from launcher.counting import cached_count
-    from launcher.planner import Machine, plan_row
+    counts a config (launcher.planning.counting.cached_count)."""
+    from launcher.planning.counting import cached_count
+    from launcher.planning.rows import Machine, plan_row
 
     count = count or cached_count
     seq = min(seq_len, MAX_TOKENS, int(config.get("max_position_embeddings") or seq_len))
@@ -114,7 +114,7 @@ def setup(config: dict, row_cfg: RunConfig, seq_len: int, memory: int, count=Non
 
 
 def run(probe: Setup, row_cfg: RunConfig, timeout: float = 900) -> dict:
-    """Run the probe as WORLD gloo processes and return what rank 0 wrote (launcher.worker.verify)."""
+    """Run the probe as WORLD gloo processes and return what rank 0 wrote (launcher.worker.probe)."""
     from launcher.overrides import apply_overrides, to_dict
 
     cfg = apply_overrides(row_cfg, probe.overrides)
@@ -130,7 +130,7 @@ def run(probe: Setup, row_cfg: RunConfig, timeout: float = 900) -> dict:
         with open(spec_path, "w") as f:
             json.dump(spec, f)
         argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}"]
-        argv += ["-m", "launcher.worker.verify", spec_path, out_path]
+        argv += ["-m", "launcher.worker.probe", spec_path, out_path]
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
         try:
             proc = subprocess.run(argv, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout)

@@ -1,8 +1,8 @@
 """The rank side of `launcher plan --verify`: one cell trained for a few steps as a run would, measured.
 
-usage: torchrun --nproc_per_node N -m launcher.worker.verify SPEC.json OUT.json
+usage: torchrun --nproc_per_node N -m launcher.worker.probe SPEC.json OUT.json
 
-SPEC (written by launcher.verify): {"config": the model's config.json, "run": the cell's RunConfig (to_dict),
+SPEC (written by launcher.planning.probe): {"config": the model's config.json, "run": the cell's RunConfig (to_dict),
 "micro_batch": B, "seq_len": S, "steps": K}. The model is built on the meta device and each rank loads its own part
 with seeded random values (the large-model path of a run: launcher.worker.weights), the adapter and the strategy are
 the run's own (worker.assembly), and each step trains on one micro-batch of random tokens of the full
@@ -32,8 +32,8 @@ def _reset_peak() -> None:
 
 def probe(spec: dict, ranks) -> dict:
     from launcher.config import RunConfig
-    from launcher.counting import model_class
     from launcher.overrides import from_dict
+    from launcher.planning.counting import model_class
     from launcher.worker import dist, memory
     from launcher.worker.assembly import adapt, wrap
     from launcher.worker.weights import Weights, empty_weights

@@ -1,7 +1,7 @@
 """How long an epoch takes, planned before launch (`launcher plan`). Pure: no torch, no model built, no weights.
 
 Three figures multiply out to a time: the training FLOPs of one token (`flops_per_token`, from the parameter counts
-of launcher.counting), the tokens of the training split (launcher.data.tokens: counted from the tokenized cache a run
+of planning.counting), the tokens of the training split (launcher.data.tokens: counted from the tokenized cache a run
 left, else estimated from a sample of the raw file), and a stated share of the GPU's peak each strategy reaches
 (`UTILISATION`, assumptions, not measurements):
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 
 from launcher.config import Full, Lora, Lora8, PromptTuning, QLora, RunConfig
-from launcher.counting import Counts, Linear
+from launcher.planning.counting import Counts, Linear
 
 PEAK_TFLOPS = 989.0
 """H100 SXM, dense bf16 tensor cores (NVIDIA's datasheet: 1,979 with 2:4 sparsity, half that dense)."""
@@ -29,7 +29,7 @@ UTILISATION: dict[str, float] = {
     "fsdp+offload": 0.10,
     "zero3+offload-all": 0.08,
 }
-"""Model-FLOPs utilisation (model FLOPs done / peak) assumed per row of launcher.planner.CANDIDATES, bf16 on
+"""Model-FLOPs utilisation (model FLOPs done / peak) assumed per row of launcher.planning.rows.CANDIDATES, bf16 on
 H100-class GPUs. Assumptions to plan with, not measurements of this launcher (none was lent a GPU yet):
 
 - fsdp, zero3: torchtitan reports 33-39% MFU for Llama-3.1-8B under FSDP2 on 8 H100s, bf16 (docs/performance.md,

@@ -1,7 +1,7 @@
 """`launcher plan`: what each candidate strategy needs per GPU and per node for a recipe's setup, before anything
-is allocated (pure: the model is counted on the meta device from its config.json alone, launcher.counting).
+is allocated (pure: the model is counted on the meta device from its config.json alone, launcher.planning.counting).
 
-Per rank: the model state (launcher.sizing, checked against measurement in tests/test_matrix.py), the largest
+Per rank: the model state (launcher.planning.sizing, checked against measurement in tests/test_matrix.py), the largest
 block gathered by ZeRO-3 and FSDP, the activations of one micro-batch, the optimizer step's temporaries, and an
 allowance for what is not tensors of ours: ALLOWANCE_FIXED for the CUDA context, NCCL and cuBLAS workspaces, and
 ALLOWANCE_SHARE of the rest for the caching allocator's fragmentation. Per node: what offload keeps on the CPU, for
@@ -15,12 +15,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from launcher import timing
 from launcher.config import Fsdp, Lora, RunConfig, Zero
-from launcher.counting import Counts
 from launcher.data.tokens import DatasetTokens
 from launcher.errors import ConfigError
-from launcher.sizing import DTYPE_BYTES, StateBytes, Tensor, model_state, stored_bytes, tensors
+from launcher.planning import timing
+from launcher.planning.counting import Counts
+from launcher.planning.sizing import DTYPE_BYTES, StateBytes, Tensor, model_state, stored_bytes, tensors
 
 GiB = 2**30
 ALLOWANCE_FIXED = GiB
@@ -78,7 +78,7 @@ class Row:
     refused: str = ""
     """Why the launcher refuses this combination (empty: supported)."""
     epoch_seconds: float | None = None
-    """One pass over the training tokens at this row's assumed utilisation (launcher.timing; None: tokens unknown)."""
+    """One pass over the training tokens at this row's assumed utilisation (planning.timing; None: tokens unknown)."""
 
     @property
     def gpu_bytes(self) -> int:
@@ -114,7 +114,7 @@ class Row:
 
 
 @dataclass
-class Plan:
+class MemoryPlan:
     machine: Machine
     model: str
     precision: str
@@ -132,9 +132,9 @@ class Plan:
     named: dict = field(default_factory=dict)
     """The same for the row the user named (--row), with its name under "row"."""
     verify: dict = field(default_factory=dict)
-    """What `--verify` measured against the plan (launcher.verify.compare), with what it ran."""
+    """What `--verify` measured against the plan (launcher.planning.probe.compare), with what it ran."""
     flops: dict = field(default_factory=dict)
-    """Training FLOPs per token and their parts (launcher.timing.flops_per_token)."""
+    """Training FLOPs per token and their parts (launcher.planning.timing.flops_per_token)."""
     tokens: dict = field(default_factory=dict)
     """The training split's tokens, examples, source and note (launcher.data.tokens.DatasetTokens)."""
     peak_tflops: float = 0.0
@@ -272,14 +272,14 @@ def make_plan(
     named: str | None = None,
     tokens: DatasetTokens | None = None,
     peak_tflops: float = timing.PEAK_TFLOPS,
-) -> Plan:
+) -> MemoryPlan:
     """Every candidate row for `cfg`'s adapter and optimizer (an offload row uses cpu_adam), its bytes, whether it
     fits, its time per epoch over `tokens`, the recommended row and how far it goes (and the row called `named`,
     when given)."""
     from launcher.overrides import apply_overrides
 
     ts = tensors(counts, cfg)
-    plan = Plan(
+    plan = MemoryPlan(
         machine=machine,
         model=cfg.model,
         precision=cfg.precision,
@@ -350,7 +350,7 @@ def allowance(planned: int, gpu: bool = True) -> int:
     return (ALLOWANCE_FIXED if gpu else 0) + int(ALLOWANCE_SHARE * planned)
 
 
-def _limits(row: Row, counts: Counts, config: dict, cfg: RunConfig, machine: Machine, plan: Plan) -> dict:
+def _limits(row: Row, counts: Counts, config: dict, cfg: RunConfig, machine: Machine, plan: MemoryPlan) -> dict:
     """Activations grow linearly with the micro-batch and (memory-efficient attention) with the sequence: the
     largest of each that keeps the row within the safety margin, the other held at the plan's value."""
     assert row.state is not None

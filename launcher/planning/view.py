@@ -1,4 +1,4 @@
-"""`launcher plan` on screen: reads the flags, builds the plan (launcher.planner) and prints it as a table or JSON."""
+"""`launcher plan` on screen: reads the flags, builds the plan (planning.rows) and prints it as a table or JSON."""
 
 from __future__ import annotations
 
@@ -39,12 +39,12 @@ def duration(seconds: float | None) -> str:
 
 
 def build(args: argparse.Namespace):
-    from launcher.counting import cached_count, planning_config
     from launcher.data.tokens import dataset_tokens
     from launcher.job import LaunchEnv
     from launcher.overrides import apply_overrides
     from launcher.plan import resolve
-    from launcher.planner import Machine, make_plan
+    from launcher.planning.counting import cached_count, planning_config
+    from launcher.planning.rows import Machine, make_plan
     from launcher.recipe import Recipe
 
     for flag, value in (("--nodes", args.nodes), ("--gpus-per-node", args.gpus_per_node)):
@@ -76,11 +76,11 @@ def build(args: argparse.Namespace):
 
 
 def verify(plan, cfg, config: dict) -> dict:
-    """Probe the row named with --row, else the recommended one, else the first supported (launcher.verify)."""
-    from launcher import verify as probe
-    from launcher.counting import cached_count, is_causal
+    """Probe the row named with --row, else the recommended one, else the first supported (launcher.planning.probe)."""
     from launcher.overrides import apply_overrides
-    from launcher.planner import Machine, plan_row
+    from launcher.planning import probe
+    from launcher.planning.counting import cached_count, is_causal
+    from launcher.planning.rows import Machine, plan_row
 
     if not is_causal(config):
         raise ConfigError(
@@ -132,7 +132,7 @@ def print_plan(plan) -> None:
     from rich.table import Table
 
     from launcher.console import make_console
-    from launcher.planner import SAFETY, fits
+    from launcher.planning.rows import SAFETY, fits
 
     m = plan.machine
     console = make_console()
@@ -223,7 +223,7 @@ def print_verify(console, v: dict) -> None:
 
 
 def print_time(console, plan) -> None:
-    from launcher.timing import UTILISATION
+    from launcher.planning.timing import UTILISATION
 
     f, t = plan.flops, plan.tokens
     how = "6N" if f["matmul"] == 6 * f["matmul_params"] else "about 4N, the base frozen,"

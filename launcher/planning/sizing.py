@@ -42,7 +42,7 @@ from launcher.config import (
     RunConfig,
     Zero,
 )
-from launcher.counting import Counts, four_bit_constants, lora_tensors
+from launcher.planning.counting import Counts, four_bit_constants, lora_tensors
 
 TERMS = ("params", "master", "grads", "optimizer")
 """params: the module's parameters and buffers as a rank stores them (a shard, a 4-bit packing with its quantization

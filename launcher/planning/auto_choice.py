@@ -1,4 +1,4 @@
-"""`strategy=auto` on GPUs: the cheapest strategy the memory plan fits (launcher.planner), said with the runner-up.
+"""`strategy=auto` on GPUs: the cheapest strategy the memory plan fits (planning.rows), said with the runner-up.
 
 On GPUs of known memory the plan of `launcher plan` is made for this job (its nodes, processes per node, one GPU's
 memory, the host's), and auto takes its recommended row: the first candidate, cheapest first, that plans within
@@ -26,9 +26,9 @@ def choose_strategy(cfg: RunConfig, env: LaunchEnv) -> tuple[RunConfig, list[str
     note) unless strategy is auto on GPUs of known memory. Raises ConfigError when no candidate fits a GPU at all."""
     if not isinstance(cfg.strategy, Auto) or not env.cuda or not env.gpu_memory:
         return cfg, []
-    from launcher.counting import cached_count, planning_config
     from launcher.overrides import apply_overrides
-    from launcher.planner import CANDIDATES, SAFETY, Machine, fits, make_plan
+    from launcher.planning.counting import cached_count, planning_config
+    from launcher.planning.rows import CANDIDATES, SAFETY, Machine, fits, make_plan
 
     seq_len = getattr(getattr(cfg, "data", None), "max_length", 0)
     try:
