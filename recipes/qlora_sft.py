@@ -29,9 +29,11 @@ from typing import ClassVar, Literal
 import torch
 
 import launcher
-from launcher.config import VIRTUAL_TOKENS, Adapter, DataConfig, Kernels, QLora, RunConfig
+from launcher.choices import Adapter, QLora
+from launcher.config import DataConfig, Kernels, RunConfig
 from launcher.data import note, read_split, tokenize
 from launcher.errors import ConfigError
+from launcher.settings import OBSERVATION, TRAINING, Affects
 from launcher.task import Task
 
 
@@ -69,7 +71,7 @@ class Config(RunConfig):
 
     recipe: ClassVar[str] = "qlora_sft"
     main_metric: ClassVar[str] = "loss"
-    run_only: ClassVar[tuple[str, ...]] = ("kernels", "attention")
+    affects: ClassVar[dict[str, Affects]] = {"kernels": OBSERVATION, "attention": TRAINING}
     """Own settings that decide how the run trains, not what its tokenized rows hold (the cache ignores them)."""
     model: str = "random:llama-tiny"
     """A causal-LM folder, or random:SHAPE (llama-tiny, qwen2-tiny, llama-3-8b) for random weights."""
@@ -159,15 +161,16 @@ def check(cfg: Config) -> None:
         raise ConfigError(f"tokenizer={cfg.tokenizer}: use auto, train or a tokenizer folder")
     if cfg.tokenizer_vocab < 300:
         raise ConfigError(f"tokenizer_vocab={cfg.tokenizer_vocab}: must be at least 300 (256 bytes and specials)")
-    if cfg.adapter.name == "prompt":
+    if cfg.adapter.shifts_positions:
         raise ConfigError(
-            "adapter=prompt: qlora_sft scores and generates from the logits of the input's own positions, which "
-            "trained tokens before the input shift; use adapter=prefix (data.packing=false), ia3 or qlora"
+            f"adapter={cfg.adapter.name}: qlora_sft scores and generates from the logits of the input's own "
+            "positions, which trained tokens before the input shift; use adapter=prefix (data.packing=false), ia3 "
+            "or qlora"
         )
-    if cfg.adapter.name == "prefix" and cfg.data.packing:
+    if cfg.adapter.past_key_values and cfg.data.packing:
         raise ConfigError(
-            "adapter=prefix with data.packing=true: each packed example would need the prefix of its own, and a "
-            "packed row has one; set data.packing=false"
+            f"adapter={cfg.adapter.name} with data.packing=true: each packed example would need the prefix of its "
+            "own, and a packed row has one; set data.packing=false"
         )
     _load(cfg)
     _some_example_fits(cfg)
@@ -391,7 +394,7 @@ def finish(engine, task: Task, cfg: Config, ranks) -> None:
     if not prompts:
         return
     # Prefix tuning brings past keys and values of its own: generation recomputes the sequence at every token instead.
-    cache = not isinstance(cfg.adapter, VIRTUAL_TOKENS)
+    cache = not cfg.adapter.trained_positions
     engine.train(False)
     if ranks.is_main:
         print(f"generations: {len(prompts)} prompt(s), {cfg.data.max_new_tokens} new tokens each", flush=True)

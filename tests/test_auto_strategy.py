@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.config import Auto, Ddp, Fsdp, Zero
+from launcher.choices import Auto, Ddp, Fsdp, Zero
 from launcher.errors import ConfigError
 from launcher.job import LaunchEnv
 from launcher.plan import build_plan

@@ -6,7 +6,8 @@ import dataclasses
 
 import pytest
 
-from launcher.config import ADAPTERS, OPTIMIZERS, Auto, Ddp, Fsdp, Full, RunConfig, TrainConfig, Zero
+from launcher.choices import ADAPTERS, OPTIMIZERS, Auto, Ddp, Fsdp, Full, Zero
+from launcher.config import RunConfig, TrainConfig
 from launcher.errors import ConfigError
 from launcher.overrides import apply_overrides, describe, field_docs, from_dict, parse_value, to_dict
 from launcher.plan import LaunchEnv, Plan, resolve, validate

@@ -433,8 +433,9 @@ def test_only_settings_that_shape_the_rows_change_the_tokenized_cache_key(name):
     """Every setting changed in turn: those of how the run trains, resumes, reports or is watched keep the key (a
     resumed run, another strategy, a watchdog or tracking change reuse the cache); the data, the model and the
     recipe's own tokenizer settings change it."""
-    from launcher.data.tokenize import NOT_TOKENIZATION, tokenization_settings
+    from launcher.data.tokenize import tokenization_settings
     from launcher.recipe import load_recipe
+    from launcher.settings import affects
 
     recipe = load_recipe(str(Path(__file__).resolve().parents[1] / "recipes" / f"{name}.py"))
     cfg = recipe.Config()
@@ -447,8 +448,8 @@ def test_only_settings_that_shape_the_rows_change_the_tokenized_cache_key(name):
     assert changed == data_rows | own | {"model"}, changed
     assert {"resume", "overwrite", "watchdog.timeout", "compile", "host_memory", "seed", "output_dir"} <= kept
     assert {s for s in kept if s.startswith(("checkpoint.", "tracking.", "train."))} and "strategy" in kept
-    assert {f"data.{k}" for k in NOT_TOKENIZATION} <= kept
-    assert set(type(cfg).run_only) <= {s.split(".")[0] for s in kept}
+    assert {"data.group_by_length", "data.cache", "data.cache_dir", "data.num_workers"} <= kept
+    assert {s for s in type(cfg).affects if not affects(s, type(cfg)).rows} <= {s.split(".")[0] for s in kept}
     assert name != "qlora_sft" or {"tokenizer", "tokenizer_vocab"} <= own
 
 

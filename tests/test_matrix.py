@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from launcher.choices import Full, Lora8, QLora
 from launcher.compat import supported_cells
-from launcher.config import Full, Lora8, QLora
 from tests.conftest import long_unless, run_helper, selected
 
 # The adapters that train tensors of their own beside a frozen base, without changing how the base is stored or

@@ -7,11 +7,12 @@ import sys
 
 import pytest
 
-from launcher.config import Ddp, QLora, Zero
+from launcher.choices import Ddp, QLora, Zero
 from launcher.errors import ConfigError
 from launcher.job import Job, LaunchEnv, job_from_environ
-from launcher.plan import PLAN_FILE, Plan, build_plan, check_job, ignored_settings, read_plan, restarted
+from launcher.plan import PLAN_FILE, Plan, build_plan, check_job, read_plan, restarted
 from launcher.recipe import Recipe
+from launcher.settings import ignored
 from tests.conftest import RECIPE, ROOT, run, tiny_args
 
 RECIPES = ["lora_cls", "lora_ner", "qlora_sft"]
@@ -64,7 +65,7 @@ def test_ignored_settings_are_named_only_when_the_user_gave_them(recipes):
     ]
     assert build_plan(recipes["lora_cls"], ["train.max_steps=10"], TWO).notes == []  # the default epochs: silent
     cfg = build_plan(recipes["lora_cls"], ["strategy=zero3", "data.cache=false"], TWO).config
-    assert ignored_settings(cfg, {"strategy.offload_dir", "data.cache_dir"}) == [
+    assert ignored(cfg, {"strategy.offload_dir", "data.cache_dir"}) == [
         "data.cache_dir= is ignored: data.cache=false: nothing is cached",
         "strategy.offload_dir= is ignored: nothing is offloaded to nvme",
     ]

@@ -89,7 +89,7 @@ def test_the_cache_key_covers_every_setting_that_can_shape_the_rows_and_no_other
     assert key("train.lr=0.5", "strategy=zero3", "seed=7", "output_dir=x", "data.group_by_length=false") == same
     assert key("data.max_length=64") != same
     assert key("tokenizer=/a/tokenizer") != same, "a recipe-level setting is in the key without the recipe naming it"
-    assert key("model_init=config", "head=crf") == same, "the recipe's run_only settings are not"
+    assert key("model_init=config", "head=crf") == same, "the settings the recipe tags as training's are not"
     assert key(f"data.eval={ROOT / 'launcher' / 'samples' / 'ner' / 'train.jsonl'}") != same, "every data file counts"
 
 

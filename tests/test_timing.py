@@ -21,7 +21,6 @@ from launcher.planning.timing import (
     UTILISATION,
     epoch_seconds,
     flops_per_token,
-    is_quantized,
     utilisation,
 )
 from tests.conftest import ROOT, SHARED
@@ -61,7 +60,10 @@ def test_full_fine_tuning_is_6n_and_a_frozen_base_4n_plus_6x_the_adapter():
         assert frozen["adapter_params"] == lora > 0
         assert frozen["matmul"] == 4 * n + 6 * lora, adapter
         assert frozen["attention"] == full["attention"]  # the adapter changes no attention
-    assert is_quantized(_cfg("random:llama-tiny", "adapter=qlora")) and not is_quantized(_cfg("x", "adapter=dora"))
+    assert (
+        _cfg("random:llama-tiny", "adapter=qlora").adapter.quantized_base
+        and not _cfg("x", "adapter=dora").adapter.quantized_base
+    )
 
 
 def test_a_trained_task_head_adds_its_weight_gradients():

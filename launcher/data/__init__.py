@@ -15,15 +15,13 @@ from launcher.data.files import (
     source_path,
 )
 from launcher.data.notes import note, take_notes
-from launcher.data.tokenize import NOT_TOKENIZATION, data_settings, tokenization_settings, tokenize
+from launcher.data.tokenize import tokenization_settings, tokenize
 
 __all__ = [
     "KINDS",
-    "NOT_TOKENIZATION",
     "SAMPLE",
     "EvalShard",
     "check_rows",
-    "data_settings",
     "first_rows",
     "is_empty",
     "load_table",

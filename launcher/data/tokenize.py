@@ -2,8 +2,7 @@
 
 The cache key is built here from the whole configuration, so a recipe cannot forget a setting that shapes its
 tokenized rows: every data file the run names (content), the tokenizer (state), the settings that may shape the
-rows (SHAPE_ROWS, the recipe's own but its `run_only`; not those of the data section that decide how batches are
-drawn, NOT_TOKENIZATION), and the recipe file."""
+rows (their tags in launcher.settings), and the recipe file."""
 
 from __future__ import annotations
 
@@ -12,36 +11,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from launcher.config import DataConfig
-
-SHAPE_ROWS = ("model", "data")
-"""Of the settings every run has (RunConfig's), those that may shape tokenized rows; the rest decide how the run
-trains, resumes, reports or is watched. A recipe's own settings shape them unless its Config names them in
-`run_only` (qlora_sft: its kernels and attention)."""
-# Data settings that change how batches are drawn or where the cache lives, not what tokenization produces.
-NOT_TOKENIZATION = ("group_by_length", "cache", "cache_dir")
-
-
-def data_settings(data: DataConfig) -> dict[str, Any]:
-    """The data section as a cache-key part: every setting except those in NOT_TOKENIZATION."""
-    from launcher.overrides import to_dict
-
-    return {k: v for k, v in to_dict(data).items() if k not in NOT_TOKENIZATION}
-
 
 def tokenization_settings(cfg: Any) -> dict[str, Any]:
-    """Every setting of a run that may shape its tokenized rows: SHAPE_ROWS, and the recipe's own settings but
-    those it names in `run_only`."""
-    import dataclasses
-
-    from launcher.config import RunConfig
+    """Every setting of a run that may shape its tokenized rows (launcher.settings: the model, the data section but
+    how batches are drawn and where the cache lives, and the recipe's own settings it does not tag otherwise)."""
     from launcher.overrides import to_dict
+    from launcher.settings import rows_settings
 
-    common = {f.name for f in dataclasses.fields(RunConfig)}
-    run_only = set(type(cfg).run_only)
-    out = {k: v for k, v in to_dict(cfg).items() if (k in SHAPE_ROWS or k not in common) and k not in run_only}
-    out["data"] = data_settings(cfg.data)
-    return out
+    return rows_settings(to_dict(cfg), type(cfg))
 
 
 def recipe_file(cfg: Any) -> str:

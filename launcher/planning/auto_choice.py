@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from launcher.config import Auto, RunConfig
+from launcher.choices import Auto
+from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.job import LaunchEnv
 

@@ -15,7 +15,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from launcher.config import Fsdp, Lora, RunConfig, Zero
+from launcher.choices import Fsdp, Lora, Zero
+from launcher.config import RunConfig
 from launcher.data.tokens import DatasetTokens
 from launcher.errors import ConfigError
 from launcher.planning import timing
@@ -301,7 +302,7 @@ def make_plan(
         plan.tokens = dataclasses.asdict(tokens)
         for row in plan.rows:
             if row.state is not None and tokens.tokens and row.strategy in timing.UTILISATION:
-                quantized = timing.is_quantized(cfg)
+                quantized = cfg.adapter.quantized_base
                 row.epoch_seconds = timing.epoch_seconds(
                     plan.flops, tokens.tokens, machine.world, row.strategy, quantized, peak_tflops
                 )

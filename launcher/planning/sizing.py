@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from launcher.config import (
+from launcher.choices import (
     AdaLora,
     AdamW8bit,
     Ddp,
@@ -39,9 +39,9 @@ from launcher.config import (
     PrefixTuning,
     PromptTuning,
     QLora,
-    RunConfig,
     Zero,
 )
+from launcher.config import RunConfig
 from launcher.planning.counting import Counts, four_bit_constants, lora_tensors
 
 TERMS = ("params", "master", "grads", "optimizer")

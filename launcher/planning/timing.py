@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-from launcher.config import Full, Lora, Lora8, PromptTuning, QLora, RunConfig
+from launcher.choices import Full, Lora, PromptTuning
+from launcher.config import RunConfig
 from launcher.planning.counting import Counts, Linear
 
 PEAK_TFLOPS = 989.0
@@ -138,11 +139,6 @@ def utilisation(strategy: str, quantized: bool, frozen_base: bool = False) -> fl
     if frozen_base:
         strategy = OPTIMIZER_OFFLOAD.get(strategy, strategy)
     return UTILISATION[strategy] * (QUANTIZED_FACTOR if quantized else 1.0)
-
-
-def is_quantized(cfg: RunConfig) -> bool:
-    """A 4-bit (QLoRA) or 8-bit (LoRA-8bit) base: the argument epoch_seconds takes."""
-    return isinstance(cfg.adapter, (QLora, Lora8))
 
 
 def epoch_seconds(

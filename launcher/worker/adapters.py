@@ -8,20 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from launcher.compat import shards_params
-from launcher.config import (
-    AdaLora,
-    Adapter,
-    Dora,
-    Full,
-    Ia3,
-    Lora,
-    Lora8,
-    PrefixTuning,
-    PromptTuning,
-    QLora,
-    RunConfig,
-)
+from launcher.choices import AdaLora, Adapter, Dora, Full, Ia3, Lora, Lora8, PrefixTuning, PromptTuning, QLora
+from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.worker.weights import Weights, has_meta, materialize
 
@@ -39,7 +27,7 @@ def quant_storage(cfg: RunConfig) -> torch.dtype:
         return DTYPES[cfg.adapter.quant_storage]
     # Sharded, the packed weights travel with the other parameters and are cast like them (DeepSpeed casts the
     # module to bf16/fp16, FSDP2 to its param_dtype): stored in that very dtype, no cast touches their bits.
-    return precision_dtype(cfg.precision) if shards_params(cfg) else torch.uint8
+    return precision_dtype(cfg.precision) if cfg.strategy.shards_parameters else torch.uint8
 
 
 def compute_dtype(cfg: RunConfig) -> torch.dtype:

@@ -258,7 +258,7 @@ def _check(path: str, cfg, world_size: int) -> list[str]:
     if problems:
         return problems
     manifest = manifest_of(path)
-    differs = checkpoints.differences(manifest["config"], to_dict(cfg))
+    differs = checkpoints.differences(manifest["config"], to_dict(cfg), type(cfg))
     if differs:
         problems.append(
             "it was written with other settings that change the training: "

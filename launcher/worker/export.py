@@ -11,7 +11,8 @@ import shutil
 import torch
 from safetensors.torch import load_file, save_file
 
-from launcher.config import Full, RunConfig
+from launcher.choices import Full
+from launcher.config import RunConfig
 from launcher.files import ordinary_modes
 from launcher.shards import write_shards
 from launcher.task import Task

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from launcher.config import VIRTUAL_TOKENS, Full, Lora, Lora8, QLora
+from launcher.choices import Full, Lora, Lora8, QLora
 from launcher.errors import ConfigError
 
 MERGED_DTYPE = torch.bfloat16
@@ -76,7 +76,7 @@ def export(checkpoint: str, out: str, *, merge: bool, recipe_path: str = "") -> 
     notes: list[str] = [f"the model is rebuilt by the recipe {recipe_path}"]
     if merge and isinstance(cfg.adapter, Full):
         notes.append("adapter=full: the model is written whole; there is no adapter to merge")
-    if merge and isinstance(cfg.adapter, VIRTUAL_TOKENS):
+    if merge and cfg.adapter.trained_positions:
         raise ConfigError(
             f"--merge: adapter={cfg.adapter.name} trains positions put before the input, not changes to the "
             "weights: there is nothing to merge; export without --merge (the adapter loads with peft)"
@@ -145,7 +145,7 @@ def stream_merged(recipe, cfg, task, checkpoint: str, folder: str) -> bool:
     from peft.utils.integrations import dequantize_bnb_weight
 
     from launcher.checkpoints import unmatched_parameters
-    from launcher.config import Dora
+    from launcher.choices import Dora
     from launcher.worker.adapters import four_bit, quantized_layers
     from launcher.worker.checkpoint import stored_tensors
     from launcher.worker.export import write_model

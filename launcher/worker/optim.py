@@ -8,7 +8,8 @@ from collections.abc import Callable
 
 import torch
 
-from launcher.config import AdamW8bit, CpuAdam, Optimizer, PagedAdamW8bit, TrainConfig
+from launcher.choices import AdamW8bit, CpuAdam, Optimizer, PagedAdamW8bit
+from launcher.config import TrainConfig
 
 NO_DECAY = ("bias", "norm", "layernorm", "ln_")
 

@@ -7,7 +7,8 @@ import json
 import os
 import resource
 
-from launcher.config import Full, RunConfig, choice_name
+from launcher.choices import Full
+from launcher.config import RunConfig, choice_name
 from launcher.errors import ConfigError
 from launcher.worker import dist
 from launcher.worker.assembly import Adapted

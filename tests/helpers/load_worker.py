@@ -64,7 +64,7 @@ def plain_loss(recipe, cfg, task, batch, *, quantized: bool) -> float:
     weights for qlora when `quantized`)."""
     from transformers import AutoModelForCausalLM
 
-    from launcher.config import QLora
+    from launcher.choices import QLora
 
     model = AutoModelForCausalLM.from_pretrained(cfg.model_path, dtype=torch.float32)
     model.config.use_cache = False

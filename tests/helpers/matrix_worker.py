@@ -19,7 +19,8 @@ import traceback
 
 import torch
 
-from launcher.config import Lora, RunConfig
+from launcher.choices import Lora
+from launcher.config import RunConfig
 from launcher.environment import quiet_libraries
 from launcher.overrides import apply_overrides
 from launcher.task import Task

@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from launcher.config import Ddp, Fsdp, RunConfig, Zero
+from launcher.choices import Ddp, Fsdp, Zero
+from launcher.config import RunConfig
 from launcher.worker.strategies.base import Engine, EngineInputs
 
 __all__ = ["MODULES", "Engine", "EngineInputs", "build_engine", "dry_run_sections"]

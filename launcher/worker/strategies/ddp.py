@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from launcher.config import Ddp
+from launcher.choices import Ddp
 from launcher.worker.strategies.base import (
     Engine,
     EngineInputs,

@@ -16,7 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from launcher.config import Fsdp
+from launcher.choices import Fsdp
 from launcher.worker import eight_bit
 from launcher.worker.strategies.base import Engine, EngineInputs, accumulate_and_step, compute_dtype, frozen_dtype
 from launcher.worker.weights import Weights, move_real, replace_meta

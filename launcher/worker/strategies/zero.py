@@ -9,7 +9,7 @@ import sys
 import deepspeed
 import torch
 
-from launcher.config import Zero
+from launcher.choices import Zero
 from launcher.worker import eight_bit, holdings
 from launcher.worker.adapters import precision_dtype
 from launcher.worker.strategies.base import Engine, EngineInputs, StepResult, current_lr, local_state_dict

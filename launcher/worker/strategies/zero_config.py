@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config import RunConfig, Zero
+from launcher.choices import Zero
+from launcher.config import RunConfig
 
 
 def _offload(device: str, cfg: Zero, pin_memory: bool) -> dict[str, Any]:
