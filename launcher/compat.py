@@ -194,7 +194,3 @@ def cells(base: RunConfig | None = None) -> Iterator[Cell]:
                 cfg = apply_overrides(base, list(overrides))
                 refused = tuple(i for i, r in enumerate(RULES) if r.cell and r.when(cfg))
                 yield Cell(row, adapter, optimizer, overrides, refused)
-
-
-def supported_cells() -> list[Cell]:
-    return [c for c in cells() if c.supported]

@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 
+from launcher.checks import validate
 from launcher.compat import refusals
 from launcher.config import RunConfig
 from launcher.overrides import apply_overrides
-from launcher.plan import validate
 from tests.conftest import ROOT, run_helper, why_failed
 
 

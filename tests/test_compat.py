@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from launcher import cli
+from launcher.checks import check, environment_problems, validate
 from launcher.compat import RULES, cells
 from launcher.compat_view import render_markdown
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
 from launcher.overrides import apply_overrides
-from launcher.plan import LaunchEnv, check, environment_problems, validate
+from launcher.plan import LaunchEnv
 from launcher.worker.strategies.zero_config import deepspeed_config
 from tests.conftest import RECIPE, ROOT, launcher_cli
 

@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 
+from launcher.checks import validate
 from launcher.choices import ADAPTERS, OPTIMIZERS, Auto, Ddp, Fsdp, Full, Zero
 from launcher.config import RunConfig, TrainConfig
 from launcher.errors import ConfigError
 from launcher.overrides import apply_overrides, describe, field_docs, from_dict, parse_value, to_dict
-from launcher.plan import LaunchEnv, Plan, resolve, validate
+from launcher.plan import LaunchEnv, Plan, resolve
 from launcher.recipe import load_recipe, parse_worker_argv
 from tests.conftest import RECIPE
 

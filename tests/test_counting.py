@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from launcher.planning.counting import count, four_bit_bytes, load_shape, shipped_shapes
+from launcher.planning.counting import count, four_bit_constants, load_shape, shipped_shapes
 
 # Published parameter counts (the models' cards / safetensors metadata).
 PUBLISHED = {
@@ -95,7 +95,7 @@ def test_lora_trainable_parameters_are_peft_s_own_count(dora, targets):
 
 @pytest.mark.parametrize("shape", [(256, 512), (1024, 4096), (4096, 4096), (1000, 333)])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_four_bit_bytes_are_what_bitsandbytes_holds(shape, double_quant):
+def test_a_four_bit_weights_bytes_are_what_bitsandbytes_holds(shape, double_quant):
     import bitsandbytes.functional as F
 
     weight = torch.randn(*shape, dtype=torch.bfloat16)
@@ -105,4 +105,4 @@ def test_four_bit_bytes_are_what_bitsandbytes_holds(shape, double_quant):
         live = (state.absmax, state.code, state.offset)
         held += sum(t.numel() * t.element_size() for t in live if torch.is_tensor(t))
         state = state.state2
-    assert four_bit_bytes(weight.numel(), double_quant) == held
+    assert weight.numel() / 2 + four_bit_constants(weight.numel(), double_quant) == held  # packed: 2 per byte

@@ -64,8 +64,9 @@ def test_direct_python_form_refuses_the_same_way(tiny_model, tiny_data, tmp_path
 
 
 def test_nproc_beyond_the_gpus_is_refused(tiny_model):
+    from launcher.checks import environment_problems
     from launcher.config import RunConfig
-    from launcher.plan import LaunchEnv, environment_problems
+    from launcher.plan import LaunchEnv
 
     cfg = RunConfig(model=str(tiny_model))
     assert environment_problems(cfg, LaunchEnv(world_size=4, local_world_size=4)) == []  # CPUs take any number

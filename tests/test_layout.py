@@ -1,4 +1,5 @@
-"""The package layout: one-way imports between launcher's modules, and the old import paths of moved modules."""
+"""The package layout: one-way imports between launcher's modules, each strategy's quirks in its module, and the map in
+docs/architecture.md kept true."""
 
 from __future__ import annotations
 
@@ -124,3 +125,20 @@ def test_no_history_in_the_code_no_issue_numbers_in_names_or_text():
             found += [f"{path.relative_to(ROOT)}: {m.group(0)}" for m in numbered.finditer(path.read_text())]
     assert found == [], found
     assert not (ROOT / "launcher" / "_moved.py").exists()
+
+
+def test_the_architecture_map_fits_a_screen_names_every_folder_and_only_files_that_exist():
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    assert len(text.splitlines()) <= 60
+    folders = {p.parent.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")} - {"."}
+    named = set(re.findall(r"`([a-z_]+(?:/[a-z_]+)*)/`", text))
+    assert folders <= named, folders - named
+    for path in re.findall(r"`((?:[a-z_]+/)*[a-z_]+\.py)", text):
+        assert (PACKAGE / path).exists() or (ROOT / path).exists(), path
+
+
+def test_no_module_of_the_package_is_over_400_lines():
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py") if (n := len(p.read_text().splitlines())) > 400}
+    assert not long, f"split these by concern: {long}"

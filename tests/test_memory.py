@@ -39,7 +39,7 @@ def _run(layer, x):
 def test_zero3_4bit_layer_frees_its_gathered_weight_and_gives_bitsandbytes_gradients(bias):
     import types
 
-    from launcher.worker.strategies.zero import _forward_4bit
+    from launcher.worker.strategies.zero_four_bit import forward_4bit
 
     x = torch.randn(2, 5, 64)
     plain = _4bit_layer(bias)
@@ -49,7 +49,7 @@ def test_zero3_4bit_layer_frees_its_gathered_weight_and_gives_bitsandbytes_gradi
     assert not freed_plain
 
     ours = _4bit_layer(bias)
-    ours.forward = types.MethodType(_forward_4bit, ours)
+    ours.forward = types.MethodType(forward_4bit, ours)
     x_ours = x.clone().requires_grad_(True)
     y_ours, freed_ours = _run(ours, x_ours)
     assert freed_ours  # released means freed: nothing else holds the gathered storage

@@ -8,16 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher.tasks.tagging import IGNORE, TokenTagger, align_labels, check_bio, first_subtokens, repair_bio
+from launcher.tasks.tagging import IGNORE, TokenTagger, check_bio, first_subtokens, repair_bio
 from tests.conftest import ROOT, launcher_cli, why_failed
 
 RECIPE = str(ROOT / "recipes" / "lora_ner.py")
 
 
-def test_first_sub_token_carries_the_label():
+def test_each_word_is_scored_at_its_first_sub_token():
     # [CLS] w0 w0' w1 w2 w2' w2'' [SEP]
     word_ids = [None, 0, 0, 1, 2, 2, 2, None]
-    assert align_labels(word_ids, [5, 6, 7]) == [IGNORE, 5, IGNORE, 6, 7, IGNORE, IGNORE, IGNORE]
     assert first_subtokens(word_ids) == ([1, 3, 4], [0, 1, 2])
 
 
@@ -30,15 +29,14 @@ def test_alignment_with_the_real_word_piece_tokenizer():
     words = ["Okafor", "visited", "Schwarzenegger", "1996-08-22"]
     enc = tok(words, is_split_into_words=True)
     pieces = tok.convert_ids_to_tokens(enc["input_ids"])
-    labels = align_labels(enc.word_ids(), [1, 0, 3, 0])
+    positions, scored_words = first_subtokens(enc.word_ids())
     assert len(pieces) > len(words) + 2, f"expected the long names to split: {pieces}"
-    labelled = [(p, lab) for p, lab in zip(pieces, labels) if lab != IGNORE]
-    assert [lab for _, lab in labelled] == [1, 0, 3, 0]
-    assert not labelled[0][0].startswith("##") and not labelled[2][0].startswith("##")
+    assert scored_words == [0, 1, 2, 3]
+    assert not pieces[positions[0]].startswith("##") and not pieces[positions[2]].startswith("##")
     ids = enc.word_ids()
-    ignored = [k for k, lab in enumerate(labels) if lab == IGNORE]
-    assert all(ids[k] is None or ids[k - 1] == ids[k] for k in ignored)  # specials, or a word's later pieces
-    assert pieces[ignored[1]] == "##af" and "-" in [pieces[k] for k in ignored]
+    unscored = [k for k in range(len(pieces)) if k not in positions]
+    assert all(ids[k] is None or ids[k - 1] == ids[k] for k in unscored)  # specials, or a word's later pieces
+    assert pieces[unscored[1]] == "##af" and "-" in [pieces[k] for k in unscored]
 
 
 def test_words_without_tokens_and_truncated_words_are_absent():

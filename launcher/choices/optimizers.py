@@ -6,6 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+NO_DECAY = ("bias", "norm", "layernorm", "ln_")
+"""Parameter names AdamW gives no weight decay (with every parameter of fewer than 2 dimensions)."""
+
+
+def decays(name: str, ndim: int) -> bool:
+    """Whether the optimizer applies weight decay to parameter `name` of `ndim` dimensions (its first group)."""
+    return ndim >= 2 and not any(k in name.lower() for k in NO_DECAY)
+
 
 @dataclass(kw_only=True)
 class OptimizerChoice:

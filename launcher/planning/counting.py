@@ -74,11 +74,8 @@ class Counts:
         def leaf(name: str) -> str:
             return name.rsplit(".", 1)[-1]
 
-        def inside(name: str) -> bool:
-            return any(name == s or name.startswith(s + ".") for s in self.skipped)
-
         if target_modules == ["all-linear"]:
-            names = {leaf(lin.name) for lin in self.linears if not inside(lin.name)} - self.skipped_leaves
+            names = {leaf(lin.name) for lin in self.linears if not within(lin.name, self.skipped)} - self.skipped_leaves
         else:
             names = set(target_modules)
         return [lin for lin in self.linears if leaf(lin.name) in names]
@@ -107,6 +104,18 @@ class Counts:
         """LoRA's trainable parameters (`lora_tensors` of every target whose name `where` accepts)."""
         targets = [t for t in self.targets(target_modules) if where(t.name)]
         return sum(math.prod(shape) for t in targets for shape in lora_tensors(t, r, dora).values())
+
+
+def within(name: str, modules: set[str]) -> bool:
+    """Whether module `name` is one of `modules` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
+def kept_whole(model, heads) -> set[str]:
+    """Module names no adapter changes: the task heads (by leaf name) and the output embedding (lm_head)."""
+    skip = {name for name, _ in model.named_modules() if name and name.rsplit(".", 1)[-1] in heads}
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return skip | {name for name, m in model.named_modules() if out is not None and m is out}
 
 
 def lora_tensors(target: Linear, r: int, dora: bool = False) -> dict[str, tuple[int, ...]]:
@@ -144,12 +153,8 @@ def count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
         for name, m in model.named_modules()
         if isinstance(m, torch.nn.Linear)
     ]
-    skipped = {name for name, _ in model.named_modules() if name and name.rsplit(".", 1)[-1] in heads}
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skipped |= {name for name, m in model.named_modules() if out is not None and m is out}
-    inner = {
-        n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if any(n == s or n.startswith(s + ".") for s in skipped)
-    }
+    skipped = kept_whole(model, heads)
+    inner = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if within(n, skipped)}
     blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
     largest = max((sum(p.numel() for p in b.parameters()) for layers in blocks for b in layers), default=0)
     return Counts(
@@ -233,15 +238,11 @@ def cached_count(config: dict, heads: tuple[str, ...] = ()) -> Counts:
     return counts
 
 
-def four_bit_bytes(numel: int, double_quant: bool = True) -> int:
-    """What bitsandbytes holds for one weight of `numel` elements quantized to 4 bits (nf4 or fp4): the packed
-    weights (2 per byte), one absmax per block of 64 (fp32; with double quantization uint8, plus an fp32 scale per
-    256 absmaxes, the 256-entry code of that second quantization and its fp32 offset), and the 16-entry 4-bit code."""
-    return math.ceil(numel / 2) + four_bit_constants(numel, double_quant)
-
-
 def four_bit_constants(numel: int, double_quant: bool = True) -> int:
-    """four_bit_bytes less the packed weights: the quantization state every rank keeps whole."""
+    """The quantization state bitsandbytes keeps beside one weight of `numel` elements packed to 4 bits (nf4 or fp4;
+    every rank holds it whole): one absmax per block of 64 (fp32; with double quantization uint8, plus an fp32 scale
+    per 256 absmaxes, the 256-entry code of that second quantization and its fp32 offset), and the 16-entry 4-bit
+    code. The packed weights themselves are half a byte per element (sizing.stored_bytes)."""
     blocks = math.ceil(numel / QUANT_BLOCK)
     if double_quant:
         absmax = blocks + 4 * math.ceil(blocks / NESTED_BLOCK) + 4 * 256 + 4

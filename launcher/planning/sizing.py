@@ -41,15 +41,14 @@ from launcher.choices import (
     QLora,
     Zero,
 )
+from launcher.choices.optimizers import decays
 from launcher.config import RunConfig
-from launcher.planning.counting import Counts, four_bit_constants, lora_tensors
+from launcher.planning.counting import Counts, four_bit_constants, lora_tensors, within
 
 TERMS = ("params", "master", "grads", "optimizer")
 """params: the module's parameters and buffers as a rank stores them (a shard, a 4-bit packing with its quantization
 constants); master: fp32 copies the optimizer steps instead of the parameters; grads: gradients and the buffers they
 are reduced in; optimizer: the optimizer's state (Adam's moments, an 8-bit optimizer's codes and block scales)."""
-NO_DECAY = ("bias", "norm", "layernorm", "ln_")
-"""Parameter names the optimizer gives no weight decay (worker.optim.NO_DECAY): its second group."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 OPTIMIZER_BLOCK = 256
 """bitsandbytes' 8-bit optimizers: one fp32 scale per block of 256 elements."""
@@ -74,7 +73,7 @@ class Tensor:
 
     @property
     def decay(self) -> bool:
-        return len(self.shape) >= 2 and not any(k in self.name.lower() for k in NO_DECAY)
+        return decays(self.name, len(self.shape))
 
 
 @dataclass
@@ -107,16 +106,13 @@ def tensors(counts: Counts, cfg: RunConfig, heads: tuple[str, ...] = ()) -> list
     if isinstance(adapter, Full):
         return [Tensor(n, s, "trained") for n, s in counts.params]
 
-    def inside(name: str, modules: set[str]) -> bool:
-        return any(name == m or name.startswith(m + ".") for m in modules)
-
     quantized = set()
     if isinstance(adapter, (QLora, Lora8)):
-        quantized = {f"{lin.name}.weight" for lin in counts.linears if not inside(lin.name, counts.skipped)}
+        quantized = {f"{lin.name}.weight" for lin in counts.linears if not within(lin.name, counts.skipped)}
     role = "nf4" if isinstance(adapter, QLora) else "int8"
     head_modules = {m for m in counts.skipped if m.rsplit(".", 1)[-1] in heads}
     out = [Tensor(n, s, role if n in quantized else "frozen") for n, s in counts.params]
-    out += [Tensor(f"{n}.modules_to_save", s, "trained") for n, s in counts.params if inside(n, head_modules)]
+    out += [Tensor(f"{n}.modules_to_save", s, "trained") for n, s in counts.params if within(n, head_modules)]
     return out + _adapter_tensors(counts, adapter)
 
 

@@ -14,7 +14,7 @@ import re
 
 from launcher.choices import Full, Lora, PromptTuning
 from launcher.config import RunConfig
-from launcher.planning.counting import Counts, Linear
+from launcher.planning.counting import Counts, Linear, within
 
 PEAK_TFLOPS = 989.0
 """H100 SXM, dense bf16 tensor cores (NVIDIA's datasheet: 1,979 with 2:4 sparsity, half that dense)."""
@@ -88,7 +88,7 @@ def flops_per_token(
         matmul = 6 * n
     else:
         head_modules = {m for m in counts.skipped if m.rsplit(".", 1)[-1] in heads}
-        trained_heads = _matmul([lin for lin in counts.linears if _inside(lin.name, head_modules)])
+        trained_heads = _matmul([lin for lin in counts.linears if within(lin.name, head_modules)])
         matmul = 4 * n + 2 * trained_heads + 6 * adapter_params
     layers, width = config.get("num_hidden_layers", 0), attention_width(config)
     virtual = getattr(adapter, "num_virtual_tokens", 0)
@@ -125,10 +125,6 @@ def attention_width(config: dict) -> int:
 
 def _matmul(linears: list[Linear]) -> int:
     return sum(lin.in_features * lin.out_features for lin in linears)
-
-
-def _inside(name: str, modules: set[str]) -> bool:
-    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def utilisation(strategy: str, quantized: bool, frozen_base: bool = False) -> float:

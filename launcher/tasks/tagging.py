@@ -34,14 +34,6 @@ def first_subtokens(word_ids: list[int | None]) -> tuple[list[int], list[int]]:
     return positions, words
 
 
-def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
-    """Token-level labels: a word's label on its first sub-token, IGNORE on the rest and on special tokens."""
-    out = [IGNORE] * len(word_ids)
-    for position, word in zip(*first_subtokens(word_ids)):
-        out[position] = word_labels[word]
-    return out
-
-
 @dataclass
 class TaggerOutput(ModelOutput):
     loss: torch.Tensor | None = None

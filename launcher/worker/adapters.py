@@ -11,13 +11,16 @@ import torch
 from launcher.choices import AdaLora, Adapter, Dora, Full, Ia3, Lora, Lora8, PrefixTuning, PromptTuning, QLora
 from launcher.config import RunConfig
 from launcher.errors import ConfigError
+from launcher.planning.counting import kept_whole, within
+from launcher.worker.strategies.base import compute_dtype as autocast_dtype
 from launcher.worker.weights import Weights, has_meta, materialize
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
 
 
 def precision_dtype(precision: str) -> torch.dtype:
-    return DTYPES.get(precision, torch.float32)
+    """The dtype a precision computes in (fp32 for fp32)."""
+    return autocast_dtype(precision) or torch.float32
 
 
 def quant_storage(cfg: RunConfig) -> torch.dtype:
@@ -36,29 +39,15 @@ def compute_dtype(cfg: RunConfig) -> torch.dtype:
     return precision_dtype(cfg.precision if choice == "auto" else choice)
 
 
-def _skipped(model: torch.nn.Module, heads: list[str]) -> set[str]:
-    """Module names that stay as they are: task heads and the output embedding (lm_head)."""
-    skip = {name for name, _ in model.named_modules() if name and name.rsplit(".", 1)[-1] in heads}
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    skip |= {name for name, m in model.named_modules() if out is not None and m is out}
-    return skip
-
-
-def _is_skipped(name: str, skip: set[str]) -> bool:
-    return any(name == s or name.startswith(s + ".") for s in skip)
-
-
 def linear_names(model: torch.nn.Module, heads: list[str]) -> list[str]:
     """Leaf names of the linear layers LoRA may target (`all-linear`): not heads, not the output embedding."""
     import bitsandbytes as bnb
 
     linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-    skip = _skipped(model, heads)
-    names = {
-        n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear) and not _is_skipped(n, skip)
-    }
+    skip = kept_whole(model, heads)
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, linear) and not within(n, skip)}
     # A leaf name shared with a head (e.g. `dense` inside a head) would reach into the head: leave it out.
-    head_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if _is_skipped(n, skip)}
+    head_names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules() if within(n, skip)}
     return sorted(names - head_names)
 
 
@@ -150,8 +139,8 @@ def _sent(packed, owner: int, device: torch.device, module):
 
 def quantized_layers(model: torch.nn.Module, heads: list[str]) -> list[str]:
     """Names of the linear layers a 4-bit or 8-bit base quantizes: all but the heads and the output embedding."""
-    skip = _skipped(model, heads)
-    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n and not _is_skipped(n, skip)]
+    skip = kept_whole(model, heads)
+    return [n for n, m in model.named_modules() if type(m) is torch.nn.Linear and n and not within(n, skip)]
 
 
 def four_bit(weight: torch.Tensor, cfg: RunConfig, device: torch.device, module=None):

@@ -49,12 +49,6 @@ def shutdown() -> None:
     _host_group = None
 
 
-def mean_across_ranks(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 _host_group = None
 
 

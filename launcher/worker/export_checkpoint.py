@@ -312,13 +312,12 @@ def merged_model(model, recipe, cfg, task) -> torch.nn.Module:
     if not isinstance(cfg.adapter, (QLora, Lora8)):
         return copy.deepcopy(model).merge_and_unload()
     from launcher.worker.adapters import apply_adapter
-    from launcher.worker.weights import materialize
+    from launcher.worker.weights import load_whole
 
     plain_cfg = dataclasses.replace(cfg, adapter=_plain_lora(cfg.adapter))
     cpu = torch.device("cpu")
-    base, weights = _base(recipe, plain_cfg, task)
-    if weights is not None:
-        materialize(base, weights, cpu, lambda _: torch.float32)
+    torch.manual_seed(plain_cfg.seed)
+    base = load_whole(recipe.build_model(plain_cfg, task), plain_cfg.model_path, seed=plain_cfg.seed)
     _take_dequantized(base, model)
     plain = apply_adapter(base, plain_cfg, task_type=task.peft_task_type, heads=task.heads, device=cpu)
     trained = dict(model.named_parameters())

@@ -9,9 +9,8 @@ from collections.abc import Callable
 import torch
 
 from launcher.choices import AdamW8bit, CpuAdam, Optimizer, PagedAdamW8bit
+from launcher.choices.optimizers import decays
 from launcher.config import TrainConfig
-
-NO_DECAY = ("bias", "norm", "layernorm", "ln_")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -20,7 +19,7 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or any(k in name.lower() for k in NO_DECAY) else decay).append(p)
+        (decay if decays(name, p.ndim) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -17,3 +17,13 @@ def imports_frozen() -> None:
 
     gc.collect()
     gc.freeze()
+
+
+def mean_across_ranks(value: float, device) -> float:
+    """A figure of every rank, averaged (the workers report the losses of the whole group)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()

@@ -12,7 +12,7 @@ import torch
 from launcher.environment import quiet_libraries
 from launcher.worker import dist
 from launcher.worker.assembly import wrap
-from tests.helpers import imports_frozen
+from tests.helpers import imports_frozen, mean_across_ranks
 from tests.helpers.matrix_worker import adapted, batch_for, cell_config
 
 STEPS = 5
@@ -35,7 +35,7 @@ def run(strategy: str, folder: str, ranks: dist.Ranks) -> dict:
     batch = {k: v.to(ranks.device) for k, v in global_batch(ranks).items()}
     losses = []
     for step in range(1, STEPS + 1):
-        losses.append(dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
+        losses.append(mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
         engine.hooks.after_step(step)  # the budget prunes
     result = {"strategy": strategy, "losses": losses, **engine.hooks.summary()["adalora"]}
     destroy = getattr(getattr(engine, "ds", None), "destroy", None)

@@ -27,7 +27,7 @@ from launcher.task import Task
 from launcher.worker import dist
 from launcher.worker.assembly import Adapted, adapt, wrap
 from launcher.worker.export import save_model
-from tests.helpers import imports_frozen
+from tests.helpers import imports_frozen, mean_across_ranks
 
 HEADS = {"llama": [], "bert": ["classifier"]}
 TASK_TYPE = {"llama": "CAUSAL_LM", "bert": "SEQ_CLS"}
@@ -152,7 +152,7 @@ def run_cell(kind: str, overrides: list[str], out: str, precision: str, ranks: d
     batch = {k: v.to(ranks.device) for k, v in batch_for(kind, ranks.rank).items()}
     losses = []
     for step in range(1, STEPS + 1):
-        losses.append(dist.mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
+        losses.append(mean_across_ranks(float(engine.train_step([batch]).loss), ranks.device))
         engine.hooks.after_step(step)  # AdaLoRA prunes as a run does: after each step
     with torch.no_grad():
         logits = engine.forward(batch).logits.float().cpu()

@@ -19,7 +19,7 @@ from launcher.worker import adversarial, dist
 from launcher.worker.assembly import adapt, wrap
 from launcher.worker.optim import build_optimizer, build_scheduler
 from launcher.worker.weights import load_whole
-from tests.helpers import imports_frozen
+from tests.helpers import imports_frozen, mean_across_ranks
 
 STRATEGIES = ["ddp", "fsdp", "zero1", "zero2", "zero3"]
 # Each strategy also runs under these variants (settings added to the fp32 baseline).
@@ -89,11 +89,11 @@ def one(
     for _ in range(5):
         snapshot = [_local(p).clone() for p in params] if scaler is not None else None
         result = engine.train_step([{k: v.to(ranks.device) for k, v in b.items()} for b in micro])
-        losses.append(dist.mean_across_ranks(float(result.loss), ranks.device))
+        losses.append(mean_across_ranks(float(result.loss), ranks.device))
         if scaler is not None:
             scales.append(scaler.get_scale())
             moved = any(not torch.equal(old, _local(p)) for old, p in zip(snapshot, params))
-            stepped.append(dist.mean_across_ranks(float(moved), ranks.device) > 0)
+            stepped.append(mean_across_ranks(float(moved), ranks.device) > 0)
     after = engine.gathered_state_dict(trainable_only=False)
     changed = sorted(n for n in before if n in after and not torch.equal(before[n], after[n].to(before[n].dtype)))
     return {
