@@ -244,16 +244,22 @@ def meta_parameters(
 
 
 def replace_meta(
-    module: torch.nn.Module, make: Callable[[str, torch.nn.Parameter], torch.nn.Parameter], prefix: str = ""
+    module: torch.nn.Module,
+    make: Callable[[str, torch.nn.Parameter], torch.nn.Parameter],
+    prefix: str = "",
+    made: dict[int, torch.nn.Parameter] | None = None,
 ) -> int:
     """Replace each meta parameter of `module` by `make(name, meta_param)`, one at a time; a parameter tied under
-    two names is made once and stays tied. Returns how many were made."""
-    made: dict[int, torch.nn.Parameter] = {}
+    two names is made once and stays tied. `made` (meta parameter's id -> the one made for it) carries the ties
+    across calls on parts of one model: a part whose parameter another part made takes that one. Returns how many
+    were made by this call."""
+    made = {} if made is None else made
+    before = len(made)
     for name, owner, attr, p in meta_parameters(module, prefix):
         if id(p) not in made:
             made[id(p)] = make(name, p)
         owner._parameters[attr] = made[id(p)]
-    return len(made)
+    return len(made) - before
 
 
 def materialize(
@@ -264,9 +270,11 @@ def materialize(
     *,
     prefix: str = "",
     read: bool = True,
+    made: dict[int, torch.nn.Parameter] | None = None,
 ) -> int:
     """Every meta parameter of `module` (named `prefix` in the model) made whole on `device`, in `dtype_of(param)`,
-    one tensor at a time. With `read=False` they are only allocated (a rank that receives the values instead)."""
+    one tensor at a time. With `read=False` they are only allocated (a rank that receives the values instead).
+    `made`: the ties across parts of one model (replace_meta)."""
 
     def make(name: str, p: torch.nn.Parameter) -> torch.nn.Parameter:
         if read:
@@ -275,7 +283,7 @@ def materialize(
             value = torch.empty(p.shape, dtype=dtype_of(p), device=device)
         return torch.nn.Parameter(value, requires_grad=p.requires_grad)
 
-    return replace_meta(module, make, prefix)
+    return replace_meta(module, make, prefix, made)
 
 
 def move_real(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -231,8 +231,11 @@ def _load_partitioned(module: torch.nn.Module, inputs: EngineInputs, config: dic
     units = blocks + [
         m for m in module.modules() if any(id(p) not in inside and p.device.type == "meta" for p in m.parameters(False))
     ]
+    # A parameter tied across units (an output embedding that is the input embedding) is made and partitioned with
+    # the first unit that holds it; the later one takes that same parameter.
+    made: dict[int, torch.nn.Parameter] = {}
     for unit in units:
-        if materialize(unit, weights, inputs.device, lambda _: dtype, prefix=names[id(unit)], read=reads):
+        if materialize(unit, weights, inputs.device, lambda _: dtype, prefix=names[id(unit)], read=reads, made=made):
             deepspeed.zero.Init(
                 module=unit,
                 config_dict_or_path=init_config,
