@@ -125,6 +125,12 @@ def qlora_sft(args, tokenizer_cls, model_cls):
     )
     model = model_cls.from_pretrained(args.model, quantization_config=quant, dtype=compute)
     model.config.use_cache = False
+    # As ours (worker/adapters.py): no repack of the 4-bit weights for bitsandbytes' CPU inference kernel on the
+    # first eval forward (it rounds the block scales to bf16, and with peft 0.22 / transformers 5.25 it stops the
+    # peer's evaluation: "N must be divisible by block_n").
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
     # The QLoRA recipe users copy: norms in fp32, input gradients on; no activation checkpointing (ours has none).
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, lora_config(args, LoraConfig, "CAUSAL_LM"))
