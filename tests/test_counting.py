@@ -1,7 +1,7 @@
 """Parameters counted on the meta device from a config.json alone (launcher/planning/counting.py): the shipped
 shapes give their published parameter counts exactly and build to the planner's count, a 70B shape in seconds with no
-weight allocated; LoRA's and DoRA's trainable counts (counting.lora_tensors, the formula the planner uses) are peft's
-own on a real model; a 4-bit weight's bytes are bitsandbytes' own."""
+weight allocated; LoRA's and DoRA's trainable counts (choices.adapters.lora_tensors, the formula the planner uses)
+are peft's own on a real model; a 4-bit weight's bytes are bitsandbytes' own."""
 
 from __future__ import annotations
 

@@ -1,11 +1,23 @@
-"""What a run trains: each adapter's settings, its own checks and what it is (capabilities the rest of the launcher
-asks, never its name). How each is applied lives in launcher/worker/adapters.py; its trained tensors for the planner
-in launcher/planning/sizing.py. Pure: no torch import."""
+"""What a run trains: each adapter's settings, its own checks, what it is (capabilities the rest of the launcher
+asks, never its name) and the tensors it trains beside the base (`trained_tensors`, what the planner sizes). How
+each is applied lives in launcher/worker/adapters.py. Pure: no torch import."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
+
+Shaped = tuple[str, tuple[int, ...], str]
+"""(parameter name, shape, role): role "trained", or "frozen" for a tensor the adapter adds but does not train."""
+
+
+def lora_tensors(in_features: int, out_features: int, r: int, dora: bool = False) -> dict[str, tuple[int, ...]]:
+    """peft's trained tensors on one LoRA target, by name under it: A (r x in), B (out x r), and DoRA's magnitude
+    (out). The one statement of LoRA's size: the planner's memory and FLOPs and the tests against peft use it."""
+    shapes = {"lora_A.weight": (r, in_features), "lora_B.weight": (out_features, r)}
+    if dora:
+        shapes["lora_magnitude_vector"] = (out_features,)
+    return shapes
 
 
 @dataclass(kw_only=True)
@@ -24,6 +36,10 @@ class AdapterChoice:
     past_key_values: ClassVar[bool] = False
     """Its trained positions are keys and values before every attention layer's (one set per row; the model's
     KV cache carries them)."""
+    trains_base: ClassVar[bool] = False
+    """Every parameter of the model is trained (nothing is added beside it)."""
+    base_role: ClassVar[str] = "frozen"
+    """How the planner stores a base linear layer's weight: frozen, nf4 (packed 4-bit) or int8."""
 
     @property
     def trained_positions(self) -> bool:
@@ -32,6 +48,11 @@ class AdapterChoice:
 
     def problems(self) -> list[str]:
         """Its own settings' problems, each naming the setting, the value and the fix."""
+        return []
+
+    def trained_tensors(self, counts: Any) -> list[Shaped]:
+        """The tensors it adds beside the base, with peft's names and shapes, from the model's parameter counts
+        (planning.counting.Counts): what the planner sizes."""
         return []
 
 
@@ -50,6 +71,18 @@ class Lora(AdapterChoice):
     """Names (suffixes) of the linear modules that get LoRA updates, comma-separated, or all-linear (every linear
     layer but the task head and the output embedding)."""
 
+    trains_magnitude: ClassVar[bool] = False
+    """DoRA's trained magnitude vector beside A and B."""
+
+    def trained_tensors(self, counts: Any) -> list[Shaped]:
+        # Target by target, in module order: the order a strategy lays them out in (ZeRO's flat buffers).
+        return [t for lin in counts.targets(self.target_modules) for t in self.on_target(lin)]
+
+    def on_target(self, lin: Any) -> list[Shaped]:
+        """Its tensors beside one target linear layer (planning.counting.Linear)."""
+        shapes = lora_tensors(lin.in_features, lin.out_features, self.r, self.trains_magnitude)
+        return [(f"{lin.name}.{name}", shape, "trained") for name, shape in shapes.items()]
+
     def problems(self) -> list[str]:
         problems = []
         if self.r < 1:
@@ -64,6 +97,7 @@ class Dora(Lora):
     """DoRA through peft: LoRA on the direction of each weight plus a trained magnitude vector."""
 
     name: ClassVar[str] = "dora"
+    trains_magnitude: ClassVar[bool] = True
 
 
 @dataclass(kw_only=True)
@@ -72,6 +106,7 @@ class QLora(Lora):
 
     name: ClassVar[str] = "qlora"
     quantized_base: ClassVar[bool] = True
+    base_role: ClassVar[str] = "nf4"
     quant_type: Literal["nf4", "fp4"] = "nf4"
     """4-bit data type: nf4 (normal float, for normally distributed weights) or fp4."""
     double_quant: bool = True
@@ -91,6 +126,7 @@ class Lora8(Lora):
     name: ClassVar[str] = "lora8"
     quantized_base: ClassVar[bool] = True
     shardable_base: ClassVar[bool] = False  # Int8Params with their per-row scales
+    base_role: ClassVar[str] = "int8"
     threshold: float = 6.0
     """Outlier threshold of LLM.int8: activations above it are multiplied in 16 bits."""
 
@@ -121,6 +157,11 @@ class AdaLora(Lora):
     orth_reg_weight: float = 0.5
     """Weight of the loss term that keeps A's rows and B's columns orthogonal (an SVD's)."""
 
+    def on_target(self, lin: Any) -> list[Shaped]:
+        """LoRA's, then the singular values and the rank the update is divided by."""
+        extra = [(f"{lin.name}.lora_E", (self.r, 1), "trained"), (f"{lin.name}.ranknum", (1,), "frozen")]
+        return super().on_target(lin) + extra
+
     def problems(self) -> list[str]:
         problems = super().problems()
         if not 1 <= self.target_r <= self.r:
@@ -144,6 +185,7 @@ class Full(AdapterChoice):
     """Full fine-tuning: every parameter is trained."""
 
     name: ClassVar[str] = "full"
+    trains_base: ClassVar[bool] = True
 
 
 @dataclass(kw_only=True)
@@ -163,6 +205,13 @@ class Ia3(AdapterChoice):
             return ["adapter.target_modules is empty: name modules, e.g. adapter.target_modules=auto"]
         return []
 
+    def trained_tensors(self, counts: Any) -> list[Shaped]:
+        """A vector per layer: over the output, or over the input of a feed-forward one."""
+        return [
+            (f"{lin.name}.ia3_l", (1, lin.in_features) if ff else (lin.out_features, 1), "trained")
+            for lin, ff in counts.ia3_targets(self.target_modules, self.feedforward_modules)
+        ]
+
 
 @dataclass(kw_only=True)
 class PromptTuning(AdapterChoice):
@@ -176,6 +225,9 @@ class PromptTuning(AdapterChoice):
 
     def problems(self) -> list[str]:
         return _virtual_token_problems(self.num_virtual_tokens)
+
+    def trained_tensors(self, counts: Any) -> list[Shaped]:
+        return [("prompt_encoder.embedding.weight", (self.num_virtual_tokens, counts.hidden_size), "trained")]
 
 
 @dataclass(kw_only=True)
@@ -193,6 +245,21 @@ class PrefixTuning(AdapterChoice):
 
     def problems(self) -> list[str]:
         return _virtual_token_problems(self.num_virtual_tokens)
+
+    def trained_tensors(self, counts: Any) -> list[Shaped]:
+        """Keys and values of every layer, or an MLP producing them (`projection`)."""
+        d = counts.kv_size  # peft's token width for prefixes: a key's (GQA: the key/value heads' width)
+        kv = counts.num_layers * 2 * d
+        n = self.num_virtual_tokens
+        if not self.projection:
+            return [("prompt_encoder.embedding.weight", (n, kv), "trained")]
+        return [
+            ("prompt_encoder.embedding.weight", (n, d), "trained"),
+            ("prompt_encoder.transform.0.weight", (d, d), "trained"),
+            ("prompt_encoder.transform.0.bias", (d,), "trained"),
+            ("prompt_encoder.transform.2.weight", (kv, d), "trained"),
+            ("prompt_encoder.transform.2.bias", (kv,), "trained"),
+        ]
 
 
 def _virtual_token_problems(n: int) -> list[str]:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from launcher.choices.adapters import lora_tensors
 from launcher.models import is_causal, load_shape, shipped_shapes
 
 QUANT_BLOCK = 64
@@ -103,7 +104,9 @@ class Counts:
     ) -> int:
         """LoRA's trainable parameters (`lora_tensors` of every target whose name `where` accepts)."""
         targets = [t for t in self.targets(target_modules) if where(t.name)]
-        return sum(math.prod(shape) for t in targets for shape in lora_tensors(t, r, dora).values())
+        return sum(
+            math.prod(shape) for t in targets for shape in lora_tensors(t.in_features, t.out_features, r, dora).values()
+        )
 
 
 def within(name: str, modules: set[str]) -> bool:
@@ -116,15 +119,6 @@ def kept_whole(model, heads) -> set[str]:
     skip = {name for name, _ in model.named_modules() if name and name.rsplit(".", 1)[-1] in heads}
     out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return skip | {name for name, m in model.named_modules() if out is not None and m is out}
-
-
-def lora_tensors(target: Linear, r: int, dora: bool = False) -> dict[str, tuple[int, ...]]:
-    """peft's trained tensors on one LoRA target, by name under it: A (r x in), B (out x r), and DoRA's magnitude
-    (out). The one statement of LoRA's size: the planner's memory and FLOPs and the tests against peft use it."""
-    shapes = {"lora_A.weight": (r, target.in_features), "lora_B.weight": (target.out_features, r)}
-    if dora:
-        shapes["lora_magnitude_vector"] = (target.out_features,)
-    return shapes
 
 
 def model_class(config: dict):

@@ -28,22 +28,15 @@ import math
 from dataclasses import dataclass, field
 
 from launcher.choices import (
-    AdaLora,
     AdamW8bit,
     Ddp,
-    Dora,
     Fsdp,
-    Full,
-    Ia3,
-    Lora8,
-    PrefixTuning,
-    PromptTuning,
     QLora,
     Zero,
 )
 from launcher.choices.optimizers import decays
 from launcher.config import RunConfig
-from launcher.planning.counting import Counts, four_bit_constants, lora_tensors, within
+from launcher.planning.counting import Counts, four_bit_constants, within
 
 TERMS = ("params", "master", "grads", "optimizer")
 """params: the module's parameters and buffers as a rank stores them (a shard, a 4-bit packing with its quantization
@@ -103,48 +96,17 @@ def tensors(counts: Counts, cfg: RunConfig, heads: tuple[str, ...] = ()) -> list
     DoRA's magnitude (out), a trained copy of each task head (peft's modules_to_save), the base linears of QLoRA and
     LoRA-8bit quantized (all but the output embedding and the heads)."""
     adapter = cfg.adapter
-    if isinstance(adapter, Full):
+    if adapter.trains_base:
         return [Tensor(n, s, "trained") for n, s in counts.params]
 
     quantized = set()
-    if isinstance(adapter, (QLora, Lora8)):
+    if adapter.quantized_base:
         quantized = {f"{lin.name}.weight" for lin in counts.linears if not within(lin.name, counts.skipped)}
-    role = "nf4" if isinstance(adapter, QLora) else "int8"
+    role = adapter.base_role
     head_modules = {m for m in counts.skipped if m.rsplit(".", 1)[-1] in heads}
     out = [Tensor(n, s, role if n in quantized else "frozen") for n, s in counts.params]
     out += [Tensor(f"{n}.modules_to_save", s, "trained") for n, s in counts.params if within(n, head_modules)]
-    return out + _adapter_tensors(counts, adapter)
-
-
-def _adapter_tensors(counts: Counts, adapter) -> list[Tensor]:
-    """The adapter's own trained tensors (peft's shapes)."""
-    out: list[Tensor] = []
-    h = counts.hidden_size
-    if isinstance(adapter, Ia3):  # a vector per layer: over the output, or over the input of a feed-forward one
-        for lin, ff in counts.ia3_targets(adapter.target_modules, adapter.feedforward_modules):
-            out.append(Tensor(f"{lin.name}.ia3_l", (1, lin.in_features) if ff else (lin.out_features, 1), "trained"))
-        return out
-    if isinstance(adapter, PromptTuning):
-        return [Tensor("prompt_encoder.embedding.weight", (adapter.num_virtual_tokens, h), "trained")]
-    if isinstance(adapter, PrefixTuning):  # keys and values of every layer, or an MLP producing them
-        d = counts.kv_size  # peft's token width for prefixes: a key's (GQA: the key/value heads' width)
-        kv = counts.num_layers * 2 * d
-        if not adapter.projection:
-            return [Tensor("prompt_encoder.embedding.weight", (adapter.num_virtual_tokens, kv), "trained")]
-        return [
-            Tensor("prompt_encoder.embedding.weight", (adapter.num_virtual_tokens, d), "trained"),
-            Tensor("prompt_encoder.transform.0.weight", (d, d), "trained"),
-            Tensor("prompt_encoder.transform.0.bias", (d,), "trained"),
-            Tensor("prompt_encoder.transform.2.weight", (kv, d), "trained"),
-            Tensor("prompt_encoder.transform.2.bias", (kv,), "trained"),
-        ]
-    for lin in counts.targets(adapter.target_modules):
-        for name, shape in lora_tensors(lin, adapter.r, dora=isinstance(adapter, Dora)).items():
-            out.append(Tensor(f"{lin.name}.{name}", shape, "trained"))
-        if isinstance(adapter, AdaLora):  # the singular values, and the rank the update is divided by
-            out.append(Tensor(f"{lin.name}.lora_E", (adapter.r, 1), "trained"))
-            out.append(Tensor(f"{lin.name}.ranknum", (1,), "frozen"))
-    return out
+    return out + [Tensor(*t) for t in adapter.trained_tensors(counts)]  # the adapter's own, by its own rule
 
 
 def quantized_extra(t: Tensor, cfg: RunConfig) -> int:
