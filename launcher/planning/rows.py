@@ -257,7 +257,7 @@ def step_bytes(state: StateBytes, cfg: RunConfig, trainable: int, gpu: bool = Tr
     out = 0
     if not gpu and cfg.optimizer.name == "adamw":
         out += 2 * state.stepped
-    if not isinstance(s, Zero) or s.stage == 0 or s.offload_optimizer != "none":
+    if not isinstance(s, Zero) or s.stage == 0 or s.offloads_optimizer:
         return out
     copy = state.bytes["master"].get("gpu", 0)
     return out + (max(copy, DTYPE_BYTES[cfg.precision] * trainable) if s.stage == 1 else copy)

@@ -222,7 +222,7 @@ def _zero12(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Sta
     assert isinstance(strategy, Zero)
     out = StateBytes()
     low = DTYPE_BYTES[cfg.precision]
-    offload = "cpu" if strategy.offload_optimizer != "none" else "gpu"
+    offload = "cpu" if strategy.offloads_optimizer else "gpu"
     frozen = sum(t.numel * (low if t.role == "frozen" else stored_bytes(t)) for t in ts if t.role != "trained")
     out.add("params", frozen + _constants(ts, counts, cfg))
     if strategy.stage == 0:  # DeepSpeed's data parallel over the module, whole
@@ -259,7 +259,7 @@ def _zero3(ts: list[Tensor], counts: Counts, cfg: RunConfig, world: int) -> Stat
     low = DTYPE_BYTES[cfg.precision]
     hidden = counts.hidden_size
     threshold = 10 * hidden  # zero_config's stage3_param_persistence_threshold
-    offload = "cpu" if strategy.offload_optimizer != "none" else "gpu"
+    offload = "cpu" if strategy.offloads_optimizer else "gpu"
     where = "cpu" if strategy.offload_params != "none" else "gpu"
 
     def elements(t: Tensor) -> int:  # as DeepSpeed counts it: a packed 4-bit weight by its packed elements

@@ -8,6 +8,7 @@ import json
 import os
 import time
 
+import torch
 import transformers
 from transformers import AutoTokenizer
 
@@ -94,8 +95,6 @@ class RankRun:
             self.evals.best_checkpoint = best if cfg.checkpoint.keep_best and os.path.isdir(best) else None
 
     def _build_engine(self) -> None:
-        import torch
-
         cfg, ranks, task = self.cfg, self.ranks, self.task
         self.say(f"building the model ({cfg.model})")
         self.figures["rss_mib_before_model_per_rank"] = dist.gather_objects(round(memory.rss_mib()[0], 1))
